@@ -1,0 +1,207 @@
+//! Cuts a session's byte stream into exact, session-aligned chunks. Sans-IO: bytes in, chunks
+//! out, no clock, no sockets.
+//!
+//! Invariants:
+//! - Chunk `k` holds samples `[k·N, (k+1)·N)` of the session, N = `chunk_samples`; every chunk
+//!   but the last is exactly N samples (`2·N` bytes).
+//! - How the bytes were split into frames changes nothing, not even a split inside a sample.
+//! - The concatenation of all chunks is the input, minus at most one dangling odd byte at the end
+//!   (reported by [`Chunker::finish`]).
+//! - At most one chunk is buffered: memory per session is bounded by `2·N` bytes.
+
+use bytes::{Bytes, BytesMut};
+use spillway_proto::BYTES_PER_SAMPLE;
+
+/// A complete chunk of one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// 0-based index of the chunk within the session.
+    pub seq: u64,
+    /// Session sample index of the chunk's first sample (`seq × chunk_samples`).
+    pub first_sample: u64,
+    /// PCM s16le bytes, always a whole number of samples.
+    pub pcm: Bytes,
+}
+
+impl Chunk {
+    /// Number of samples in the chunk.
+    pub fn samples(&self) -> u64 {
+        (self.pcm.len() / BYTES_PER_SAMPLE) as u64
+    }
+
+    /// Session sample index one past the chunk's last sample.
+    pub fn end_sample(&self) -> u64 {
+        self.first_sample + self.samples()
+    }
+}
+
+/// What remained when the session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flush {
+    /// The final partial chunk, if any whole samples were pending.
+    pub chunk: Option<Chunk>,
+    /// True when one byte (half a sample) was left over and discarded.
+    pub dangling_byte: bool,
+}
+
+/// The chunking state machine of one session.
+#[derive(Debug)]
+pub struct Chunker {
+    chunk_samples: u64,
+    chunk_bytes: usize,
+    buf: BytesMut,
+    next_seq: u64,
+}
+
+impl Chunker {
+    /// A chunker producing chunks of `chunk_samples` samples (at least 1).
+    pub fn new(chunk_samples: u64) -> Self {
+        let chunk_samples = chunk_samples.max(1);
+        Self {
+            chunk_samples,
+            chunk_bytes: chunk_samples as usize * BYTES_PER_SAMPLE,
+            buf: BytesMut::new(),
+            next_seq: 0,
+        }
+    }
+
+    pub fn chunk_samples(&self) -> u64 {
+        self.chunk_samples
+    }
+
+    /// Bytes received but not yet part of an emitted chunk.
+    pub fn pending_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Feeds bytes; calls `emit` for each chunk they complete, in order.
+    pub fn push(&mut self, mut data: &[u8], mut emit: impl FnMut(Chunk)) {
+        while !data.is_empty() {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve(self.chunk_bytes);
+            }
+            let take = (self.chunk_bytes - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == self.chunk_bytes {
+                let pcm = self.buf.split().freeze();
+                emit(self.make_chunk(pcm));
+            }
+        }
+    }
+
+    /// Ends the session: the pending whole samples become the final chunk.
+    pub fn finish(&mut self) -> Flush {
+        let dangling_byte = !self.buf.len().is_multiple_of(BYTES_PER_SAMPLE);
+        if dangling_byte {
+            self.buf.truncate(self.buf.len() - 1);
+        }
+        let chunk = if self.buf.is_empty() {
+            None
+        } else {
+            let pcm = self.buf.split().freeze();
+            Some(self.make_chunk(pcm))
+        };
+        self.buf = BytesMut::new();
+        Flush {
+            chunk,
+            dangling_byte,
+        }
+    }
+
+    fn make_chunk(&mut self, pcm: Bytes) -> Chunk {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Chunk {
+            seq,
+            first_sample: seq * self.chunk_samples,
+            pcm,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn run(chunk_samples: u64, input: &[u8], cuts: &[usize]) -> (Vec<Chunk>, Flush) {
+        let mut c = Chunker::new(chunk_samples);
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|x| x % (input.len() + 1)).collect();
+        cuts.sort_unstable();
+        for cut in cuts.into_iter().chain(std::iter::once(input.len())) {
+            c.push(&input[at..cut], |ch| out.push(ch));
+            at = cut;
+        }
+        let flush = c.finish();
+        (out, flush)
+    }
+
+    #[test]
+    fn one_hundred_fifty_seconds_make_two_full_chunks_and_a_half() {
+        let rate = 16_000u64;
+        let input: Vec<u8> = (0..150 * rate * 2).map(|i| (i % 251) as u8).collect();
+        let (chunks, flush) = run(60 * rate, &input, &[1, 3, 999_999, 1_920_001]);
+        assert_eq!(chunks.len(), 2);
+        assert!(chunks.iter().all(|c| c.samples() == 60 * rate));
+        assert_eq!(chunks[1].first_sample, 60 * rate);
+        let last = flush.chunk.expect("final partial chunk");
+        assert_eq!(
+            (last.seq, last.first_sample, last.samples()),
+            (2, 120 * rate, 30 * rate)
+        );
+        assert!(!flush.dangling_byte);
+    }
+
+    #[test]
+    fn a_dangling_byte_is_reported_and_dropped() {
+        let (chunks, flush) = run(4, &[1, 2, 3, 4, 5], &[]);
+        assert!(chunks.is_empty());
+        assert_eq!(flush.chunk.map(|c| c.pcm.to_vec()), Some(vec![1, 2, 3, 4]));
+        assert!(flush.dangling_byte);
+    }
+
+    #[test]
+    fn nothing_pending_means_no_final_chunk() {
+        let (chunks, flush) = run(2, &[1, 2, 3, 4], &[2]);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(
+            flush,
+            Flush {
+                chunk: None,
+                dangling_byte: false
+            }
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_frame_split_gives_the_same_chunks(
+            chunk_samples in 1u64..64,
+            input in proptest::collection::vec(any::<u8>(), 0..2_000),
+            cuts_a in proptest::collection::vec(any::<usize>(), 0..40),
+            cuts_b in proptest::collection::vec(any::<usize>(), 0..40),
+        ) {
+            let (a, fa) = run(chunk_samples, &input, &cuts_a);
+            let (b, fb) = run(chunk_samples, &input, &cuts_b);
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(&fa, &fb);
+
+            let all: Vec<Chunk> = a.into_iter().chain(fa.chunk.clone()).collect();
+            for (k, c) in all.iter().enumerate() {
+                prop_assert_eq!(c.seq, k as u64);
+                prop_assert_eq!(c.first_sample, k as u64 * chunk_samples);
+                prop_assert!(c.samples() <= chunk_samples);
+                if k + 1 < all.len() {
+                    prop_assert_eq!(c.samples(), chunk_samples);
+                }
+            }
+            let joined: Vec<u8> = all.iter().flat_map(|c| c.pcm.iter().copied()).collect();
+            let whole = input.len() - input.len() % 2;
+            prop_assert_eq!(&joined[..], &input[..whole]);
+            prop_assert_eq!(fa.dangling_byte, input.len() % 2 == 1);
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Ingest's configuration: flags with `SPILLWAY_*` environment fallbacks, validated at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use spillway_proto::ops::LogFormat;
+
+use crate::tls::TlsMaterial;
+
+/// Command-line flags of the `ingest` daemon.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "ingest",
+    version,
+    about = "Spillway ingest: device audio over QUIC, cut into chunks, forwarded to the uploader"
+)]
+pub struct Args {
+    /// UDP address the QUIC device endpoint listens on.
+    #[arg(long, env = "SPILLWAY_INGEST_LISTEN", default_value = "127.0.0.1:4433")]
+    pub listen: SocketAddr,
+    /// TCP address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "SPILLWAY_INGEST_HTTP_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub http_listen: SocketAddr,
+    /// gRPC URL of the uploader.
+    #[arg(
+        long,
+        env = "SPILLWAY_UPLOADER_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub uploader: String,
+    /// TLS certificate chain (PEM). Without --tls-cert/--tls-key a self-signed certificate is made.
+    #[arg(long, env = "SPILLWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "SPILLWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Where the self-signed certificate (DER) is written for local clients to trust.
+    #[arg(
+        long,
+        env = "SPILLWAY_DEV_CERT_OUT",
+        default_value = ".spillway/ingest-cert.der"
+    )]
+    pub dev_cert_out: PathBuf,
+    /// Length of every chunk but a session's last, in seconds (1-600).
+    #[arg(long, env = "SPILLWAY_CHUNK_SECONDS", default_value_t = 60)]
+    pub chunk_seconds: u32,
+    /// A session silent this long is flushed and ended (e.g. 30s, 2m).
+    #[arg(long, env = "SPILLWAY_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Largest device frame in bytes, length prefix excluded.
+    #[arg(long, env = "SPILLWAY_MAX_FRAME_BYTES", default_value_t = spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Most sessions open at once; memory is bounded by about 3 chunks per session.
+    #[arg(long, env = "SPILLWAY_MAX_SESSIONS", default_value_t = 256)]
+    pub max_sessions: usize,
+    /// When set, every hello must carry this token.
+    #[arg(long, env = "SPILLWAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// How long shutdown waits for in-flight chunks to be acknowledged.
+    #[arg(long, env = "SPILLWAY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Timeout of one PutChunk attempt (retried with backoff).
+    #[arg(long, env = "SPILLWAY_FORWARD_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub forward_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Validated configuration that [`crate::run`] takes.
+#[derive(Debug)]
+pub struct Config {
+    pub uploader: String,
+    pub tls: TlsMaterial,
+    pub chunk_seconds: u32,
+    pub idle_timeout: Duration,
+    pub max_frame_bytes: usize,
+    pub max_sessions: usize,
+    pub token: Option<String>,
+    pub shutdown_grace: Duration,
+    pub forward_timeout: Duration,
+}
+
+/// A configuration value out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--chunk-seconds must be 1..=600, got {0}")]
+    ChunkSeconds(u32),
+    #[error("--max-frame-bytes must be 64..=16777216, got {0}")]
+    MaxFrameBytes(usize),
+    #[error("--max-sessions must be at least 1")]
+    MaxSessions,
+    #[error("--idle-timeout must be at least 1s")]
+    IdleTimeout,
+    #[error("--uploader must be an http:// or https:// URL, got {0:?}")]
+    UploaderUrl(String),
+    #[error("--token must not be empty")]
+    EmptyToken,
+}
+
+impl Config {
+    /// A configuration with local defaults around the given TLS material; tests start from here.
+    pub fn local(uploader: String, tls: TlsMaterial) -> Self {
+        Self {
+            uploader,
+            tls,
+            chunk_seconds: 60,
+            idle_timeout: Duration::from_secs(30),
+            max_frame_bytes: spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES,
+            max_sessions: 256,
+            token: None,
+            shutdown_grace: Duration::from_secs(30),
+            forward_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Checks every bound; the daemon refuses to start otherwise.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=600).contains(&self.chunk_seconds) {
+            return Err(ConfigError::ChunkSeconds(self.chunk_seconds));
+        }
+        if !(64..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
+            return Err(ConfigError::MaxFrameBytes(self.max_frame_bytes));
+        }
+        if self.max_sessions == 0 {
+            return Err(ConfigError::MaxSessions);
+        }
+        if self.idle_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::IdleTimeout);
+        }
+        if !(self.uploader.starts_with("http://") || self.uploader.starts_with("https://")) {
+            return Err(ConfigError::UploaderUrl(self.uploader.clone()));
+        }
+        if self.token.as_deref() == Some("") {
+            return Err(ConfigError::EmptyToken);
+        }
+        Ok(())
+    }
+}
+
+impl Args {
+    /// Loads or makes the TLS material and builds a validated [`Config`].
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsMaterial::from_pem_files(cert, key)?,
+            _ => {
+                let tls = TlsMaterial::self_signed()?;
+                tls.write_cert_der(&self.dev_cert_out)?;
+                tracing::info!(path = %self.dev_cert_out.display(), "no --tls-cert given: wrote a self-signed certificate for local clients to trust");
+                tls
+            }
+        };
+        let config = Config {
+            uploader: self.uploader,
+            tls,
+            chunk_seconds: self.chunk_seconds,
+            idle_timeout: self.idle_timeout,
+            max_frame_bytes: self.max_frame_bytes,
+            max_sessions: self.max_sessions,
+            token: self.token,
+            shutdown_grace: self.shutdown_grace,
+            forward_timeout: self.forward_timeout,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,136 @@
+//! Spillway ingest: accepts device audio over QUIC (one stream per session), cuts it into exact
+//! chunks and hands each to the uploader, acknowledging to the device only once the uploader has
+//! durably committed it.
+//!
+//! Data path: [`server`] (QUIC bytes) → [`session`] (protocol rules, transport-free) →
+//! [`chunker`] (exact chunks, sans-IO) → [`forward`] (gRPC `PutChunk`, retried) → `Ack` back.
+
+pub mod chunker;
+pub mod client;
+pub mod config;
+pub mod forward;
+pub mod metrics;
+mod server;
+pub mod session;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use spillway_proto::ops::{self, Readiness};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Args, Config};
+
+/// Sockets the daemon serves on, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// UDP socket of the QUIC device endpoint.
+    pub quic: std::net::UdpSocket,
+    /// TCP listener of /metrics, /healthz and /readyz.
+    pub http: tokio::net::TcpListener,
+}
+
+/// Runs ingest until `shutdown` is cancelled, then stops accepting, flushes every session's
+/// pending audio, waits up to the shutdown grace for the uploader's acks, and returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+
+    let mut server_config = tls::server_config(&config.tls)?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(64u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
+    server_config.transport_config(Arc::new(transport));
+    let quic_addr = listeners.quic.local_addr();
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        listeners.quic,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting the QUIC endpoint")?;
+
+    let forwarder = forward::Forwarder::new(
+        &config.uploader,
+        config.chunk_seconds,
+        config.forward_timeout,
+        metrics.clone(),
+    )
+    .with_context(|| format!("uploader URL {:?}", config.uploader))?;
+
+    let ready = Readiness::default();
+    let ops_stop = CancellationToken::new();
+    let http_addr = listeners.http.local_addr();
+    let ops_task = tokio::spawn(ops::serve(
+        listeners.http,
+        Arc::new(registry),
+        ready.clone(),
+        ops_stop.clone().cancelled_owned(),
+    ));
+
+    let abandon = CancellationToken::new();
+    {
+        let (shutdown, abandon, grace) = (shutdown.clone(), abandon.clone(), config.shutdown_grace);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            abandon.cancel();
+        });
+    }
+    let tasks = TaskTracker::new();
+    let shared = Arc::new(server::Shared {
+        limits: session::Limits {
+            chunk_seconds: config.chunk_seconds,
+            token: config.token.clone(),
+        },
+        forwarder,
+        metrics,
+        idle_timeout: config.idle_timeout,
+        max_frame_bytes: config.max_frame_bytes,
+        sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+        shutdown: shutdown.clone(),
+        abandon: abandon.clone(),
+        tasks: tasks.clone(),
+    });
+    ready.set(true);
+    tracing::info!(quic = %ops::describe(quic_addr), http = %ops::describe(http_addr),
+        uploader = %config.uploader, chunk_seconds = config.chunk_seconds, "ingest started");
+
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    let shared = Arc::clone(&shared);
+                    tasks.spawn(server::connection(incoming, shared));
+                }
+                None => break,
+            },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    ready.set(false);
+    tracing::info!("ingest shutting down: flushing sessions");
+    tasks.close();
+    tasks.wait().await;
+    abandon.cancel();
+    endpoint.close(0u32.into(), b"shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    ops_stop.cancel();
+    ops_task
+        .await
+        .context("ops server task")?
+        .context("ops server")?;
+    tracing::info!("ingest stopped");
+    Ok(())
+}

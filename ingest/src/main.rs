@@ -1,0 +1,25 @@
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = spillway_ingest::Args::parse();
+    spillway_proto::ops::init_tracing(args.log_format);
+    let (listen, http_listen) = (args.listen, args.http_listen);
+    let config = args.into_config()?;
+    let quic =
+        std::net::UdpSocket::bind(listen).with_context(|| format!("binding QUIC on {listen}"))?;
+    let http = tokio::net::TcpListener::bind(http_listen)
+        .await
+        .with_context(|| format!("binding HTTP on {http_listen}"))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            spillway_proto::ops::termination_signal().await;
+            shutdown.cancel();
+        }
+    });
+    spillway_ingest::run(config, spillway_ingest::Listeners { quic, http }, shutdown).await
+}

@@ -1,0 +1,99 @@
+//! Ingest's Prometheus metrics, registered into a registry passed in (no global state).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label of a refusal: the protocol error code sent to the device.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+/// Label of how a session ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub connections: Counter,
+    pub handshake_failures: Counter,
+    pub sessions_active: Gauge,
+    pub sessions_ended: Family<EndLabel, Counter>,
+    pub refusals: Family<CodeLabel, Counter>,
+    pub audio_bytes: Counter,
+    pub chunks_forwarded: Counter,
+    pub chunks_acked: Counter,
+    pub acked_bytes: Counter,
+    pub forward_retries: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("spillway_ingest");
+        r.register(
+            "connections",
+            "QUIC connections accepted",
+            m.connections.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "QUIC connections that failed their handshake (bad ALPN, bad TLS)",
+            m.handshake_failures.clone(),
+        );
+        r.register(
+            "sessions_active",
+            "Audio sessions open now",
+            m.sessions_active.clone(),
+        );
+        r.register(
+            "sessions_ended",
+            "Audio sessions ended, by reason",
+            m.sessions_ended.clone(),
+        );
+        r.register(
+            "refusals",
+            "Sessions or frames refused, by protocol error code",
+            m.refusals.clone(),
+        );
+        r.register(
+            "audio_bytes",
+            "PCM bytes received from devices",
+            m.audio_bytes.clone(),
+        );
+        r.register(
+            "chunks_forwarded",
+            "Chunks handed to the uploader",
+            m.chunks_forwarded.clone(),
+        );
+        r.register(
+            "chunks_acked",
+            "Chunks the uploader durably committed",
+            m.chunks_acked.clone(),
+        );
+        r.register(
+            "acked_bytes",
+            "PCM bytes the uploader durably committed",
+            m.acked_bytes.clone(),
+        );
+        r.register(
+            "forward_retries",
+            "PutChunk attempts that failed and were retried",
+            m.forward_retries.clone(),
+        );
+        m
+    }
+
+    pub fn refused(&self, code: spillway_proto::device::ErrorCode) {
+        self.refusals
+            .get_or_create(&CodeLabel {
+                code: code.as_str_name().to_owned(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,305 @@
+//! The transport-independent core of one audio session: it validates the hello, feeds audio to
+//! the [`Chunker`] and decides every protocol error. QUIC (today) and a WebSocket front end
+//! (planned) both drive this same type; neither knows how chunks are cut.
+//!
+//! Sans-IO: decoded messages in, [`Output`] or a [`Refusal`] out.
+
+use prost::Message;
+use spillway_proto::device::{ClientMessage, Encoding, ErrorCode, Hello, client_message::Kind};
+use spillway_proto::validate;
+
+use crate::chunker::{Chunk, Chunker, Flush};
+
+/// Per-daemon rules a session is held to.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub chunk_seconds: u32,
+    /// When set, every hello must carry this token.
+    pub token: Option<String>,
+}
+
+/// Who is speaking and how, once the hello is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Params {
+    pub uid: String,
+    pub session: String,
+    pub sample_rate: u32,
+    pub chunk_samples: u64,
+}
+
+/// A protocol error: the session is refused with this code and message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_str_name())]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a message produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    /// The hello was accepted.
+    Accepted(Params),
+    /// `bytes` of audio were taken; these chunks are complete (often none).
+    Audio { bytes: usize, chunks: Vec<Chunk> },
+}
+
+#[derive(Debug)]
+enum Phase {
+    AwaitHello,
+    Streaming { params: Params, chunker: Chunker },
+}
+
+/// One session's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    limits: Limits,
+    phase: Phase,
+}
+
+impl Session {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            phase: Phase::AwaitHello,
+        }
+    }
+
+    /// The accepted parameters, once the hello is through.
+    pub fn params(&self) -> Option<&Params> {
+        match &self.phase {
+            Phase::Streaming { params, .. } => Some(params),
+            Phase::AwaitHello => None,
+        }
+    }
+
+    /// Decodes one frame and applies it.
+    pub fn on_frame(&mut self, frame: &[u8]) -> Result<Output, Refusal> {
+        let msg = ClientMessage::decode(frame).map_err(|e| {
+            Refusal::new(
+                ErrorCode::MalformedFrame,
+                format!("frame of {} bytes is not a ClientMessage: {e}", frame.len()),
+            )
+        })?;
+        self.on_message(msg)
+    }
+
+    /// Applies one decoded message.
+    pub fn on_message(&mut self, msg: ClientMessage) -> Result<Output, Refusal> {
+        match (&mut self.phase, msg.kind) {
+            (Phase::AwaitHello, Some(Kind::Hello(hello))) => {
+                let params = self.accept(hello)?;
+                let chunker = Chunker::new(params.chunk_samples);
+                self.phase = Phase::Streaming {
+                    params: params.clone(),
+                    chunker,
+                };
+                Ok(Output::Accepted(params))
+            }
+            (Phase::AwaitHello, Some(Kind::Audio(_))) => Err(Refusal::new(
+                ErrorCode::ExpectedHello,
+                "audio arrived before hello; the first message must be Hello",
+            )),
+            (_, None) => Err(Refusal::new(
+                ErrorCode::MalformedFrame,
+                "message carries neither hello nor audio",
+            )),
+            (Phase::Streaming { .. }, Some(Kind::Hello(_))) => Err(Refusal::new(
+                ErrorCode::UnexpectedHello,
+                "a second hello on the same stream; open a new stream for a new session",
+            )),
+            (Phase::Streaming { chunker, .. }, Some(Kind::Audio(audio))) => {
+                let mut chunks = Vec::new();
+                chunker.push(&audio.pcm, |c| chunks.push(c));
+                Ok(Output::Audio {
+                    bytes: audio.pcm.len(),
+                    chunks,
+                })
+            }
+        }
+    }
+
+    /// Ends the session (device finished, idle timeout or shutdown): flushes the pending audio.
+    /// `Ok(None)` before a hello: there is nothing to flush.
+    pub fn finish(&mut self) -> Option<Flush> {
+        match &mut self.phase {
+            Phase::Streaming { chunker, .. } => Some(chunker.finish()),
+            Phase::AwaitHello => None,
+        }
+    }
+
+    fn accept(&self, hello: Hello) -> Result<Params, Refusal> {
+        if let Some(expected) = &self.limits.token
+            && hello.token != *expected
+        {
+            return Err(Refusal::new(
+                ErrorCode::Unauthenticated,
+                "the hello's token is not accepted",
+            ));
+        }
+        validate::id(&hello.uid)
+            .map_err(|e| Refusal::new(ErrorCode::InvalidUid, format!("uid {e}")))?;
+        validate::id(&hello.session)
+            .map_err(|e| Refusal::new(ErrorCode::InvalidSession, format!("session {e}")))?;
+        validate::sample_rate(hello.sample_rate)
+            .map_err(|e| Refusal::new(ErrorCode::UnsupportedSampleRate, e.to_string()))?;
+        if hello.encoding != Encoding::PcmS16le as i32 {
+            let name = Encoding::try_from(hello.encoding).map_or_else(
+                |_| format!("unknown value {}", hello.encoding),
+                |e| e.as_str_name().to_owned(),
+            );
+            return Err(Refusal::new(
+                ErrorCode::UnsupportedEncoding,
+                format!("encoding {name} is not supported; use ENCODING_PCM_S16LE"),
+            ));
+        }
+        if hello.channels != 1 {
+            return Err(Refusal::new(
+                ErrorCode::UnsupportedChannels,
+                format!(
+                    "{} channels are not supported; send mono (1)",
+                    hello.channels
+                ),
+            ));
+        }
+        Ok(Params {
+            chunk_samples: u64::from(self.limits.chunk_seconds) * u64::from(hello.sample_rate),
+            uid: hello.uid,
+            session: hello.session,
+            sample_rate: hello.sample_rate,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_proto::device::Audio;
+
+    fn hello(uid: &str, session: &str, rate: u32) -> ClientMessage {
+        ClientMessage {
+            kind: Some(Kind::Hello(Hello {
+                uid: uid.into(),
+                session: session.into(),
+                sample_rate: rate,
+                encoding: Encoding::PcmS16le as i32,
+                channels: 1,
+                token: String::new(),
+            })),
+        }
+    }
+
+    fn audio(pcm: &[u8]) -> ClientMessage {
+        ClientMessage {
+            kind: Some(Kind::Audio(Audio {
+                pcm: bytes::Bytes::copy_from_slice(pcm),
+            })),
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            chunk_seconds: 1,
+            token: None,
+        }
+    }
+
+    fn code_of(s: &mut Session, m: ClientMessage) -> ErrorCode {
+        s.on_message(m).expect_err("must be refused").code
+    }
+
+    #[test]
+    fn hello_then_audio_cuts_chunks() {
+        let mut s = Session::new(limits());
+        let Ok(Output::Accepted(p)) = s.on_message(hello("u", "s", 8000)) else {
+            panic!("hello refused")
+        };
+        assert_eq!(p.chunk_samples, 8000);
+        let Ok(Output::Audio {
+            bytes: 16_001,
+            chunks: c,
+        }) = s.on_message(audio(&[0; 16_001]))
+        else {
+            panic!("audio refused")
+        };
+        assert_eq!(c.len(), 1);
+        let flush = s.finish().expect("streaming");
+        assert!(flush.dangling_byte);
+        assert_eq!(flush.chunk, None);
+    }
+
+    #[test]
+    fn every_bad_hello_gets_its_own_code() {
+        let cases = [
+            (hello("../x", "s", 8000), ErrorCode::InvalidUid),
+            (hello("a/b", "s", 8000), ErrorCode::InvalidUid),
+            (hello("", "s", 8000), ErrorCode::InvalidUid),
+            (hello(&"u".repeat(129), "s", 8000), ErrorCode::InvalidUid),
+            (hello("u", "a\u{7}b", 8000), ErrorCode::InvalidSession),
+            (hello("u", "..", 8000), ErrorCode::InvalidSession),
+            (hello("u", "s", 7999), ErrorCode::UnsupportedSampleRate),
+            (hello("u", "s", 48_001), ErrorCode::UnsupportedSampleRate),
+        ];
+        for (msg, code) in cases {
+            assert_eq!(code_of(&mut Session::new(limits()), msg), code);
+        }
+        let mut wrong = hello("u", "s", 8000);
+        if let Some(Kind::Hello(h)) = &mut wrong.kind {
+            h.encoding = 0;
+        }
+        assert_eq!(
+            code_of(&mut Session::new(limits()), wrong.clone()),
+            ErrorCode::UnsupportedEncoding
+        );
+        if let Some(Kind::Hello(h)) = &mut wrong.kind {
+            h.encoding = Encoding::PcmS16le as i32;
+            h.channels = 2;
+        }
+        assert_eq!(
+            code_of(&mut Session::new(limits()), wrong),
+            ErrorCode::UnsupportedChannels
+        );
+    }
+
+    #[test]
+    fn order_and_framing_errors() {
+        assert_eq!(
+            code_of(&mut Session::new(limits()), audio(&[1, 2])),
+            ErrorCode::ExpectedHello
+        );
+        let mut s = Session::new(limits());
+        assert!(s.on_message(hello("u", "s", 8000)).is_ok());
+        assert_eq!(
+            code_of(&mut s, hello("u", "s", 8000)),
+            ErrorCode::UnexpectedHello
+        );
+        assert_eq!(
+            Session::new(limits())
+                .on_frame(&[0xff, 0xff, 0xff])
+                .expect_err("garbage")
+                .code,
+            ErrorCode::MalformedFrame
+        );
+    }
+
+    #[test]
+    fn token_is_checked_when_configured() {
+        let mut s = Session::new(Limits {
+            chunk_seconds: 1,
+            token: Some("sesame".into()),
+        });
+        assert_eq!(
+            code_of(&mut s, hello("u", "s", 8000)),
+            ErrorCode::Unauthenticated
+        );
+    }
+}

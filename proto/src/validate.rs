@@ -1,0 +1,104 @@
+//! Validation rules shared by ingest and uploader. Identifiers become object-key path segments,
+//! so the rules are strict: nothing that could climb a directory, hide a separator or confuse a
+//! log line gets through.
+
+/// Longest uid or session, in characters.
+pub const MAX_ID_LEN: usize = 128;
+/// Lowest accepted sample rate, in Hz.
+pub const MIN_SAMPLE_RATE: u32 = 8_000;
+/// Highest accepted sample rate, in Hz.
+pub const MAX_SAMPLE_RATE: u32 = 48_000;
+
+/// Why an identifier was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("is empty")]
+    Empty,
+    #[error("is {0} bytes long; at most {MAX_ID_LEN} are allowed")]
+    TooLong(usize),
+    #[error("contains {0:?}; only [A-Za-z0-9._-] are allowed")]
+    BadChar(char),
+    #[error("is {0:?}, which is reserved")]
+    Reserved(&'static str),
+}
+
+/// Checks a uid or session identifier: 1–128 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn id(value: &str) -> Result<(), IdError> {
+    if value.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(IdError::BadChar(c));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong(value.len()));
+    }
+    match value {
+        "." => Err(IdError::Reserved(".")),
+        ".." => Err(IdError::Reserved("..")),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a sample rate against [`MIN_SAMPLE_RATE`]..=[`MAX_SAMPLE_RATE`].
+pub fn sample_rate(rate: u32) -> Result<(), SampleRateError> {
+    if (MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&rate) {
+        Ok(())
+    } else {
+        Err(SampleRateError(rate))
+    }
+}
+
+/// A sample rate outside the supported range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sample rate {0} Hz is outside {MIN_SAMPLE_RATE}..={MAX_SAMPLE_RATE} Hz")]
+pub struct SampleRateError(pub u32);
+
+/// Largest chunk in bytes for a chunk length, at the highest sample rate; message-size limits
+/// are derived from this rather than hard-coded.
+pub fn max_chunk_bytes(chunk_seconds: u32) -> usize {
+    chunk_seconds as usize * MAX_SAMPLE_RATE as usize * crate::BYTES_PER_SAMPLE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_ids() {
+        for ok in ["a", "user-1", "A.b_c-9", "...", ".hidden", &"x".repeat(128)] {
+            assert_eq!(id(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn refuses_ids_that_could_escape_a_key_segment() {
+        assert_eq!(id(""), Err(IdError::Empty));
+        assert_eq!(id("."), Err(IdError::Reserved(".")));
+        assert_eq!(id(".."), Err(IdError::Reserved("..")));
+        assert_eq!(id("../x"), Err(IdError::BadChar('/')));
+        assert_eq!(id("a/b"), Err(IdError::BadChar('/')));
+        assert_eq!(id("a\\b"), Err(IdError::BadChar('\\')));
+        assert_eq!(id("a\nb"), Err(IdError::BadChar('\n')));
+        assert_eq!(id("a\u{0}b"), Err(IdError::BadChar('\u{0}')));
+        assert_eq!(id("é"), Err(IdError::BadChar('é')));
+        assert_eq!(id(&"x".repeat(129)), Err(IdError::TooLong(129)));
+    }
+
+    #[test]
+    fn sample_rate_bounds_are_inclusive() {
+        assert!(sample_rate(8_000).is_ok());
+        assert!(sample_rate(48_000).is_ok());
+        assert_eq!(sample_rate(7_999), Err(SampleRateError(7_999)));
+        assert_eq!(sample_rate(48_001), Err(SampleRateError(48_001)));
+    }
+
+    #[test]
+    fn largest_chunk_is_derived_from_chunk_length() {
+        assert_eq!(max_chunk_bytes(60), 5_760_000);
+        assert_eq!(max_chunk_bytes(1), 96_000);
+    }
+}
