@@ -1,1 +1,127 @@
+//! Spillway uploader: commits every chunk to a bounded sled spool on disk *before* it
+//! acknowledges, then drains the spool to S3-compatible object storage.
+//!
+//! Data path: [`service`] (gRPC `PutChunk`, validated) → [`spool`] (commit + flush, bounded)
+//! → [`drain`] (oldest first, `workers` at once, breaker + backoff) → [`store`] (`PutObject`
+//! of a WAV built by [`object`], CRC32C verified by the store) → spool delete.
 
+pub mod config;
+pub mod drain;
+pub mod metrics;
+pub mod object;
+pub mod service;
+pub mod spool;
+pub mod store;
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use spillway_proto::ops::{self, Readiness};
+use spillway_proto::uploader::uploader_server::UploaderServer;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Args, Config, StaticCredentials};
+
+/// Sockets the daemon serves on, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// TCP listener of the gRPC service.
+    pub grpc: tokio::net::TcpListener,
+    /// TCP listener of /metrics, /healthz and /readyz.
+    pub http: tokio::net::TcpListener,
+}
+
+/// Runs the uploader until `shutdown` is cancelled: then it stops taking chunks, lets uploads
+/// in flight finish (up to the shutdown grace), flushes the spool and returns. Whatever was not
+/// uploaded stays spooled for the next start.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+
+    let spool = {
+        let (dir, max) = (config.spool_dir.clone(), config.spool_max_bytes);
+        tokio::task::spawn_blocking(move || spool::Spool::open(&dir, max))
+            .await
+            .context("opening the spool")?
+            .with_context(|| format!("opening the spool in {}", config.spool_dir.display()))?
+    };
+    let spool = Arc::new(spool);
+    metrics
+        .spool_max_bytes
+        .set(i64::try_from(config.spool_max_bytes).unwrap_or(i64::MAX));
+    metrics.spool(&spool);
+    tracing::info!(dir = %config.spool_dir.display(), chunks = spool.len(), bytes = spool.used_bytes(),
+        max_bytes = config.spool_max_bytes, "spool open");
+
+    let store = store::Store::new(&config).await;
+    let endpoint = config.s3_endpoint.as_deref().unwrap_or("AWS S3");
+    store.check_bucket(config.create_bucket, endpoint).await?;
+
+    let ready = Readiness::default();
+    let ops_stop = CancellationToken::new();
+    let http_addr = listeners.http.local_addr();
+    let ops_task = tokio::spawn(ops::serve(
+        listeners.http,
+        Arc::new(registry),
+        ready.clone(),
+        ops_stop.clone().cancelled_owned(),
+    ));
+
+    let drain_stop = CancellationToken::new();
+    let drain = drain::Drain {
+        spool: Arc::clone(&spool),
+        store,
+        workers: config.workers,
+        template: config.key_template.clone(),
+        prefix: config.key_prefix.clone(),
+        breaker: Arc::new(Mutex::new(spillway_breaker::Breaker::new(
+            spillway_breaker::Config::default(),
+        ))),
+        metrics: metrics.clone(),
+    };
+    let drain_task = tokio::spawn(drain.run(drain_stop.clone(), config.shutdown_grace));
+
+    let limit = spillway_proto::validate::max_chunk_bytes(config.max_chunk_seconds) + 64 * 1024;
+    let service = UploaderServer::new(service::Service {
+        spool: Arc::clone(&spool),
+        template: config.key_template.clone(),
+        prefix: config.key_prefix.clone(),
+        max_chunk_seconds: config.max_chunk_seconds,
+        metrics: metrics.clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+
+    let grpc_addr = listeners.grpc.local_addr();
+    ready.set(true);
+    tracing::info!(grpc = %ops::describe(grpc_addr), http = %ops::describe(http_addr),
+        bucket = %config.bucket, endpoint, workers = config.workers, "uploader started");
+    let served = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            service::count_transport_refusals(metrics.clone()),
+        ))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await;
+    ready.set(false);
+    tracing::info!("uploader shutting down: finishing uploads in flight");
+    drain_stop.cancel();
+    drain_task.await.context("drain task")?;
+    ops_stop.cancel();
+    ops_task
+        .await
+        .context("ops server task")?
+        .context("ops server")?;
+    served.context("gRPC server")?;
+    tracing::info!(spooled = spool.len(), "uploader stopped");
+    Ok(())
+}

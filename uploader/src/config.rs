@@ -1,0 +1,179 @@
+//! Uploader configuration: flags with `SPILLWAY_*` environment fallbacks, validated at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use spillway_proto::ops::LogFormat;
+
+use crate::object::KeyTemplate;
+
+/// Command-line flags of the `uploader` daemon.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "uploader",
+    version,
+    about = "Spillway uploader: commits chunks to a disk spool before acknowledging, then drains it to S3"
+)]
+pub struct Args {
+    /// TCP address of the gRPC service ingest calls.
+    #[arg(
+        long,
+        env = "SPILLWAY_UPLOADER_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen: SocketAddr,
+    /// TCP address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "SPILLWAY_UPLOADER_HTTP_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub http_listen: SocketAddr,
+    /// Directory of the sled spool.
+    #[arg(long, env = "SPILLWAY_SPOOL_DIR", default_value = ".spillway/spool")]
+    pub spool_dir: PathBuf,
+    /// Most bytes the spool may hold; a put that would exceed it is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SPILLWAY_SPOOL_MAX_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub spool_max_bytes: u64,
+    /// Concurrent uploads to the object store.
+    #[arg(long, env = "SPILLWAY_WORKERS", default_value_t = 16)]
+    pub workers: usize,
+    /// Longest chunk accepted, in seconds; gRPC message limits derive from it.
+    #[arg(long, env = "SPILLWAY_MAX_CHUNK_SECONDS", default_value_t = 60)]
+    pub max_chunk_seconds: u32,
+    /// Bucket objects are written to.
+    #[arg(long, env = "SPILLWAY_BUCKET", default_value = "spillway")]
+    pub bucket: String,
+    /// Create the bucket at start when it does not exist.
+    #[arg(long, env = "SPILLWAY_CREATE_BUCKET")]
+    pub create_bucket: bool,
+    /// S3-compatible endpoint URL; unset means AWS S3 itself.
+    #[arg(long, env = "SPILLWAY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Region of the bucket.
+    #[arg(long, env = "SPILLWAY_REGION", default_value = "us-east-1")]
+    pub region: String,
+    /// Prefix substituted for {prefix} in the key template.
+    #[arg(long, env = "SPILLWAY_KEY_PREFIX", default_value = "")]
+    pub key_prefix: String,
+    /// Object key template: {prefix} {uid} {session} {seq} or {seq:0N}; must name uid, session, seq.
+    #[arg(long, env = "SPILLWAY_KEY_TEMPLATE", default_value = crate::object::DEFAULT_TEMPLATE)]
+    pub key_template: String,
+    /// Timeout of one PutObject attempt.
+    #[arg(long, env = "SPILLWAY_UPLOAD_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub upload_timeout: Duration,
+    /// How long shutdown waits for uploads in flight (they stay spooled either way).
+    #[arg(long, env = "SPILLWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log format.
+    #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Static credentials, for tests and local runs; production uses the standard AWS chain.
+#[derive(Debug, Clone)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+/// Validated configuration that [`crate::run`] takes.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub workers: usize,
+    pub max_chunk_seconds: u32,
+    pub bucket: String,
+    pub create_bucket: bool,
+    pub s3_endpoint: Option<String>,
+    pub region: String,
+    pub key_prefix: String,
+    pub key_template: KeyTemplate,
+    pub upload_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// Overrides the AWS credential chain when set (not a flag: tests and xtask only).
+    pub credentials: Option<StaticCredentials>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--workers must be 1..=1024, got {0}")]
+    Workers(usize),
+    #[error("--max-chunk-seconds must be 1..=600, got {0}")]
+    MaxChunkSeconds(u32),
+    #[error("--spool-max-bytes ({max}) must hold at least one largest chunk ({need} bytes)")]
+    SpoolTooSmall { max: u64, need: u64 },
+    #[error("--bucket {0:?} is not a valid bucket name (3-63 characters of a-z, 0-9, '.', '-')")]
+    Bucket(String),
+    #[error("--key-template: {0}")]
+    KeyTemplate(#[from] crate::object::TemplateError),
+}
+
+impl Config {
+    /// Local defaults around a spool directory and an endpoint; tests start from here.
+    pub fn local(spool_dir: PathBuf, s3_endpoint: String, bucket: String) -> Self {
+        Self {
+            spool_dir,
+            spool_max_bytes: 1024 * 1024 * 1024,
+            workers: 16,
+            max_chunk_seconds: 60,
+            bucket,
+            create_bucket: true,
+            s3_endpoint: Some(s3_endpoint),
+            region: "us-east-1".into(),
+            key_prefix: String::new(),
+            key_template: KeyTemplate::default(),
+            upload_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            credentials: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1024).contains(&self.workers) {
+            return Err(ConfigError::Workers(self.workers));
+        }
+        if !(1..=600).contains(&self.max_chunk_seconds) {
+            return Err(ConfigError::MaxChunkSeconds(self.max_chunk_seconds));
+        }
+        let need = spillway_proto::validate::max_chunk_bytes(self.max_chunk_seconds) as u64;
+        if self.spool_max_bytes < need {
+            return Err(ConfigError::SpoolTooSmall {
+                max: self.spool_max_bytes,
+                need,
+            });
+        }
+        let b = &self.bucket;
+        let ok = (3..=63).contains(&b.len())
+            && b.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
+        if !ok {
+            return Err(ConfigError::Bucket(b.clone()));
+        }
+        Ok(())
+    }
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let config = Config {
+            key_template: self.key_template.parse()?,
+            spool_dir: self.spool_dir,
+            spool_max_bytes: self.spool_max_bytes,
+            workers: self.workers,
+            max_chunk_seconds: self.max_chunk_seconds,
+            bucket: self.bucket,
+            create_bucket: self.create_bucket,
+            s3_endpoint: self.s3_endpoint,
+            region: self.region,
+            key_prefix: self.key_prefix,
+            upload_timeout: self.upload_timeout,
+            shutdown_grace: self.shutdown_grace,
+            credentials: None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}

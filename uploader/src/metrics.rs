@@ -1,0 +1,121 @@
+//! Uploader's Prometheus metrics, registered into a registry passed in (no global state).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub puts: Family<ResultLabel, Counter>,
+    pub put_rejections: Family<ReasonLabel, Counter>,
+    pub spool_bytes: Gauge,
+    pub spool_chunks: Gauge,
+    pub spool_max_bytes: Gauge,
+    pub spool_quarantined: Counter,
+    pub uploads: Family<ResultLabel, Counter>,
+    pub upload_bytes: Counter,
+    pub upload_seconds: Histogram,
+    pub uploads_in_flight: Gauge,
+    pub breaker_state: Gauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            puts: Family::default(),
+            put_rejections: Family::default(),
+            spool_bytes: Gauge::default(),
+            spool_chunks: Gauge::default(),
+            spool_max_bytes: Gauge::default(),
+            spool_quarantined: Counter::default(),
+            uploads: Family::default(),
+            upload_bytes: Counter::default(),
+            upload_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            uploads_in_flight: Gauge::default(),
+            breaker_state: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("spillway_uploader");
+        r.register(
+            "puts",
+            "PutChunk calls committed (stored, or duplicate of a spooled chunk)",
+            m.puts.clone(),
+        );
+        r.register(
+            "put_rejections",
+            "PutChunk calls refused, by reason",
+            m.put_rejections.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Bytes held in the spool",
+            m.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_chunks",
+            "Chunks held in the spool",
+            m.spool_chunks.clone(),
+        );
+        r.register(
+            "spool_max_bytes",
+            "Configured spool bound",
+            m.spool_max_bytes.clone(),
+        );
+        r.register(
+            "spool_quarantined",
+            "Spooled records quarantined as damaged",
+            m.spool_quarantined.clone(),
+        );
+        r.register(
+            "uploads",
+            "PutObject attempts, by result",
+            m.uploads.clone(),
+        );
+        r.register(
+            "upload_bytes",
+            "Object bytes uploaded",
+            m.upload_bytes.clone(),
+        );
+        r.register(
+            "upload_seconds",
+            "PutObject latency",
+            m.upload_seconds.clone(),
+        );
+        r.register(
+            "uploads_in_flight",
+            "Uploads under way",
+            m.uploads_in_flight.clone(),
+        );
+        r.register(
+            "breaker_state",
+            "Object-store circuit breaker: 0 closed, 1 half-open, 2 open",
+            m.breaker_state.clone(),
+        );
+        m
+    }
+
+    pub fn rejected(&self, reason: &'static str) {
+        self.put_rejections
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn spool(&self, spool: &crate::spool::Spool) {
+        self.spool_bytes
+            .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+        self.spool_chunks
+            .set(i64::try_from(spool.len()).unwrap_or(i64::MAX));
+    }
+}

@@ -1,0 +1,181 @@
+//! What a chunk becomes in the object store: a WAV file at a deterministic key.
+//!
+//! Invariant: one chunk id ⇒ one key. The key is a pure function of (prefix, uid, session, seq),
+//! so a retried or repeated upload overwrites the same object and never duplicates it.
+
+use std::fmt::Write as _;
+use std::io::Cursor;
+use std::str::FromStr;
+
+use spillway_proto::BYTES_PER_SAMPLE;
+
+/// The default key layout.
+pub const DEFAULT_TEMPLATE: &str = "{prefix}{uid}/{session}/{seq:06}.wav";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Prefix,
+    Uid,
+    Session,
+    Seq { width: usize },
+}
+
+/// A parsed object-key template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error(
+        "unknown placeholder {{{0}}}; use {{prefix}}, {{uid}}, {{session}}, {{seq}} or {{seq:0N}}"
+    )]
+    Unknown(String),
+    #[error("unclosed '{{'")]
+    Unclosed,
+    #[error("must contain {{uid}}, {{session}} and {{seq}} so every chunk gets its own key")]
+    NotUnique,
+}
+
+impl FromStr for KeyTemplate {
+    type Err = TemplateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..].find('}').ok_or(TemplateError::Unclosed)? + open;
+            let name = &rest[open + 1..close];
+            parts.push(match name {
+                "prefix" => Part::Prefix,
+                "uid" => Part::Uid,
+                "session" => Part::Session,
+                "seq" => Part::Seq { width: 0 },
+                _ => match name.strip_prefix("seq:0").map(str::parse::<usize>) {
+                    Some(Ok(width)) if width <= 20 => Part::Seq { width },
+                    _ => return Err(TemplateError::Unknown(name.to_owned())),
+                },
+            });
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_owned()));
+        }
+        let has = |want: fn(&Part) -> bool| parts.iter().any(want);
+        if !(has(|p| *p == Part::Uid)
+            && has(|p| *p == Part::Session)
+            && has(|p| matches!(p, Part::Seq { .. })))
+        {
+            return Err(TemplateError::NotUnique);
+        }
+        Ok(Self { parts })
+    }
+}
+
+impl Default for KeyTemplate {
+    fn default() -> Self {
+        Self {
+            parts: vec![
+                Part::Prefix,
+                Part::Uid,
+                Part::Literal("/".into()),
+                Part::Session,
+                Part::Literal("/".into()),
+                Part::Seq { width: 6 },
+                Part::Literal(".wav".into()),
+            ],
+        }
+    }
+}
+
+impl KeyTemplate {
+    /// The key of chunk `seq` of (`uid`, `session`).
+    pub fn render(&self, prefix: &str, uid: &str, session: &str, seq: u64) -> String {
+        let mut key = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => key.push_str(s),
+                Part::Prefix => key.push_str(prefix),
+                Part::Uid => key.push_str(uid),
+                Part::Session => key.push_str(session),
+                Part::Seq { width } => {
+                    let _ = write!(key, "{seq:0width$}");
+                }
+            }
+        }
+        key
+    }
+}
+
+/// Wraps PCM s16le mono in a WAV (RIFF) container at `sample_rate`.
+pub fn wav(pcm: &[u8], sample_rate: u32) -> Result<Vec<u8>, hound::Error> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut out = Cursor::new(Vec::with_capacity(pcm.len() + 64));
+    let mut writer = hound::WavWriter::new(&mut out, spec)?;
+    let samples = pcm.len() / BYTES_PER_SAMPLE;
+    let mut fast =
+        writer.get_i16_writer(u32::try_from(samples).map_err(|_| hound::Error::TooWide)?);
+    for s in pcm.chunks_exact(BYTES_PER_SAMPLE) {
+        fast.write_sample(i16::from_le_bytes([s[0], s[1]]));
+    }
+    fast.flush()?;
+    writer.finalize()?;
+    Ok(out.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_key_layout() {
+        let t = KeyTemplate::default();
+        assert_eq!(t.render("p/", "u1", "s1", 7), "p/u1/s1/000007.wav");
+        assert_eq!(DEFAULT_TEMPLATE.parse::<KeyTemplate>(), Ok(t));
+    }
+
+    #[test]
+    fn templates_must_identify_the_chunk() {
+        assert_eq!(
+            "{uid}/{seq}".parse::<KeyTemplate>(),
+            Err(TemplateError::NotUnique)
+        );
+        assert_eq!(
+            "{uid}/{session}/{seq".parse::<KeyTemplate>(),
+            Err(TemplateError::Unclosed)
+        );
+        assert!(matches!(
+            "{uid}/{session}/{when}/{seq}".parse::<KeyTemplate>(),
+            Err(TemplateError::Unknown(_))
+        ));
+        let t: KeyTemplate = "audio/{session}-{uid}-{seq:03}.wav".parse().unwrap();
+        assert_eq!(t.render("", "u", "s", 12), "audio/s-u-012.wav");
+    }
+
+    #[test]
+    fn wav_round_trips_through_a_reader() {
+        let pcm: Vec<u8> = (0..2000u16)
+            .flat_map(|s| s.wrapping_mul(31).to_le_bytes())
+            .collect();
+        let file = wav(&pcm, 16_000).unwrap();
+        assert_eq!(file.len(), 44 + pcm.len());
+        let reader = hound::WavReader::new(Cursor::new(&file)).unwrap();
+        assert_eq!(reader.spec().sample_rate, 16_000);
+        assert_eq!(reader.spec().channels, 1);
+        let back: Vec<u8> = reader
+            .into_samples::<i16>()
+            .flat_map(|s| s.unwrap().to_le_bytes())
+            .collect();
+        assert_eq!(back, pcm);
+    }
+}

@@ -1,0 +1,129 @@
+//! The object store: S3 or any S3-compatible server, through aws-sdk-s3.
+
+use std::time::Duration;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ChecksumAlgorithm;
+use base64::Engine as _;
+
+use crate::config::Config;
+use crate::spool::Record;
+
+/// A bucket on an S3-compatible store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+/// Start-up problems with the bucket.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("bucket {bucket:?} does not exist at {endpoint}; create it or pass --create-bucket")]
+    Missing { bucket: String, endpoint: String },
+    #[error("creating bucket {bucket:?} failed: {message}")]
+    Create { bucket: String, message: String },
+}
+
+/// A failed upload attempt (always retried; the chunk stays spooled).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UploadError(pub String);
+
+impl Store {
+    /// Builds a client: path-style addressing, credentials from the standard AWS chain unless
+    /// the config carries static ones. The SDK makes one attempt per call; Spillway's drain
+    /// owns retries, backoff and the breaker.
+    pub async fn new(config: &Config) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(config.upload_timeout)
+                    .build(),
+            );
+        if let Some(c) = &config.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                c.access_key_id.clone(),
+                c.secret_access_key.clone(),
+                None,
+                None,
+                "spillway-static",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut s3 = aws_sdk_s3::config::Builder::from(&shared).force_path_style(true);
+        if let Some(endpoint) = &config.s3_endpoint {
+            s3 = s3.endpoint_url(endpoint.clone());
+        }
+        Self {
+            client: aws_sdk_s3::Client::from_conf(s3.build()),
+            bucket: config.bucket.clone(),
+        }
+    }
+
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    /// Checks the bucket at start. A bucket that is certainly missing is an error (or is
+    /// created); a store that cannot be reached is only a warning: its failures must not stop
+    /// the pipeline, which spools meanwhile.
+    pub async fn check_bucket(&self, create: bool, endpoint: &str) -> Result<(), BucketError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => {
+                if !create {
+                    return Err(BucketError::Missing {
+                        bucket: self.bucket.clone(),
+                        endpoint: endpoint.to_owned(),
+                    });
+                }
+                self.client
+                    .create_bucket()
+                    .bucket(&self.bucket)
+                    .send()
+                    .await
+                    .map_err(|e| BucketError::Create {
+                        bucket: self.bucket.clone(),
+                        message: DisplayErrorContext(&e).to_string(),
+                    })?;
+                tracing::info!(bucket = %self.bucket, "created bucket");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(bucket = %self.bucket, error = %DisplayErrorContext(&e),
+                    "object store not reachable at start; chunks will be spooled until it is");
+                Ok(())
+            }
+        }
+    }
+
+    /// Uploads one chunk as a WAV object at `key`, with a CRC32C of the whole body that the
+    /// store verifies, and metadata describing the audio.
+    pub async fn put(&self, key: &str, record: &Record) -> Result<(), UploadError> {
+        let body = crate::object::wav(&record.pcm, record.sample_rate)
+            .map_err(|e| UploadError(format!("building WAV: {e}")))?;
+        let checksum =
+            base64::engine::general_purpose::STANDARD.encode(crc32c::crc32c(&body).to_be_bytes());
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("audio/wav")
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+            .checksum_crc32_c(checksum)
+            .metadata("sample-rate", record.sample_rate.to_string())
+            .metadata("first-sample", record.first_sample.to_string())
+            .metadata("pcm-crc32c", format!("{:08x}", record.crc32c))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| UploadError(DisplayErrorContext(&e).to_string()))?;
+        Ok(())
+    }
+}
