@@ -1,1 +1,11 @@
+//! `cargo xtask`: local orchestration of Spillway, plus the harness its end-to-end tests use.
+//!
+//! - [`s3`]: an S3-compatible server embedded on loopback (s3s + s3s-fs).
+//! - [`pipeline`]: the whole pipeline in one process, on ephemeral ports (tests).
+//! - [`sim`]: simulated devices and byte-for-byte verification of what reached the store.
+//! - [`up`]: `cargo xtask up`, the daemons as separate processes.
 
+pub mod pipeline;
+pub mod s3;
+pub mod sim;
+pub mod up;

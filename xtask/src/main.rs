@@ -1,0 +1,47 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Spillway's local orchestration")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the S3 server, uploader and ingest locally; optionally simulate devices and verify.
+    Up(xtask::up::UpArgs),
+    /// Serve the embedded S3-compatible store (what `up` starts as its first process).
+    S3 {
+        /// Directory holding one folder per bucket.
+        #[arg(long, default_value = ".spillway/s3")]
+        root: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Up(args) => xtask::up::up(args).await,
+        Cmd::S3 { root, listen } => {
+            spillway_proto::ops::init_tracing(spillway_proto::ops::LogFormat::Text);
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    spillway_proto::ops::termination_signal().await;
+                    stop.cancel();
+                }
+            });
+            tracing::info!(%listen, root = %root.display(), "S3 server listening");
+            xtask::s3::serve(&root, listener, stop).await
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The whole pipeline in one process (embedded S3, uploader, ingest) on ephemeral loopback
+//! ports: what the end-to-end tests run. `cargo xtask up` runs the same daemons as processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use spillway_ingest::client::Device;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Knobs the tests turn.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub chunk_seconds: u32,
+    pub workers: usize,
+    pub spool_max_bytes: u64,
+    pub max_frame_bytes: usize,
+    pub idle_timeout: Duration,
+    pub bucket: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            chunk_seconds: 60,
+            workers: 4,
+            spool_max_bytes: 512 * 1024 * 1024,
+            max_frame_bytes: spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES,
+            idle_timeout: Duration::from_secs(30),
+            bucket: "spillway-test".into(),
+        }
+    }
+}
+
+/// A running pipeline.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub s3_endpoint: String,
+    pub bucket: String,
+    pub ingest_quic: SocketAddr,
+    pub ingest_http: SocketAddr,
+    pub uploader_grpc: SocketAddr,
+    pub uploader_http: SocketAddr,
+    pub cert_der: Vec<u8>,
+    pub spool_dir: PathBuf,
+    s3_stop: CancellationToken,
+    uploader_stop: CancellationToken,
+    ingest_stop: CancellationToken,
+    s3: JoinHandle<anyhow::Result<()>>,
+    uploader: JoinHandle<anyhow::Result<()>>,
+    ingest: JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn tcp() -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+/// Starts the embedded S3 server on an ephemeral port; returns its endpoint URL.
+pub async fn start_s3(
+    root: PathBuf,
+    stop: CancellationToken,
+) -> anyhow::Result<(String, JoinHandle<anyhow::Result<()>>)> {
+    let (listener, addr) = tcp().await?;
+    let task = tokio::spawn(async move { crate::s3::serve(&root, listener, stop).await });
+    Ok((format!("http://{addr}"), task))
+}
+
+/// Uploader configuration against the embedded store.
+pub fn uploader_config(
+    spool_dir: PathBuf,
+    s3_endpoint: &str,
+    opts: &Options,
+) -> spillway_uploader::Config {
+    let mut c =
+        spillway_uploader::Config::local(spool_dir, s3_endpoint.to_owned(), opts.bucket.clone());
+    c.workers = opts.workers;
+    c.spool_max_bytes = opts.spool_max_bytes;
+    c.max_chunk_seconds = opts.chunk_seconds.max(60);
+    c.credentials = Some(spillway_uploader::StaticCredentials {
+        access_key_id: crate::s3::ACCESS_KEY.into(),
+        secret_access_key: crate::s3::SECRET_KEY.into(),
+    });
+    c
+}
+
+impl Pipeline {
+    pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let s3_stop = CancellationToken::new();
+        let (s3_endpoint, s3) = start_s3(dir.path().join("s3"), s3_stop.clone()).await?;
+
+        let spool_dir = dir.path().join("spool");
+        let (grpc, uploader_grpc) = tcp().await?;
+        let (uhttp, uploader_http) = tcp().await?;
+        let uploader_stop = CancellationToken::new();
+        let uconfig = uploader_config(spool_dir.clone(), &s3_endpoint, &opts);
+        let uploader = tokio::spawn(spillway_uploader::run(
+            uconfig,
+            spillway_uploader::Listeners { grpc, http: uhttp },
+            uploader_stop.clone(),
+        ));
+
+        let tls = spillway_ingest::tls::TlsMaterial::self_signed()?;
+        let cert_der = tls.leaf_der().to_vec();
+        let mut iconfig = spillway_ingest::Config::local(format!("http://{uploader_grpc}"), tls);
+        iconfig.chunk_seconds = opts.chunk_seconds;
+        iconfig.max_frame_bytes = opts.max_frame_bytes;
+        iconfig.idle_timeout = opts.idle_timeout;
+        let quic = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let ingest_quic = quic.local_addr()?;
+        let (ihttp, ingest_http) = tcp().await?;
+        let ingest_stop = CancellationToken::new();
+        let ingest = tokio::spawn(spillway_ingest::run(
+            iconfig,
+            spillway_ingest::Listeners { quic, http: ihttp },
+            ingest_stop.clone(),
+        ));
+
+        let p = Self {
+            s3_endpoint,
+            bucket: opts.bucket,
+            ingest_quic,
+            ingest_http,
+            uploader_grpc,
+            uploader_http,
+            cert_der,
+            spool_dir,
+            s3_stop,
+            uploader_stop,
+            ingest_stop,
+            s3,
+            uploader,
+            ingest,
+            _dir: dir,
+        };
+        wait_ready(p.uploader_http)
+            .await
+            .context("uploader never became ready")?;
+        wait_ready(p.ingest_http)
+            .await
+            .context("ingest never became ready")?;
+        Ok(p)
+    }
+
+    /// A device connected to ingest.
+    pub async fn device(&self) -> anyhow::Result<Device> {
+        Device::connect(self.ingest_quic, "localhost", &self.cert_der).await
+    }
+
+    /// An S3 client for the embedded store.
+    pub async fn s3(&self) -> aws_sdk_s3::Client {
+        crate::s3::client(&self.s3_endpoint).await
+    }
+
+    /// Stops ingest, then the uploader, then the store; returns the first daemon error.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.ingest_stop.cancel();
+        self.ingest.await??;
+        self.uploader_stop.cancel();
+        self.uploader.await??;
+        self.s3_stop.cancel();
+        self.s3.await??;
+        Ok(())
+    }
+}
+
+/// Polls `/readyz` until it answers 200 (up to 30 s).
+pub async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((200, _)) = http_get(addr, "/readyz").await {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{addr}/readyz not ready after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET (status, body) for the ops endpoints.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    Ok((status, body.to_owned()))
+}
+
+/// The value of a metric line (exact name and labels) in a Prometheus text body, 0 if absent.
+pub fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,295 @@
+//! Simulated devices: each streams deterministic audio over its own session, and afterwards
+//! every object the pipeline wrote is checked byte for byte against what was sent.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use indicatif::ProgressBar;
+use rand::{Rng, SeedableRng};
+use spillway_ingest::client::Device;
+use spillway_proto::device::{Ack, Encoding, Hello, server_message::Kind};
+
+/// Where a device's samples come from. Sample `i` is a pure function of `i`, so expected bytes
+/// can be regenerated at verification time instead of being kept in memory.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A tone plus pseudo-random noise, seeded per device.
+    Synthetic { seed: u64, sample_rate: u32 },
+    /// Samples of a mono 16-bit WAV file, looped.
+    Wav(Arc<Vec<i16>>),
+}
+
+impl Source {
+    /// Loads a mono 16-bit PCM WAV file; returns its samples and rate.
+    pub fn wav_file(path: &std::path::Path) -> anyhow::Result<(Self, u32)> {
+        let reader =
+            hound::WavReader::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let spec = reader.spec();
+        ensure!(
+            spec.channels == 1
+                && spec.bits_per_sample == 16
+                && spec.sample_format == hound::SampleFormat::Int,
+            "{} must be mono 16-bit PCM (it is {} channel(s), {} bits, {:?})",
+            path.display(),
+            spec.channels,
+            spec.bits_per_sample,
+            spec.sample_format
+        );
+        let samples: Vec<i16> = reader
+            .into_samples::<i16>()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {}", path.display()))?;
+        ensure!(!samples.is_empty(), "{} holds no samples", path.display());
+        Ok((Source::Wav(Arc::new(samples)), spec.sample_rate))
+    }
+
+    pub fn sample(&self, i: u64) -> i16 {
+        match self {
+            Source::Synthetic { seed, sample_rate } => {
+                let t = i as f64 / f64::from(*sample_rate);
+                let freq = 220.0 + (*seed % 16) as f64 * 55.0;
+                let tone = (t * freq * std::f64::consts::TAU).sin() * 8000.0;
+                let mut h = (i ^ seed.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                h ^= h >> 29;
+                let noise = (h % 2001) as f64 - 1000.0;
+                (tone + noise) as i16
+            }
+            Source::Wav(samples) => samples[(i % samples.len() as u64) as usize],
+        }
+    }
+
+    /// The PCM bytes `[offset, offset + len)` of the stream.
+    pub fn bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let first = offset / 2;
+        let last = (offset + len as u64).div_ceil(2);
+        let mut out = Vec::with_capacity(((last - first) * 2) as usize);
+        for i in first..last {
+            out.extend_from_slice(&self.sample(i).to_le_bytes());
+        }
+        let skip = (offset % 2) as usize;
+        out[skip..skip + len].to_vec()
+    }
+}
+
+/// One simulated device's session.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub uid: String,
+    pub session: String,
+    pub sample_rate: u32,
+    pub samples: u64,
+    /// Playback speed: 1.0 is real time, 0 sends as fast as possible.
+    pub speed: f64,
+    /// Frames are uniformly 1..=2×this many bytes, split anywhere (even inside a sample).
+    pub mean_frame_bytes: usize,
+    pub source: Source,
+    pub seed: u64,
+}
+
+/// What a device saw.
+#[derive(Debug, Clone)]
+pub struct DeviceReport {
+    pub spec: DeviceSpec,
+    pub chunk_samples: u64,
+    pub acks: Vec<Ack>,
+    pub errors: Vec<spillway_proto::device::Error>,
+    pub sent_bytes: u64,
+}
+
+/// Shared progress of all simulated devices: bytes sent on the bar, acks in its message.
+#[derive(Debug)]
+pub struct Progress {
+    pub bar: ProgressBar,
+    pub acked: AtomicU64,
+}
+
+impl Progress {
+    pub fn new(bar: ProgressBar) -> Arc<Self> {
+        Arc::new(Self {
+            bar,
+            acked: AtomicU64::new(0),
+        })
+    }
+
+    fn ack(&self) {
+        let n = self.acked.fetch_add(1, Ordering::Relaxed) + 1;
+        self.bar.set_message(format!("{n} chunks acked"));
+    }
+}
+
+/// Streams one session and collects every reply until ingest finishes its side.
+pub async fn run_device(
+    device: &Device,
+    spec: DeviceSpec,
+    progress: &Arc<Progress>,
+) -> anyhow::Result<DeviceReport> {
+    let (mut tx, mut rx) = device.open().await?;
+    tx.hello(Hello {
+        uid: spec.uid.clone(),
+        session: spec.session.clone(),
+        sample_rate: spec.sample_rate,
+        encoding: Encoding::PcmS16le as i32,
+        channels: 1,
+        token: String::new(),
+    })
+    .await?;
+    let reader = {
+        let progress = Arc::clone(progress);
+        tokio::spawn(async move {
+            let mut messages = Vec::new();
+            while let Some(m) = rx.next().await? {
+                if matches!(m.kind, Some(Kind::Ack(_))) {
+                    progress.ack();
+                }
+                messages.push(m);
+            }
+            anyhow::Ok(messages)
+        })
+    };
+    let total = spec.samples * 2;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let len = rng
+            .random_range(1..=spec.mean_frame_bytes * 2)
+            .min((total - sent) as usize);
+        if spec.speed > 0.0 {
+            let due = Duration::from_secs_f64(
+                sent as f64 / 2.0 / f64::from(spec.sample_rate) / spec.speed,
+            );
+            tokio::time::sleep_until((started + due).into()).await;
+        }
+        tx.audio(Bytes::from(spec.source.bytes(sent, len))).await?;
+        sent += len as u64;
+        progress.bar.inc(len as u64);
+    }
+    tx.finish()?;
+    let messages = reader.await.context("reader task")??;
+    let mut report = DeviceReport {
+        spec,
+        chunk_samples: 0,
+        acks: Vec::new(),
+        errors: Vec::new(),
+        sent_bytes: sent,
+    };
+    for m in messages {
+        match m.kind {
+            Some(Kind::Accepted(a)) => report.chunk_samples = a.chunk_samples,
+            Some(Kind::Ack(a)) => report.acks.push(a),
+            Some(Kind::Error(e)) => report.errors.push(e),
+            None => {}
+        }
+    }
+    Ok(report)
+}
+
+/// Checks one device's acks and objects: every chunk acked once, contiguous, and each object a
+/// valid WAV whose PCM is exactly the audio sent. Waits up to `wait` for the drain to upload.
+/// Returns the number of objects verified.
+pub async fn verify_device(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    report: &DeviceReport,
+    wait: Duration,
+) -> anyhow::Result<usize> {
+    let spec = &report.spec;
+    ensure!(
+        report.errors.is_empty(),
+        "{}/{}: ingest sent errors {:?}",
+        spec.uid,
+        spec.session,
+        report.errors
+    );
+    ensure!(
+        report.chunk_samples > 0,
+        "{}/{}: never accepted",
+        spec.uid,
+        spec.session
+    );
+    let expected = spec.samples.div_ceil(report.chunk_samples) as usize;
+    ensure!(
+        report.acks.len() == expected,
+        "{}/{}: {} acks for {} chunks",
+        spec.uid,
+        spec.session,
+        report.acks.len(),
+        expected
+    );
+    let deadline = Instant::now() + wait;
+    for (k, ack) in report.acks.iter().enumerate() {
+        let first = k as u64 * report.chunk_samples;
+        let end = (first + report.chunk_samples).min(spec.samples);
+        ensure!(
+            (ack.seq, ack.first_sample, ack.end_sample) == (k as u64, first, end),
+            "ack {k} covers {:?}, expected {:?}",
+            (ack.seq, ack.first_sample, ack.end_sample),
+            (k, first, end)
+        );
+        let body = get_when_present(s3, bucket, &ack.key, deadline).await?;
+        let wav = hound::WavReader::new(std::io::Cursor::new(&body))
+            .with_context(|| format!("{} is not a WAV file", ack.key))?;
+        let ws = wav.spec();
+        ensure!(
+            (ws.channels, ws.sample_rate, ws.bits_per_sample) == (1, spec.sample_rate, 16),
+            "{}: WAV header says {ws:?}",
+            ack.key
+        );
+        let pcm: Vec<u8> = wav
+            .into_samples::<i16>()
+            .map(|s| s.map(i16::to_le_bytes))
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
+        let want = spec.source.bytes(first * 2, ((end - first) * 2) as usize);
+        if pcm != want {
+            bail!(
+                "{}: PCM differs from what was sent ({} vs {} bytes)",
+                ack.key,
+                pcm.len(),
+                want.len()
+            );
+        }
+    }
+    let prefix = report
+        .acks
+        .first()
+        .and_then(|a| a.key.rsplit_once('/'))
+        .map(|(p, _)| format!("{p}/"))
+        .unwrap_or_default();
+    let listed = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(&prefix)
+        .send()
+        .await?;
+    let count = listed.contents().len();
+    ensure!(
+        count == expected,
+        "{prefix}: {count} objects, expected {expected}"
+    );
+    Ok(count)
+}
+
+async fn get_when_present(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    deadline: Instant,
+) -> anyhow::Result<Vec<u8>> {
+    loop {
+        match s3.get_object().bucket(bucket).key(key).send().await {
+            Ok(out) => return Ok(out.body.collect().await?.into_bytes().to_vec()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(key, error = %aws_sdk_s3::error::DisplayErrorContext(&e), "object not there yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => bail!(
+                "object {key} never appeared: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            ),
+        }
+    }
+}
