@@ -146,28 +146,50 @@ async fn ready(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
     }
 }
 
+/// Builds the real `ingest` and `uploader` binaries (and `xtask`, which serves the store) and
+/// returns the directory holding them.
+///
+/// Builds every workspace binary: that selects the same features as `cargo test --workspace`,
+/// so after the tests nothing is compiled again (building only the two daemons would unify
+/// features differently and rebuild much of the AWS SDK).
 fn build_daemons(release: bool) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--bin", "ingest", "--bin", "uploader"]);
+    cmd.args(["build", "--workspace", "--bins"]);
+    // `cargo run` gave this process the variables it sets for a package (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, ...). Some build scripts (ring's) watch those, so passing them on would
+    // make this build and every later plain `cargo` build rebuild each other's dependencies.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*name,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&*name);
+        }
+    }
     if release {
         cmd.arg("--release");
     }
     eprintln!("building the daemons: {cmd:?}");
     let status = cmd.status().context("running cargo build")?;
     ensure!(status.success(), "cargo build failed");
-    let metadata =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["metadata", "--format-version", "1", "--no-deps"])
-            .output()
-            .context("running cargo metadata")?;
-    let text = String::from_utf8_lossy(&metadata.stdout);
-    let target = text
-        .split("\"target_directory\":\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .context("cargo metadata printed no target_directory")?;
-    Ok(PathBuf::from(target).join(if release { "release" } else { "debug" }))
+    // This program was built into <target>/<profile>/xtask by the same cargo, so the target
+    // directory is two levels up, whatever CARGO_TARGET_DIR or the config says.
+    let me = std::env::current_exe().context("locating the xtask binary")?;
+    let target = me
+        .parent()
+        .and_then(Path::parent)
+        .with_context(|| format!("{} is not inside a cargo target directory", me.display()))?;
+    let dir = target.join(if release { "release" } else { "debug" });
+    for daemon in ["ingest", "uploader", "xtask"] {
+        let path = dir.join(daemon);
+        ensure!(path.is_file(), "{} was not built", path.display());
+    }
+    Ok(dir)
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -196,10 +218,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         free_udp()?,
     );
     let s3_endpoint = format!("http://{s3_addr}");
-    let me = std::env::current_exe()?;
+    // The freshly built xtask binary serves the store: the running one may just have been
+    // replaced on disk by the build above.
     let mut s3 = Proc::spawn(
         "s3",
-        &me,
+        &bin.join("xtask"),
         &[
             "s3".into(),
             "--root".into(),
