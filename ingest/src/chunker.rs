@@ -77,17 +77,38 @@ impl Chunker {
     /// Feeds bytes; calls `emit` for each chunk they complete, in order.
     pub fn push(&mut self, mut data: &[u8], mut emit: impl FnMut(Chunk)) {
         while !data.is_empty() {
-            if self.buf.capacity() == 0 {
-                self.buf.reserve(self.chunk_bytes);
-            }
-            let take = (self.chunk_bytes - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.buf.len() == self.chunk_bytes {
-                let pcm = self.buf.split().freeze();
-                emit(self.make_chunk(pcm));
+            let (taken, chunk) = self.push_until_chunk(data);
+            data = &data[taken..];
+            if let Some(chunk) = chunk {
+                emit(chunk);
             }
         }
+    }
+
+    /// Feeds bytes up to the end of the chunk being filled, no further: returns how many were
+    /// taken and the chunk they completed, if any. A caller that must account for memory per
+    /// chunk (ingest's budget) feeds this way, reserving the next chunk before the next call.
+    pub fn push_until_chunk(&mut self, data: &[u8]) -> (usize, Option<Chunk>) {
+        if data.is_empty() {
+            return (0, None);
+        }
+        if self.buf.capacity() == 0 {
+            // One exact allocation per chunk: the memory held is what the budget counts.
+            self.buf.reserve(self.chunk_bytes);
+        }
+        let take = (self.chunk_bytes - self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..take]);
+        if self.buf.len() == self.chunk_bytes {
+            let pcm = self.buf.split().freeze();
+            (take, Some(self.make_chunk(pcm)))
+        } else {
+            (take, None)
+        }
+    }
+
+    /// Bytes one full chunk holds.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
     }
 
     /// Ends the session: the pending whole samples become the final chunk.

@@ -55,9 +55,14 @@ pub struct Args {
     /// Largest device frame in bytes, length prefix excluded.
     #[arg(long, env = "SPILLWAY_MAX_FRAME_BYTES", default_value_t = spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
-    /// Most sessions open at once; memory is bounded by about 3 chunks per session.
+    /// Most sessions open at once.
     #[arg(long, env = "SPILLWAY_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
+    /// Memory budget for audio not yet committed by the uploader, in bytes. When it is spent,
+    /// sessions stop reading (QUIC flow control slows the devices); nothing is dropped. Must
+    /// hold at least one largest chunk (--chunk-seconds at 48 kHz).
+    #[arg(long, env = "SPILLWAY_MAX_BUFFERED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_buffered_bytes: usize,
     /// When set, every hello must carry this token.
     #[arg(long, env = "SPILLWAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -81,6 +86,7 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub max_frame_bytes: usize,
     pub max_sessions: usize,
+    pub max_buffered_bytes: usize,
     pub token: Option<String>,
     pub shutdown_grace: Duration,
     pub forward_timeout: Duration,
@@ -95,6 +101,10 @@ pub enum ConfigError {
     MaxFrameBytes(usize),
     #[error("--max-sessions must be at least 1")]
     MaxSessions,
+    #[error(
+        "--max-buffered-bytes ({max}) must hold at least one largest chunk ({need} bytes: --chunk-seconds at 48 kHz)"
+    )]
+    MaxBufferedBytes { max: usize, need: usize },
     #[error("--idle-timeout must be at least 1s")]
     IdleTimeout,
     #[error("--uploader must be an http:// or https:// URL, got {0:?}")]
@@ -113,6 +123,7 @@ impl Config {
             idle_timeout: Duration::from_secs(30),
             max_frame_bytes: spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES,
             max_sessions: 256,
+            max_buffered_bytes: 256 * 1024 * 1024,
             token: None,
             shutdown_grace: Duration::from_secs(30),
             forward_timeout: Duration::from_secs(30),
@@ -129,6 +140,13 @@ impl Config {
         }
         if self.max_sessions == 0 {
             return Err(ConfigError::MaxSessions);
+        }
+        let need = spillway_proto::validate::max_chunk_bytes(self.chunk_seconds);
+        if self.max_buffered_bytes < need {
+            return Err(ConfigError::MaxBufferedBytes {
+                max: self.max_buffered_bytes,
+                need,
+            });
         }
         if self.idle_timeout < Duration::from_secs(1) {
             return Err(ConfigError::IdleTimeout);
@@ -162,6 +180,7 @@ impl Args {
             idle_timeout: self.idle_timeout,
             max_frame_bytes: self.max_frame_bytes,
             max_sessions: self.max_sessions,
+            max_buffered_bytes: self.max_buffered_bytes,
             token: self.token,
             shutdown_grace: self.shutdown_grace,
             forward_timeout: self.forward_timeout,

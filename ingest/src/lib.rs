@@ -5,6 +5,7 @@
 //! Data path: [`server`] (QUIC bytes) → [`session`] (protocol rules, transport-free) →
 //! [`chunker`] (exact chunks, sans-IO) → [`forward`] (gRPC `PutChunk`, retried) → `Ack` back.
 
+pub mod budget;
 pub mod chunker;
 pub mod client;
 pub mod config;
@@ -95,6 +96,7 @@ pub async fn run(
             token: config.token.clone(),
         },
         forwarder,
+        budget: budget::Budget::new(config.max_buffered_bytes, metrics.clone()),
         metrics,
         idle_timeout: config.idle_timeout,
         max_frame_bytes: config.max_frame_bytes,

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub chunks_acked: Counter,
     pub acked_bytes: Counter,
     pub forward_retries: Counter,
+    pub budget_bytes: Gauge,
+    pub buffered_bytes: Gauge,
+    pub budget_waits: Counter,
 }
 
 impl Metrics {
@@ -85,6 +88,21 @@ impl Metrics {
             "forward_retries",
             "PutChunk attempts that failed and were retried",
             m.forward_retries.clone(),
+        );
+        r.register(
+            "budget_bytes",
+            "Memory budget for audio not yet committed by the uploader (--max-buffered-bytes)",
+            m.budget_bytes.clone(),
+        );
+        r.register(
+            "buffered_bytes",
+            "Bytes of the budget reserved now (chunks being filled or on their way to the uploader)",
+            m.buffered_bytes.clone(),
+        );
+        r.register(
+            "budget_waits",
+            "Times a session stopped reading because the memory budget was spent",
+            m.budget_waits.clone(),
         );
         m
     }

@@ -14,6 +14,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDel
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::{Budget, Reservation};
 use crate::chunker::Chunk;
 use crate::forward::{ForwardError, Forwarder};
 use crate::metrics::{EndLabel, Metrics};
@@ -23,6 +24,7 @@ use crate::session::{Limits, Output, Params, Refusal, Session};
 pub(crate) struct Shared {
     pub limits: Limits,
     pub forwarder: Forwarder,
+    pub budget: Budget,
     pub metrics: Metrics,
     pub idle_timeout: Duration,
     pub max_frame_bytes: usize,
@@ -120,26 +122,22 @@ async fn stream(tx: quinn::SendStream, rx: quinn::RecvStream, shared: Arc<Shared
         return;
     };
     shared.metrics.sessions_active.inc();
-    let end = session(rx, &writer, &shared).await;
-    shared.metrics.sessions_active.dec();
-    shared
-        .metrics
-        .sessions_ended
-        .get_or_create(&EndLabel {
-            reason: end.reason(),
-        })
-        .inc();
+    session(rx, &writer, &shared).await;
 }
 
-async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) -> End {
+async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) {
     let mut reader = FramedRead::new(rx, spillway_proto::framing::codec(shared.max_frame_bytes));
     let mut session = Session::new(shared.limits.clone());
     let fatal = CancellationToken::new();
-    let (chunk_tx, chunk_rx) = mpsc::channel::<Chunk>(1);
+    // A chunk travels with the budget reservation it was filled under; the reservation is
+    // returned once the uploader has committed the chunk.
+    let (chunk_tx, chunk_rx) = mpsc::channel::<(Chunk, Option<Reservation>)>(1);
     let mut chunk_rx = Some(chunk_rx);
     let mut forwarding = None;
+    let mut chunk_bytes = 0usize;
+    let mut reserved: Option<Reservation> = None;
 
-    let end = loop {
+    let end = 'read: loop {
         let next = tokio::select! {
             biased;
             () = shared.shutdown.cancelled() => break End::Shutdown,
@@ -157,6 +155,9 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) -> End
             Ok(Output::Accepted(params)) => {
                 tracing::info!(uid = %params.uid, session = %params.session,
                     sample_rate = params.sample_rate, "session accepted");
+                chunk_bytes = usize::try_from(params.chunk_samples)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(spillway_proto::BYTES_PER_SAMPLE);
                 let accepted = Kind::Accepted(Accepted {
                     chunk_samples: params.chunk_samples,
                     max_frame_bytes: u32::try_from(shared.max_frame_bytes).unwrap_or(u32::MAX),
@@ -176,13 +177,29 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) -> End
                     )));
                 }
             }
-            Ok(Output::Audio { bytes, chunks }) => {
-                shared.metrics.audio_bytes.inc_by(bytes as u64);
-                for chunk in chunks {
-                    // Waits while the previous chunk is still being committed: backpressure
-                    // reaches the device through QUIC flow control, memory stays bounded.
-                    if chunk_tx.send(chunk).await.is_err() {
-                        break;
+            Ok(Output::Audio(pcm)) => {
+                shared.metrics.audio_bytes.inc_by(pcm.len() as u64);
+                let mut rest = &pcm[..];
+                while !rest.is_empty() {
+                    // Reserve the chunk about to be filled before taking its bytes; waiting here
+                    // stops reading, so the device is slowed by QUIC flow control.
+                    if reserved.is_none() {
+                        tokio::select! {
+                            biased;
+                            () = fatal.cancelled() => break 'read End::ForwardFailed,
+                            r = shared.budget.reserve(chunk_bytes, &shared.shutdown) => match r {
+                                Some(r) => reserved = Some(r),
+                                None => break 'read End::Shutdown,
+                            },
+                        }
+                    }
+                    let (taken, chunk) = session.feed(rest);
+                    rest = &rest[taken..];
+                    if let Some(chunk) = chunk {
+                        // Waits while the previous chunk is still being committed.
+                        if chunk_tx.send((chunk, reserved.take())).await.is_err() {
+                            break 'read End::ForwardFailed;
+                        }
                     }
                 }
             }
@@ -220,7 +237,7 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) -> End
         && let Some(flush) = session.finish()
     {
         if let Some(chunk) = flush.chunk {
-            let _ = chunk_tx.send(chunk).await;
+            let _ = chunk_tx.send((chunk, reserved.take())).await;
         }
         if flush.dangling_byte {
             let r = Refusal::new(
@@ -236,6 +253,7 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) -> End
         }
     }
     drop(chunk_tx);
+    drop(reserved);
 
     if let Some(task) = forwarding {
         match task.await {
@@ -260,10 +278,18 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) -> End
     if let Some(params) = session.params() {
         tracing::info!(uid = %params.uid, session = %params.session, reason = end.reason(), "session ended");
     }
+    // Counted before the goodbye is delivered, so the metric is true once the device has it.
+    shared.metrics.sessions_active.dec();
+    shared
+        .metrics
+        .sessions_ended
+        .get_or_create(&EndLabel {
+            reason: end.reason(),
+        })
+        .inc();
     if !matches!(end, End::Transport(_)) {
         close(writer, final_error).await;
     }
-    end
 }
 
 /// Sends the final error, if any, then finishes the stream and waits briefly for delivery.
@@ -302,13 +328,13 @@ fn read_error(e: std::io::Error, max: usize) -> End {
 async fn forward_loop(
     forwarder: Forwarder,
     params: Params,
-    mut rx: mpsc::Receiver<Chunk>,
+    mut rx: mpsc::Receiver<(Chunk, Option<Reservation>)>,
     writer: Writer,
     metrics: Metrics,
     abandon: CancellationToken,
     fatal: CancellationToken,
 ) -> Result<(), ForwardError> {
-    while let Some(chunk) = rx.recv().await {
+    while let Some((chunk, _reservation)) = rx.recv().await {
         metrics.chunks_forwarded.inc();
         let response = match forwarder.put(&params, &chunk, &abandon).await {
             Ok(r) => r,

@@ -49,8 +49,9 @@ impl Refusal {
 pub enum Output {
     /// The hello was accepted.
     Accepted(Params),
-    /// `bytes` of audio were taken; these chunks are complete (often none).
-    Audio { bytes: usize, chunks: Vec<Chunk> },
+    /// Audio was accepted; hand it to [`Session::feed`] (in steps, so the caller can reserve
+    /// memory for each chunk before it is filled).
+    Audio(bytes::Bytes),
 }
 
 #[derive(Debug)]
@@ -117,14 +118,17 @@ impl Session {
                 ErrorCode::UnexpectedHello,
                 "a second hello on the same stream; open a new stream for a new session",
             )),
-            (Phase::Streaming { chunker, .. }, Some(Kind::Audio(audio))) => {
-                let mut chunks = Vec::new();
-                chunker.push(&audio.pcm, |c| chunks.push(c));
-                Ok(Output::Audio {
-                    bytes: audio.pcm.len(),
-                    chunks,
-                })
-            }
+            (Phase::Streaming { .. }, Some(Kind::Audio(audio))) => Ok(Output::Audio(audio.pcm)),
+        }
+    }
+
+    /// Feeds accepted audio to the chunker, up to the end of the chunk being filled: returns how
+    /// many bytes were taken and the chunk they completed, if any. Call again with the rest.
+    /// Before a hello there is no chunker (audio is refused then): the bytes are ignored.
+    pub fn feed(&mut self, pcm: &[u8]) -> (usize, Option<Chunk>) {
+        match &mut self.phase {
+            Phase::Streaming { chunker, .. } => chunker.push_until_chunk(pcm),
+            Phase::AwaitHello => (pcm.len(), None),
         }
     }
 
@@ -224,14 +228,13 @@ mod tests {
             panic!("hello refused")
         };
         assert_eq!(p.chunk_samples, 8000);
-        let Ok(Output::Audio {
-            bytes: 16_001,
-            chunks: c,
-        }) = s.on_message(audio(&[0; 16_001]))
-        else {
+        let Ok(Output::Audio(pcm)) = s.on_message(audio(&[0; 16_001])) else {
             panic!("audio refused")
         };
-        assert_eq!(c.len(), 1);
+        let (taken, chunk) = s.feed(&pcm);
+        assert_eq!(taken, 16_000, "feeding stops at the chunk boundary");
+        assert_eq!(chunk.map(|c| c.samples()), Some(8000));
+        assert_eq!(s.feed(&pcm[taken..]), (1, None));
         let flush = s.finish().expect("streaming");
         assert!(flush.dangling_byte);
         assert_eq!(flush.chunk, None);

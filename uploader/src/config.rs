@@ -7,6 +7,7 @@ use std::time::Duration;
 use spillway_proto::ops::LogFormat;
 
 use crate::object::KeyTemplate;
+use crate::spool::WhenFull;
 
 /// Command-line flags of the `uploader` daemon.
 #[derive(Debug, Clone, clap::Parser)]
@@ -33,9 +34,18 @@ pub struct Args {
     /// Directory of the sled spool.
     #[arg(long, env = "SPILLWAY_SPOOL_DIR", default_value = ".spillway/spool")]
     pub spool_dir: PathBuf,
-    /// Most bytes the spool may hold; a put that would exceed it is refused (RESOURCE_EXHAUSTED).
+    /// Most bytes the spool may hold; it never holds more.
     #[arg(long, env = "SPILLWAY_SPOOL_MAX_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
     pub spool_max_bytes: u64,
+    /// When the spool is full: `reject` refuses the put (RESOURCE_EXHAUSTED; ingest holds the
+    /// chunk and retries, pushing back on devices) or `drop-oldest` evicts the oldest chunks
+    /// (counted in spillway_uploader_spool_dropped_chunks_total and logged).
+    #[arg(long, env = "SPILLWAY_WHEN_FULL", value_enum, default_value_t = WhenFull::Reject)]
+    pub when_full: WhenFull,
+    /// Fraction of --spool-max-bytes above which /readyz answers 503, so a load balancer
+    /// steers new work to other uploaders (0 < x <= 1).
+    #[arg(long, env = "SPILLWAY_SPOOL_HIGH_WATERMARK", default_value_t = 0.9)]
+    pub spool_high_watermark: f64,
     /// Concurrent uploads to the object store.
     #[arg(long, env = "SPILLWAY_WORKERS", default_value_t = 16)]
     pub workers: usize,
@@ -63,9 +73,10 @@ pub struct Args {
     /// Timeout of one PutObject attempt.
     #[arg(long, env = "SPILLWAY_UPLOAD_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub upload_timeout: Duration,
-    /// How long shutdown waits for uploads in flight (they stay spooled either way).
-    #[arg(long, env = "SPILLWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
+    /// On SIGTERM, how long to keep uploading before exiting; what is left stays spooled and
+    /// is drained at the next start.
+    #[arg(long, env = "SPILLWAY_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
     /// Log format.
     #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -83,6 +94,8 @@ pub struct StaticCredentials {
 pub struct Config {
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    pub when_full: WhenFull,
+    pub spool_high_watermark: f64,
     pub workers: usize,
     pub max_chunk_seconds: u32,
     pub bucket: String,
@@ -92,7 +105,7 @@ pub struct Config {
     pub key_prefix: String,
     pub key_template: KeyTemplate,
     pub upload_timeout: Duration,
-    pub shutdown_grace: Duration,
+    pub drain_timeout: Duration,
     /// Overrides the AWS credential chain when set (not a flag: tests and xtask only).
     pub credentials: Option<StaticCredentials>,
 }
@@ -105,6 +118,8 @@ pub enum ConfigError {
     MaxChunkSeconds(u32),
     #[error("--spool-max-bytes ({max}) must hold at least one largest chunk ({need} bytes)")]
     SpoolTooSmall { max: u64, need: u64 },
+    #[error("--spool-high-watermark must be in (0, 1], got {0}")]
+    HighWatermark(f64),
     #[error("--bucket {0:?} is not a valid bucket name (3-63 characters of a-z, 0-9, '.', '-')")]
     Bucket(String),
     #[error("--key-template: {0}")]
@@ -117,6 +132,8 @@ impl Config {
         Self {
             spool_dir,
             spool_max_bytes: 1024 * 1024 * 1024,
+            when_full: WhenFull::Reject,
+            spool_high_watermark: 0.9,
             workers: 16,
             max_chunk_seconds: 60,
             bucket,
@@ -126,7 +143,7 @@ impl Config {
             key_prefix: String::new(),
             key_template: KeyTemplate::default(),
             upload_timeout: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
             credentials: None,
         }
     }
@@ -145,6 +162,9 @@ impl Config {
                 need,
             });
         }
+        if !(self.spool_high_watermark > 0.0 && self.spool_high_watermark <= 1.0) {
+            return Err(ConfigError::HighWatermark(self.spool_high_watermark));
+        }
         let b = &self.bucket;
         let ok = (3..=63).contains(&b.len())
             && b.chars()
@@ -162,6 +182,8 @@ impl Args {
             key_template: self.key_template.parse()?,
             spool_dir: self.spool_dir,
             spool_max_bytes: self.spool_max_bytes,
+            when_full: self.when_full,
+            spool_high_watermark: self.spool_high_watermark,
             workers: self.workers,
             max_chunk_seconds: self.max_chunk_seconds,
             bucket: self.bucket,
@@ -170,7 +192,7 @@ impl Args {
             region: self.region,
             key_prefix: self.key_prefix,
             upload_timeout: self.upload_timeout,
-            shutdown_grace: self.shutdown_grace,
+            drain_timeout: self.drain_timeout,
             credentials: None,
         };
         config.validate()?;

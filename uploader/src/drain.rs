@@ -6,7 +6,12 @@
 //! it (jittered exponential backoff, behind one circuit breaker for the store) and only then
 //! deletes it from the spool. Nothing is ever dropped for failing: acknowledged audio leaves the
 //! spool only by reaching the store.
+//!
+//! On shutdown the dispatcher keeps going until the spool is empty or the drain timeout has
+//! passed, whichever is first; uploads still in flight then are abandoned, and their chunks
+//! stay spooled for the next start.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,20 +35,32 @@ pub struct Drain {
     pub prefix: String,
     pub breaker: Arc<Mutex<Breaker>>,
     pub metrics: Metrics,
+    /// Attempts so far of each upload under way, by spool position (for the max-attempts gauge).
+    pub attempts: Mutex<HashMap<u64, u64>>,
 }
 
 impl Drain {
-    /// Runs until `stop` fires, then waits for uploads in flight (bounded by `grace`).
-    pub async fn run(self, stop: CancellationToken, grace: Duration) {
+    /// Runs until `stop` fires, then keeps draining until the spool is empty or `drain_timeout`
+    /// has passed.
+    pub async fn run(self, stop: CancellationToken, drain_timeout: Duration) {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.workers));
         let uploads = TaskTracker::new();
         let abort = CancellationToken::new();
+        {
+            // Once stopping, the deadline for everything, in-flight uploads included.
+            let (stop, abort) = (stop.clone(), abort.clone());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                tokio::time::sleep(drain_timeout).await;
+                abort.cancel();
+            });
+        }
         let mut cursor = 0u64;
         loop {
             let permit = tokio::select! {
                 p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                () = stop.cancelled() => break,
+                () = abort.cancelled() => break,
             };
             let next = match this.spool.next_from(cursor) {
                 Ok((next, quarantined)) => {
@@ -58,10 +75,28 @@ impl Drain {
             this.metrics.spool(&this.spool);
             let Some((pos, record)) = next else {
                 drop(permit);
+                if stop.is_cancelled() {
+                    // Nothing new can arrive (the service stopped first): wait for the uploads
+                    // in flight, then look again; a failed upload keeps its record spooled.
+                    if uploads.is_empty() && this.spool.is_empty() {
+                        tracing::info!("spool drained");
+                        break;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        () = abort.cancelled() => break,
+                    }
+                    if uploads.is_empty() {
+                        // Every upload finished: anything left is behind the cursor (an
+                        // upload that gave up at shutdown never happens here) or new; rescan.
+                        cursor = 0;
+                    }
+                    continue;
+                }
                 tokio::select! {
                     () = this.spool.committed() => {}
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = stop.cancelled() => break,
+                    () = stop.cancelled() => {}
                 }
                 continue;
             };
@@ -73,11 +108,14 @@ impl Drain {
             });
         }
         uploads.close();
-        if tokio::time::timeout(grace, uploads.wait()).await.is_err() {
-            tracing::warn!("uploads still in flight at shutdown; their chunks stay spooled");
-            abort.cancel();
-            uploads.wait().await;
+        if !uploads.is_empty() {
+            tracing::warn!(
+                in_flight = uploads.len(),
+                spooled = this.spool.len(),
+                "drain timeout: abandoning uploads in flight; their chunks stay spooled"
+            );
         }
+        uploads.wait().await;
         if let Err(e) = this.spool.flush().await {
             tracing::error!(error = %e, "flushing the spool at shutdown failed");
         }
@@ -93,6 +131,7 @@ impl Drain {
             .with_jitter()
             .without_max_times()
             .build();
+        let mut attempt = 0u64;
         loop {
             // Wait for the breaker to admit a call.
             loop {
@@ -106,6 +145,8 @@ impl Drain {
                     },
                 }
             }
+            attempt += 1;
+            self.note_attempt(pos, Some(attempt));
             self.metrics.uploads_in_flight.inc();
             let started = Instant::now();
             let result = tokio::select! {
@@ -113,7 +154,10 @@ impl Drain {
                 () = abort.cancelled() => None,
             };
             self.metrics.uploads_in_flight.dec();
-            let Some(result) = result else { return };
+            let Some(result) = result else {
+                self.note_attempt(pos, None);
+                return;
+            };
             match result {
                 Ok(()) => {
                     self.breaker_lock().on_success(Instant::now());
@@ -133,7 +177,8 @@ impl Drain {
                         tracing::error!(%key, error = %e, "deleting an uploaded chunk from the spool failed");
                     }
                     self.metrics.spool(&self.spool);
-                    tracing::debug!(%key, "uploaded");
+                    self.note_attempt(pos, None);
+                    tracing::debug!(%key, attempt, "uploaded");
                     return;
                 }
                 Err(e) => {
@@ -143,15 +188,40 @@ impl Drain {
                         .uploads
                         .get_or_create(&ResultLabel { result: "error" })
                         .inc();
+                    self.metrics.upload_retries.inc();
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                    tracing::warn!(%key, error = %e, retry_in = ?delay, "upload failed; chunk stays spooled");
+                    tracing::warn!(%key, attempt, error = %e, retry_in = ?delay, "upload failed; chunk stays spooled");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = abort.cancelled() => return,
+                        () = abort.cancelled() => {
+                            self.note_attempt(pos, None);
+                            return;
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Records the attempt number of the upload at `pos` (`None` when it ended) and publishes
+    /// the largest one under way.
+    fn note_attempt(&self, pos: u64, attempt: Option<u64>) {
+        let mut all = self
+            .attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match attempt {
+            Some(n) => {
+                all.insert(pos, n);
+            }
+            None => {
+                all.remove(&pos);
+            }
+        }
+        let max = all.values().copied().max().unwrap_or(0);
+        self.metrics
+            .upload_max_attempts
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
 
     fn breaker_lock(&self) -> std::sync::MutexGuard<'_, Breaker> {

@@ -32,9 +32,10 @@ pub struct Listeners {
     pub http: tokio::net::TcpListener,
 }
 
-/// Runs the uploader until `shutdown` is cancelled: then it stops taking chunks, lets uploads
-/// in flight finish (up to the shutdown grace), flushes the spool and returns. Whatever was not
-/// uploaded stays spooled for the next start.
+/// Runs the uploader until `shutdown` is cancelled: then it stops taking chunks (ingest sees
+/// `UNAVAILABLE` and goes elsewhere or retries), commits what is in flight, keeps uploading until
+/// the spool is empty or the drain timeout has passed, flushes the spool and returns. Whatever
+/// was not uploaded stays spooled for the next start.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -45,8 +46,20 @@ pub async fn run(
     let metrics = metrics::Metrics::register(&mut registry);
 
     let spool = {
-        let (dir, max) = (config.spool_dir.clone(), config.spool_max_bytes);
-        tokio::task::spawn_blocking(move || spool::Spool::open(&dir, max))
+        let dir = config.spool_dir.clone();
+        let on_drop = {
+            let m = metrics.clone();
+            Box::new(move |d: &spool::Dropped| {
+                m.spool_dropped_chunks.inc();
+                m.spool_dropped_bytes.inc_by(d.bytes);
+            })
+        };
+        let limits = spool::Limits {
+            max_bytes: config.spool_max_bytes,
+            when_full: config.when_full,
+            on_drop,
+        };
+        tokio::task::spawn_blocking(move || spool::Spool::open(&dir, limits))
             .await
             .context("opening the spool")?
             .with_context(|| format!("opening the spool in {}", config.spool_dir.display()))?
@@ -84,8 +97,9 @@ pub async fn run(
             spillway_breaker::Config::default(),
         ))),
         metrics: metrics.clone(),
+        attempts: Mutex::default(),
     };
-    let drain_task = tokio::spawn(drain.run(drain_stop.clone(), config.shutdown_grace));
+    let drain_task = tokio::spawn(drain.run(drain_stop.clone(), config.drain_timeout));
 
     let limit = spillway_proto::validate::max_chunk_bytes(config.max_chunk_seconds) + 64 * 1024;
     let service = UploaderServer::new(service::Service {
@@ -99,7 +113,12 @@ pub async fn run(
     .max_encoding_message_size(limit);
 
     let grpc_addr = listeners.grpc.local_addr();
-    ready.set(true);
+    let readiness = tokio::spawn(track_readiness(
+        Arc::clone(&spool),
+        config.spool_high_watermark,
+        ready.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(grpc = %ops::describe(grpc_addr), http = %ops::describe(http_addr),
         bucket = %config.bucket, endpoint, workers = config.workers, "uploader started");
     let served = tonic::transport::Server::builder()
@@ -113,7 +132,9 @@ pub async fn run(
         )
         .await;
     ready.set(false);
-    tracing::info!("uploader shutting down: finishing uploads in flight");
+    readiness.abort();
+    tracing::info!(spooled = spool.len(), drain_timeout = ?config.drain_timeout,
+        "uploader shutting down: no new chunks; draining the spool");
     drain_stop.cancel();
     drain_task.await.context("drain task")?;
     ops_stop.cancel();
@@ -124,4 +145,43 @@ pub async fn run(
     served.context("gRPC server")?;
     tracing::info!(spooled = spool.len(), "uploader stopped");
     Ok(())
+}
+
+/// Keeps `/readyz` true only while the uploader is serving and its spool is at or below the
+/// high watermark, so a load balancer steers new work elsewhere before the spool is full.
+async fn track_readiness(
+    spool: Arc<spool::Spool>,
+    watermark: f64,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) {
+    let mut was = None;
+    loop {
+        let below = spool.fill_ratio() <= watermark;
+        let now = below && !shutdown.is_cancelled();
+        ready.set(now);
+        if was != Some(below) {
+            if below {
+                tracing::info!(
+                    fill = spool.fill_ratio(),
+                    watermark,
+                    "spool below its high watermark: ready"
+                );
+            } else {
+                tracing::warn!(
+                    fill = spool.fill_ratio(),
+                    watermark,
+                    "spool above its high watermark: not ready"
+                );
+            }
+            was = Some(below);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            () = shutdown.cancelled() => {
+                ready.set(false);
+                return;
+            }
+        }
+    }
 }

@@ -25,6 +25,11 @@ pub struct Metrics {
     pub spool_chunks: Gauge,
     pub spool_max_bytes: Gauge,
     pub spool_quarantined: Counter,
+    pub spool_dropped_chunks: Counter,
+    pub spool_dropped_bytes: Counter,
+    pub spool_fill_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub upload_retries: Counter,
+    pub upload_max_attempts: Gauge,
     pub uploads: Family<ResultLabel, Counter>,
     pub upload_bytes: Counter,
     pub upload_seconds: Histogram,
@@ -41,6 +46,11 @@ impl Metrics {
             spool_chunks: Gauge::default(),
             spool_max_bytes: Gauge::default(),
             spool_quarantined: Counter::default(),
+            spool_dropped_chunks: Counter::default(),
+            spool_dropped_bytes: Counter::default(),
+            spool_fill_ratio: Gauge::default(),
+            upload_retries: Counter::default(),
+            upload_max_attempts: Gauge::default(),
             uploads: Family::default(),
             upload_bytes: Counter::default(),
             upload_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
@@ -77,6 +87,31 @@ impl Metrics {
             "spool_quarantined",
             "Spooled records quarantined as damaged",
             m.spool_quarantined.clone(),
+        );
+        r.register(
+            "spool_dropped_chunks",
+            "Acknowledged chunks evicted from a full spool (--when-full drop-oldest)",
+            m.spool_dropped_chunks.clone(),
+        );
+        r.register(
+            "spool_dropped_bytes",
+            "Bytes of the chunks evicted from a full spool",
+            m.spool_dropped_bytes.clone(),
+        );
+        r.register(
+            "spool_fill_ratio",
+            "Spool bytes as a fraction of --spool-max-bytes",
+            m.spool_fill_ratio.clone(),
+        );
+        r.register(
+            "upload_retries",
+            "Failed PutObject attempts that will be retried (always: nothing is dropped for failing)",
+            m.upload_retries.clone(),
+        );
+        r.register(
+            "upload_max_attempts",
+            "Most attempts any chunk now uploading has taken so far (1 when the store is healthy)",
+            m.upload_max_attempts.clone(),
         );
         r.register(
             "uploads",
@@ -117,5 +152,6 @@ impl Metrics {
             .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
         self.spool_chunks
             .set(i64::try_from(spool.len()).unwrap_or(i64::MAX));
+        self.spool_fill_ratio.set(spool.fill_ratio());
     }
 }

@@ -5,20 +5,26 @@
 //! - tree `chunks`: key = 8-byte big-endian spool position (monotonic, from sled's id
 //!   generator), value = a protobuf [`Record`] (id, audio parameters, CRC32C, PCM). Iterating it
 //!   in key order yields chunks oldest first.
-//! - tree `index`: key = `uid/session/seq` (20 digits), value = position + CRC32C. It makes a
-//!   repeated put of the same chunk id store nothing new.
+//! - tree `index`: key = `uid/session/seq` (20 digits), value = position, CRC32C and record
+//!   size. It makes a repeated put of the same chunk id store nothing new, and it is what
+//!   [`Spool::open`] reads to size the backlog: start-up never reads the audio itself, so it takes
+//!   milliseconds whether the spool holds one chunk or gigabytes.
 //! - tree `quarantine`: records that failed to decode or whose PCM no longer matches its CRC32C;
 //!   kept for an operator, never uploaded, never retried.
 //!
 //! Invariants:
 //! - **Acknowledged ⇒ durable**: [`Spool::commit`] returns only after `flush_async` completed for
 //!   a batch containing the record, whether this put stored it or an earlier one did.
-//! - **Bounded**: the sum of record sizes never exceeds `max_bytes`; a put that would exceed it
-//!   is refused with [`SpoolError::Full`] before anything is written.
-//! - A record leaves `chunks` only through [`Spool::remove`] (after upload) or quarantine.
+//! - **Bounded**: the sum of record sizes never exceeds `max_bytes`. A put that would exceed it
+//!   is refused with [`SpoolError::Full`] before anything is written ([`WhenFull::Reject`]), or
+//!   the oldest records are evicted first to make room ([`WhenFull::DropOldest`]); every
+//!   eviction is logged with its chunk id and reported to the `on_drop` hook.
+//! - A record leaves `chunks` only through [`Spool::remove`] (after upload), quarantine, or a
+//!   `DropOldest` eviction.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use prost::Message;
@@ -67,6 +73,58 @@ pub enum Committed {
     Duplicate,
 }
 
+/// What a put does when the spool has no room for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WhenFull {
+    /// Refuse the put (`RESOURCE_EXHAUSTED`); ingest holds the chunk and retries, which pushes
+    /// back on the devices. Nothing acknowledged is ever lost.
+    #[default]
+    Reject,
+    /// Evict the oldest spooled chunks until the new one fits. Acknowledged audio is lost, but
+    /// every eviction is logged and counted.
+    DropOldest,
+}
+
+/// A chunk evicted by [`WhenFull::DropOldest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub uid: String,
+    pub session: String,
+    pub seq: u64,
+    /// Size of the evicted record.
+    pub bytes: u64,
+}
+
+/// Called for every evicted chunk (the uploader counts them in a metric).
+pub type OnDrop = Box<dyn Fn(&Dropped) + Send + Sync>;
+
+/// How a spool is bounded.
+pub struct Limits {
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    pub on_drop: OnDrop,
+}
+
+impl Limits {
+    /// Refuses puts beyond `max_bytes`.
+    pub fn reject(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            when_full: WhenFull::Reject,
+            on_drop: Box::new(|_| {}),
+        }
+    }
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("max_bytes", &self.max_bytes)
+            .field("when_full", &self.when_full)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool full: {used} of {max} bytes used, {need} more needed")]
@@ -86,7 +144,7 @@ pub struct Spool {
     chunks: sled::Tree,
     index: sled::Tree,
     quarantine: sled::Tree,
-    max_bytes: u64,
+    limits: Limits,
     used: AtomicU64,
     count: AtomicU64,
     writer: std::sync::Mutex<()>,
@@ -101,16 +159,28 @@ fn position_of(key: &[u8]) -> Option<u64> {
     key.try_into().ok().map(u64::from_be_bytes)
 }
 
-fn index_value(pos: u64, crc: u32) -> [u8; 12] {
-    let mut v = [0u8; 12];
+/// Index value: position (8 bytes), CRC32C (4), record size (8), all big-endian.
+fn index_value(pos: u64, crc: u32, size: u64) -> [u8; 20] {
+    let mut v = [0u8; 20];
     v[..8].copy_from_slice(&pos.to_be_bytes());
-    v[8..].copy_from_slice(&crc.to_be_bytes());
+    v[8..12].copy_from_slice(&crc.to_be_bytes());
+    v[12..].copy_from_slice(&size.to_be_bytes());
     v
 }
 
+/// Decodes an index value; `None` when it is damaged.
+fn parse_index(v: &[u8]) -> Option<(u64, u32, u64)> {
+    let pos = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let crc = u32::from_be_bytes(v.get(8..12)?.try_into().ok()?);
+    let size = u64::from_be_bytes(v.get(12..20)?.try_into().ok()?);
+    Some((pos, crc, size))
+}
+
 impl Spool {
-    /// Opens (or creates) the spool in `dir` and counts what it already holds.
-    pub fn open(dir: &std::path::Path, max_bytes: u64) -> Result<Self, SpoolError> {
+    /// Opens (or creates) the spool in `dir` and sizes what it already holds from the index
+    /// alone, never reading the audio: start-up time does not grow with the backlog's bytes.
+    pub fn open(dir: &std::path::Path, limits: Limits) -> Result<Self, SpoolError> {
+        let started = Instant::now();
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(Some(500))
@@ -119,17 +189,28 @@ impl Spool {
         let index = db.open_tree("index")?;
         let quarantine = db.open_tree("quarantine")?;
         let (mut used, mut count) = (0u64, 0u64);
-        for entry in chunks.iter() {
-            let (_, value) = entry?;
-            used += value.len() as u64;
-            count += 1;
+        for entry in index.iter() {
+            let (key, value) = entry?;
+            match parse_index(&value) {
+                Some((_, _, size)) => {
+                    used += size;
+                    count += 1;
+                }
+                None => {
+                    // The record it pointed at is still drained; only deduplication of that
+                    // one id is lost.
+                    tracing::error!(id = %String::from_utf8_lossy(&key), "damaged spool index entry dropped");
+                    index.remove(key)?;
+                }
+            }
         }
+        tracing::debug!(count, used, elapsed = ?started.elapsed(), "spool sized from its index");
         Ok(Self {
             db,
             chunks,
             index,
             quarantine,
-            max_bytes,
+            limits,
             used: AtomicU64::new(used),
             count: AtomicU64::new(count),
             writer: std::sync::Mutex::new(()),
@@ -150,7 +231,7 @@ impl Spool {
     }
 
     pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+        self.limits.max_bytes
     }
 
     /// Stores `record` and makes it durable. Returns once it is flushed to disk.
@@ -178,19 +259,22 @@ impl Spool {
         if let Some(existing) = self.index.get(&id)? {
             return Self::same_content(&existing, record.crc32c);
         }
-        let used = self.used.load(Ordering::Acquire);
-        if used + need > self.max_bytes {
-            return Err(SpoolError::Full {
-                used,
-                max: self.max_bytes,
-                need,
-            });
+        let max = self.limits.max_bytes;
+        loop {
+            let used = self.used.load(Ordering::Acquire);
+            if used + need <= max {
+                break;
+            }
+            let full = SpoolError::Full { used, max, need };
+            if self.limits.when_full == WhenFull::Reject || need > max || !self.drop_oldest()? {
+                return Err(full);
+            }
         }
         let pos = self.db.generate_id()?;
         (&self.chunks, &self.index)
             .transaction(|(chunks, index)| {
                 chunks.insert(&position_key(pos), value.as_slice())?;
-                index.insert(id.as_slice(), &index_value(pos, record.crc32c))?;
+                index.insert(id.as_slice(), &index_value(pos, record.crc32c, need))?;
                 Ok::<_, ConflictableTransactionError<Infallible>>(())
             })
             .map_err(|e| match e {
@@ -202,11 +286,52 @@ impl Spool {
         Ok(Committed::Stored)
     }
 
+    /// Evicts the oldest record (called with the writer lock held). False when there is none.
+    fn drop_oldest(&self) -> Result<bool, SpoolError> {
+        let Some((key, value)) = self.chunks.first()? else {
+            return Ok(false);
+        };
+        let bytes = value.len() as u64;
+        let dropped = match Record::decode(value.as_ref()) {
+            Ok(r) => {
+                self.remove_index_if_at(&r.index_key(), &key)?;
+                Dropped {
+                    uid: r.uid,
+                    session: r.session,
+                    seq: r.seq,
+                    bytes,
+                }
+            }
+            Err(_) => Dropped {
+                uid: String::new(),
+                session: String::new(),
+                seq: 0,
+                bytes,
+            },
+        };
+        if self.chunks.remove(&key)?.is_some() {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        tracing::warn!(uid = %dropped.uid, session = %dropped.session, seq = dropped.seq, bytes,
+            "spool full: dropped the oldest chunk (--when-full drop-oldest)");
+        (self.limits.on_drop)(&dropped);
+        Ok(true)
+    }
+
+    /// Removes the index entry `id` only if it still points at position `key`.
+    fn remove_index_if_at(&self, id: &[u8], key: &[u8]) -> Result<(), SpoolError> {
+        let pos = position_of(key);
+        if let Some(v) = self.index.get(id)?
+            && parse_index(&v).map(|(p, _, _)| p) == pos
+        {
+            self.index.remove(id)?;
+        }
+        Ok(())
+    }
+
     fn same_content(index_value: &[u8], crc: u32) -> Result<Committed, SpoolError> {
-        let existing = index_value
-            .get(8..12)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u32::from_be_bytes);
+        let existing = parse_index(index_value).map_or(0, |(_, c, _)| c);
         if existing == crc {
             Ok(Committed::Duplicate)
         } else {
@@ -232,17 +357,30 @@ impl Spool {
                     tracing::error!(pos, uid = %record.uid, session = %record.session, seq = record.seq,
                         "spooled chunk fails its checksum; quarantined");
                     self.quarantine(&key, &value)?;
-                    let _ = self.index.remove(record.index_key())?;
+                    self.remove_index_if_at(&record.index_key(), &key)?;
                     quarantined += 1;
                 }
                 Err(e) => {
                     tracing::error!(pos, error = %e, "spooled record does not decode; quarantined");
                     self.quarantine(&key, &value)?;
+                    self.forget_position(pos)?;
                     quarantined += 1;
                 }
             }
         }
         Ok((None, quarantined))
+    }
+
+    /// Removes whatever index entry points at `pos` (a scan: only for records too damaged to
+    /// name their own id, which are rare).
+    fn forget_position(&self, pos: u64) -> Result<(), SpoolError> {
+        for entry in self.index.iter() {
+            let (id, v) = entry?;
+            if parse_index(&v).map(|(p, _, _)| p) == Some(pos) {
+                self.index.remove(id)?;
+            }
+        }
+        Ok(())
     }
 
     fn quarantine(&self, key: &[u8], value: &[u8]) -> Result<(), SpoolError> {
@@ -260,7 +398,13 @@ impl Spool {
         let id = record.index_key();
         let removed = (&self.chunks, &self.index).transaction(|(chunks, index)| {
             let old = chunks.remove(&position_key(pos))?;
-            index.remove(id.as_slice())?;
+            // The id may since have been spooled again at another position (after a
+            // drop-oldest eviction, say); only this position's entry goes.
+            if let Some(v) = index.get(id.as_slice())?
+                && parse_index(&v).map(|(p, _, _)| p) == Some(pos)
+            {
+                index.remove(id.as_slice())?;
+            }
             Ok::<_, ConflictableTransactionError<Infallible>>(old)
         });
         match removed {
@@ -279,6 +423,11 @@ impl Spool {
     /// since the last wait).
     pub async fn committed(&self) {
         self.committed.notified().await;
+    }
+
+    /// Fraction of the bound in use, 0.0 to 1.0.
+    pub fn fill_ratio(&self) -> f64 {
+        self.used_bytes() as f64 / self.limits.max_bytes.max(1) as f64
     }
 
     /// Flushes everything (deletions included); used at shutdown.
@@ -309,7 +458,7 @@ mod tests {
     async fn commits_survive_reopen_and_drain_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
             for seq in [0, 1, 2] {
                 assert_eq!(
                     spool.commit(&record(seq, &[seq as u8; 100])).await.unwrap(),
@@ -317,7 +466,7 @@ mod tests {
                 );
             }
         }
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
         assert_eq!(spool.len(), 3);
         let mut from = 0;
         let mut seqs = Vec::new();
@@ -333,7 +482,7 @@ mod tests {
     #[tokio::test]
     async fn same_id_is_stored_once_and_conflicting_content_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
         assert_eq!(
             spool.commit(&record(0, b"ab")).await.unwrap(),
             Committed::Stored
@@ -352,7 +501,7 @@ mod tests {
     #[tokio::test]
     async fn the_bound_is_never_exceeded() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1000).unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1000)).unwrap();
         let mut stored = 0;
         for seq in 0..10 {
             match spool.commit(&record(seq, &[0; 200])).await {
@@ -374,9 +523,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reopening_sizes_the_backlog_from_the_index_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (used, len) = {
+            let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+            for seq in 0..5 {
+                spool
+                    .commit(&record(seq, &vec![7; 100 + seq as usize * 10]))
+                    .await
+                    .unwrap();
+            }
+            let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
+                panic!("empty")
+            };
+            spool.remove(pos, &r).unwrap();
+            spool.flush().await.unwrap();
+            (spool.used_bytes(), spool.len())
+        };
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+        assert_eq!((spool.used_bytes(), spool.len()), (used, len));
+        assert_eq!(len, 4);
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_evicts_oldest_first_reports_each_and_keeps_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&dropped);
+        let spool = Spool::open(
+            dir.path(),
+            Limits {
+                max_bytes: 1000,
+                when_full: WhenFull::DropOldest,
+                on_drop: Box::new(move |d| sink.lock().unwrap().push(d.seq)),
+            },
+        )
+        .unwrap();
+        for seq in 0..10 {
+            assert_eq!(
+                spool.commit(&record(seq, &[seq as u8; 200])).await.unwrap(),
+                Committed::Stored
+            );
+            assert!(spool.used_bytes() <= 1000, "bound exceeded at seq {seq}");
+        }
+        assert_eq!(*dropped.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
+        let mut left = Vec::new();
+        let mut from = 0;
+        while let (Some((pos, r)), _) = spool.next_from(from).unwrap() {
+            left.push(r.seq);
+            from = pos + 1;
+        }
+        assert_eq!(left, [6, 7, 8, 9]);
+        // An evicted id can be spooled again; it is not mistaken for a duplicate.
+        assert_eq!(
+            spool.commit(&record(0, &[0; 200])).await.unwrap(),
+            Committed::Stored
+        );
+        assert!(spool.used_bytes() <= 1000);
+    }
+
+    #[tokio::test]
     async fn a_damaged_record_is_quarantined_not_uploaded() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
         spool.commit(&record(0, b"good")).await.unwrap();
         let mut bad = record(1, b"data");
         bad.crc32c ^= 1;
