@@ -90,7 +90,7 @@ impl Metrics {
         );
         r.register(
             "spool_dropped_chunks",
-            "Acknowledged chunks evicted from a full spool (--when-full drop-oldest)",
+            "Acknowledged chunks evicted from a full spool (--when-full drop-oldest); one already being uploaded may still arrive",
             m.spool_dropped_chunks.clone(),
         );
         r.register(

@@ -20,6 +20,9 @@ pub struct Options {
     pub max_frame_bytes: usize,
     pub idle_timeout: Duration,
     pub bucket: String,
+    pub when_full: spillway_uploader::spool::WhenFull,
+    pub max_buffered_bytes: usize,
+    pub drain_timeout: Duration,
 }
 
 impl Default for Options {
@@ -31,6 +34,9 @@ impl Default for Options {
             max_frame_bytes: spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES,
             idle_timeout: Duration::from_secs(30),
             bucket: "spillway-test".into(),
+            when_full: spillway_uploader::spool::WhenFull::Reject,
+            max_buffered_bytes: 256 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -46,10 +52,13 @@ pub struct Pipeline {
     pub uploader_http: SocketAddr,
     pub cert_der: Vec<u8>,
     pub spool_dir: PathBuf,
+    opts: Options,
+    s3_addr: SocketAddr,
+    s3_root: PathBuf,
     s3_stop: CancellationToken,
     uploader_stop: CancellationToken,
     ingest_stop: CancellationToken,
-    s3: JoinHandle<anyhow::Result<()>>,
+    s3: Option<JoinHandle<anyhow::Result<()>>>,
     uploader: JoinHandle<anyhow::Result<()>>,
     ingest: JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
@@ -81,7 +90,9 @@ pub fn uploader_config(
         spillway_uploader::Config::local(spool_dir, s3_endpoint.to_owned(), opts.bucket.clone());
     c.workers = opts.workers;
     c.spool_max_bytes = opts.spool_max_bytes;
-    c.max_chunk_seconds = opts.chunk_seconds.max(60);
+    c.max_chunk_seconds = opts.chunk_seconds;
+    c.when_full = opts.when_full;
+    c.drain_timeout = opts.drain_timeout;
     c.credentials = Some(spillway_uploader::StaticCredentials {
         access_key_id: crate::s3::ACCESS_KEY.into(),
         secret_access_key: crate::s3::SECRET_KEY.into(),
@@ -93,7 +104,9 @@ impl Pipeline {
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let s3_stop = CancellationToken::new();
-        let (s3_endpoint, s3) = start_s3(dir.path().join("s3"), s3_stop.clone()).await?;
+        let s3_root = dir.path().join("s3");
+        let (s3_endpoint, s3) = start_s3(s3_root.clone(), s3_stop.clone()).await?;
+        let s3_addr: SocketAddr = s3_endpoint.trim_start_matches("http://").parse()?;
 
         let spool_dir = dir.path().join("spool");
         let (grpc, uploader_grpc) = tcp().await?;
@@ -105,6 +118,7 @@ impl Pipeline {
             spillway_uploader::Listeners { grpc, http: uhttp },
             uploader_stop.clone(),
         ));
+        let opts_kept = opts.clone();
 
         let tls = spillway_ingest::tls::TlsMaterial::self_signed()?;
         let cert_der = tls.leaf_der().to_vec();
@@ -112,6 +126,7 @@ impl Pipeline {
         iconfig.chunk_seconds = opts.chunk_seconds;
         iconfig.max_frame_bytes = opts.max_frame_bytes;
         iconfig.idle_timeout = opts.idle_timeout;
+        iconfig.max_buffered_bytes = opts.max_buffered_bytes;
         let quic = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let ingest_quic = quic.local_addr()?;
         let (ihttp, ingest_http) = tcp().await?;
@@ -131,10 +146,13 @@ impl Pipeline {
             uploader_http,
             cert_der,
             spool_dir,
+            opts: opts_kept,
+            s3_addr,
+            s3_root,
             s3_stop,
+            s3: Some(s3),
             uploader_stop,
             ingest_stop,
-            s3,
             uploader,
             ingest,
             _dir: dir,
@@ -158,6 +176,45 @@ impl Pipeline {
         crate::s3::client(&self.s3_endpoint).await
     }
 
+    /// Stops the object store (an outage); [`Pipeline::start_store`] brings it back.
+    pub async fn stop_store(&mut self) -> anyhow::Result<()> {
+        self.s3_stop.cancel();
+        if let Some(s3) = self.s3.take() {
+            s3.await??;
+        }
+        Ok(())
+    }
+
+    /// Starts the object store again on the same address, with the same files.
+    pub async fn start_store(&mut self) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.s3_addr).await?;
+        self.s3_stop = CancellationToken::new();
+        let (root, stop) = (self.s3_root.clone(), self.s3_stop.clone());
+        self.s3 = Some(tokio::spawn(async move {
+            crate::s3::serve(&root, listener, stop).await
+        }));
+        Ok(())
+    }
+
+    /// Stops the uploader gracefully (it drains for up to the drain timeout, then exits with
+    /// whatever is left spooled) and starts a new one on the same ports and spool.
+    pub async fn restart_uploader(&mut self) -> anyhow::Result<()> {
+        self.uploader_stop.cancel();
+        (&mut self.uploader).await??;
+        let grpc = tokio::net::TcpListener::bind(self.uploader_grpc).await?;
+        let http = tokio::net::TcpListener::bind(self.uploader_http).await?;
+        self.uploader_stop = CancellationToken::new();
+        let config = uploader_config(self.spool_dir.clone(), &self.s3_endpoint, &self.opts);
+        self.uploader = tokio::spawn(spillway_uploader::run(
+            config,
+            spillway_uploader::Listeners { grpc, http },
+            self.uploader_stop.clone(),
+        ));
+        wait_ready(self.uploader_http)
+            .await
+            .context("restarted uploader never became ready")
+    }
+
     /// Stops ingest, then the uploader, then the store; returns the first daemon error.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.ingest_stop.cancel();
@@ -165,7 +222,9 @@ impl Pipeline {
         self.uploader_stop.cancel();
         self.uploader.await??;
         self.s3_stop.cancel();
-        self.s3.await??;
+        if let Some(s3) = self.s3 {
+            s3.await??;
+        }
         Ok(())
     }
 }

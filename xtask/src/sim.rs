@@ -89,6 +89,22 @@ pub struct DeviceSpec {
     pub seed: u64,
 }
 
+impl DeviceSpec {
+    /// A synthetic session sent as fast as possible in frames of ~3 KB split anywhere.
+    pub fn synthetic(uid: &str, session: &str, sample_rate: u32, seconds: f64, seed: u64) -> Self {
+        Self {
+            uid: uid.into(),
+            session: session.into(),
+            sample_rate,
+            samples: (seconds * f64::from(sample_rate)).round() as u64,
+            speed: 0.0,
+            mean_frame_bytes: 3_001,
+            source: Source::Synthetic { seed, sample_rate },
+            seed,
+        }
+    }
+}
+
 /// What a device saw.
 #[derive(Debug, Clone)]
 pub struct DeviceReport {
@@ -112,6 +128,11 @@ impl Progress {
             bar,
             acked: AtomicU64::new(0),
         })
+    }
+
+    /// Progress that is not drawn (tests).
+    pub fn hidden() -> Arc<Self> {
+        Self::new(ProgressBar::hidden())
     }
 
     fn ack(&self) {

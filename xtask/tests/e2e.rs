@@ -9,30 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use indicatif::ProgressBar;
 use spillway_ingest::client::Device;
 use spillway_proto::device::{Encoding, ErrorCode, Hello, ServerMessage, server_message::Kind};
 use xtask::pipeline::{Options, Pipeline, http_get, metric};
-use xtask::sim::{DeviceReport, DeviceSpec, Progress, Source, run_device, verify_device};
+use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 /// Every test is bounded: a hang is a failure, not a stuck CI job.
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn spec(uid: &str, session: &str, sample_rate: u32, seconds: f64, seed: u64) -> DeviceSpec {
-    DeviceSpec {
-        uid: uid.into(),
-        session: session.into(),
-        sample_rate,
-        samples: (seconds * f64::from(sample_rate)).round() as u64,
-        speed: 0.0,
-        mean_frame_bytes: 3_001,
-        source: Source::Synthetic { seed, sample_rate },
-        seed,
-    }
+    DeviceSpec::synthetic(uid, session, sample_rate, seconds, seed)
 }
 
 fn progress() -> Arc<Progress> {
-    Progress::new(ProgressBar::hidden())
+    Progress::hidden()
 }
 
 async fn stream(device: &Device, spec: DeviceSpec) -> DeviceReport {

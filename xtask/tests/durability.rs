@@ -1,0 +1,295 @@
+//! Durability under trouble, in one process against the embedded store: object-store outages,
+//! a full spool (reject and drop-oldest), ingest's memory budget, and an uploader restarted with
+//! a backlog. These are the fast versions of the `cargo xtask chaos` scenarios; each is bounded
+//! in time. Every acknowledged chunk is read back from the store and compared byte for byte.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use spillway_uploader::spool::WhenFull;
+use xtask::pipeline::{Options, Pipeline, http_get, metric};
+use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Chunks of one second at 8 kHz: 16,000 bytes each, so a small spool fills quickly.
+fn small() -> Options {
+    Options {
+        chunk_seconds: 1,
+        // The smallest spool the uploader accepts for 1 s chunks holds one 48 kHz chunk
+        // (96,000 bytes); this one holds about a dozen 8 kHz chunks.
+        spool_max_bytes: 200_000,
+        ..Options::default()
+    }
+}
+
+async fn uploader_metrics(p: &Pipeline) -> String {
+    http_get(p.uploader_http, "/metrics")
+        .await
+        .expect("metrics")
+        .1
+}
+
+async fn ingest_metrics(p: &Pipeline) -> String {
+    http_get(p.ingest_http, "/metrics")
+        .await
+        .expect("metrics")
+        .1
+}
+
+/// Polls the uploader's metrics until `done` holds (at most 30 s).
+async fn until_uploader(p: &Pipeline, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = uploader_metrics(p).await;
+        if done(&m) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls the uploader's `/readyz` until it answers `status` (at most 10 s): readiness follows
+/// the spool's fill within a fraction of a second.
+async fn until_ready(p: &Pipeline, status: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (now, _) = http_get(p.uploader_http, "/readyz").await.expect("readyz");
+        if now == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz stayed {now}, expected {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn streaming(p: &Pipeline, spec: DeviceSpec) -> tokio::task::JoinHandle<DeviceReport> {
+    let (addr, cert) = (p.ingest_quic, p.cert_der.clone());
+    tokio::spawn(async move {
+        let device = spillway_ingest::client::Device::connect(addr, "localhost", &cert)
+            .await
+            .expect("connect");
+        let report = run_device(&device, spec, &Progress::hidden())
+            .await
+            .expect("session");
+        device.close().await;
+        report
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_fills_the_spool_which_pushes_back_and_then_everything_drains() {
+    tokio::time::timeout(LIMIT, async {
+        let mut p = Pipeline::start(small()).await.expect("pipeline");
+        p.stop_store().await.expect("store down");
+
+        // 30 chunks of audio against a spool that holds about 12, with the store down.
+        let device = streaming(&p, DeviceSpec::synthetic("olga", "outage", 8_000, 30.0, 11));
+
+        // The spool fills to its bound and no further; puts are refused, not dropped; the
+        // uploader reports not-ready so a balancer would steer work elsewhere.
+        let m = until_uploader(&p, "a full spool", |m| {
+            metric(
+                m,
+                "spillway_uploader_put_rejections_total{reason=\"spool_full\"}",
+            ) >= 1.0
+        })
+        .await;
+        assert!(metric(&m, "spillway_uploader_spool_bytes") <= 200_000.0);
+        assert!(metric(&m, "spillway_uploader_upload_retries_total") >= 1.0);
+        assert_eq!(
+            metric(&m, "spillway_uploader_spool_dropped_chunks_total"),
+            0.0
+        );
+        // Above the high watermark the uploader is not ready.
+        until_ready(&p, 503).await;
+        assert!(
+            !device.is_finished(),
+            "the device is held back while nothing can be committed"
+        );
+        assert!(
+            metric(
+                &ingest_metrics(&p).await,
+                "spillway_ingest_forward_retries_total"
+            ) >= 1.0
+        );
+
+        // The store comes back: the backlog drains, the device finishes, every chunk is there.
+        p.start_store().await.expect("store up");
+        let report = device.await.expect("device task");
+        let s3 = p.s3().await;
+        let objects = verify_device(&s3, &p.bucket, &report, Duration::from_secs(60))
+            .await
+            .expect("every acknowledged chunk reached the store, byte for byte");
+        assert_eq!(objects, 30);
+        let m = until_uploader(&p, "an empty spool", |m| {
+            metric(m, "spillway_uploader_spool_chunks") == 0.0
+        })
+        .await;
+        assert!(metric(&m, "spillway_uploader_spool_bytes") == 0.0);
+        until_ready(&p, 200).await;
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_the_bound_and_counts_every_chunk_it_drops() {
+    tokio::time::timeout(LIMIT, async {
+        let mut p = Pipeline::start(Options {
+            when_full: WhenFull::DropOldest,
+            ..small()
+        })
+        .await
+        .expect("pipeline");
+        p.stop_store().await.expect("store down");
+        let report = streaming(&p, DeviceSpec::synthetic("pia", "evict", 8_000, 30.0, 12))
+            .await
+            .expect("device task");
+        // Nothing pushes back in this mode: every chunk is acknowledged at once.
+        assert_eq!(report.acks.len(), 30);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let m = uploader_metrics(&p).await;
+        let dropped = metric(&m, "spillway_uploader_spool_dropped_chunks_total");
+        let spooled = metric(&m, "spillway_uploader_spool_chunks");
+        assert!(
+            dropped >= 1.0,
+            "the spool overflowed, so chunks were dropped"
+        );
+        assert_eq!(
+            dropped + spooled,
+            30.0,
+            "every chunk is spooled or counted as dropped"
+        );
+        assert!(metric(&m, "spillway_uploader_spool_bytes") <= 200_000.0);
+        let dropped_bytes = metric(&m, "spillway_uploader_spool_dropped_bytes_total");
+        assert!(
+            (dropped * 16_000.0..dropped * 16_100.0).contains(&dropped_bytes),
+            "{dropped_bytes} bytes for {dropped} records of 16,000 bytes of PCM each"
+        );
+
+        // The newest chunks survive and reach the store; the oldest were the ones dropped.
+        p.start_store().await.expect("store up");
+        until_uploader(&p, "an empty spool", |m| {
+            metric(m, "spillway_uploader_spool_chunks") == 0.0
+        })
+        .await;
+        let listed = p
+            .s3()
+            .await
+            .list_objects_v2()
+            .bucket(&p.bucket)
+            .prefix("pia/evict/")
+            .send()
+            .await
+            .expect("list");
+        let keys: Vec<String> = listed
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_owned))
+            .collect();
+        // Every chunk that was not dropped is there. A dropped chunk that was already being
+        // uploaded from memory may have arrived too (eviction frees the disk, it does not
+        // cancel an upload under way); at most `workers` of them.
+        let kept: Vec<String> = (dropped as u64..30)
+            .map(|seq| format!("pia/evict/{seq:06}.wav"))
+            .collect();
+        assert!(kept.iter().all(|k| keys.contains(k)), "{keys:?}");
+        assert!(keys.len() <= kept.len() + small().workers, "{keys:?}");
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_memory_budget_slows_devices_down_and_loses_nothing() {
+    tokio::time::timeout(LIMIT, async {
+        // Room for six 1 s chunks at 8 kHz, shared by ten devices sending as fast as they can.
+        let p = Pipeline::start(Options {
+            chunk_seconds: 1,
+            max_buffered_bytes: 96_000,
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        let devices: Vec<_> = (0..10)
+            .map(|d| {
+                streaming(
+                    &p,
+                    DeviceSpec::synthetic(&format!("dev-{d}"), "budget", 8_000, 5.0, 20 + d),
+                )
+            })
+            .collect();
+        let s3 = p.s3().await;
+        for device in devices {
+            let report = device.await.expect("device task");
+            assert_eq!(
+                verify_device(&s3, &p.bucket, &report, Duration::from_secs(60))
+                    .await
+                    .expect("undisturbed"),
+                5
+            );
+        }
+        let m = ingest_metrics(&p).await;
+        assert!(
+            metric(&m, "spillway_ingest_budget_waits_total") >= 1.0,
+            "ten devices cannot all fit in six chunks: some must have waited"
+        );
+        assert_eq!(metric(&m, "spillway_ingest_buffered_bytes"), 0.0);
+        assert_eq!(metric(&m, "spillway_ingest_budget_bytes"), 96_000.0);
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_left_spooled_at_shutdown_are_uploaded_after_the_restart() {
+    tokio::time::timeout(LIMIT, async {
+        let mut p = Pipeline::start(Options {
+            drain_timeout: Duration::from_millis(500),
+            ..small()
+        })
+        .await
+        .expect("pipeline");
+        p.stop_store().await.expect("store down");
+        let report = streaming(
+            &p,
+            DeviceSpec::synthetic("quinn", "backlog", 8_000, 5.5, 13),
+        )
+        .await
+        .expect("device task");
+        assert_eq!(
+            report.acks.len(),
+            6,
+            "acknowledged while the store was down"
+        );
+
+        // SIGTERM-like stop: the drain cannot reach the store, gives up after its timeout and
+        // exits cleanly with the chunks still spooled; the new uploader drains them.
+        p.restart_uploader().await.expect("restart");
+        let m = uploader_metrics(&p).await;
+        assert_eq!(metric(&m, "spillway_uploader_spool_chunks"), 6.0);
+        p.start_store().await.expect("store up");
+        let s3 = p.s3().await;
+        assert_eq!(
+            verify_device(&s3, &p.bucket, &report, Duration::from_secs(60))
+                .await
+                .expect("the backlog reached the store"),
+            6
+        );
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
