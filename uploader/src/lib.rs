@@ -49,7 +49,7 @@ pub async fn run(
         let dir = config.spool_dir.clone();
         let on_drop = {
             let m = metrics.clone();
-            Box::new(move |d: &spool::Dropped| {
+            Arc::new(move |d: &spool::Dropped| {
                 m.spool_dropped_chunks.inc();
                 m.spool_dropped_bytes.inc_by(d.bytes);
             })
@@ -59,12 +59,23 @@ pub async fn run(
             when_full: config.when_full,
             on_drop,
         };
-        tokio::task::spawn_blocking(move || spool::Spool::open(&dir, limits))
+        let m = metrics.clone();
+        tokio::task::spawn_blocking(move || open_spool(&dir, limits, &m))
             .await
-            .context("opening the spool")?
-            .with_context(|| format!("opening the spool in {}", config.spool_dir.display()))?
+            .context("opening the spool")??
     };
     let spool = Arc::new(spool);
+    {
+        // Accounts for records the disk lost behind sled's back; in the background, because
+        // it touches every record and start-up must not wait for the backlog.
+        let (spool, m) = (Arc::clone(&spool), metrics.clone());
+        tokio::task::spawn_blocking(move || match spool.reconcile() {
+            Ok(lost) => {
+                m.spool_lost_chunks.inc_by(lost.len() as u64);
+            }
+            Err(e) => tracing::error!(error = %e, "checking the spool against its index failed"),
+        });
+    }
     metrics
         .spool_max_bytes
         .set(i64::try_from(config.spool_max_bytes).unwrap_or(i64::MAX));
@@ -183,5 +194,68 @@ async fn track_readiness(
                 return;
             }
         }
+    }
+}
+
+/// Opens the spool. If sled cannot open it at all (an error or a panic inside sled), the
+/// damaged directory is renamed aside, kept for an operator, and an empty spool takes its place:
+/// the uploader keeps serving rather than crash-looping on a disk it cannot read.
+fn open_spool(
+    dir: &std::path::Path,
+    limits: spool::Limits,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<spool::Spool> {
+    let attempt = |limits: spool::Limits| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            spool::Spool::open(dir, limits)
+        }))
+    };
+    let failure = match attempt(limits.clone()) {
+        Ok(Ok(spool)) => return Ok(spool),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "sled panicked while recovering it".to_owned(),
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(format!(".damaged-{stamp}"));
+    let aside = std::path::PathBuf::from(aside);
+    std::fs::rename(dir, &aside).with_context(|| {
+        format!(
+            "the spool in {} cannot be opened ({failure}) and cannot be moved aside",
+            dir.display()
+        )
+    })?;
+    metrics.spool_set_aside.inc();
+    tracing::error!(dir = %dir.display(), moved_to = %aside.display(), error = %failure,
+        "the spool cannot be opened: moved aside for an operator, starting with an empty spool");
+    match attempt(limits) {
+        Ok(r) => r.with_context(|| format!("creating a new spool in {}", dir.display())),
+        Err(_) => anyhow::bail!("sled panicked creating a new spool in {}", dir.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("spool");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("conf"), b"\xff\x00 not a sled config \x01").unwrap();
+        std::fs::write(dir.join("db"), vec![0xa5; 4096]).unwrap();
+        let metrics = metrics::Metrics::register(&mut Registry::default());
+        let spool = open_spool(&dir, spool::Limits::reject(1 << 20), &metrics).unwrap();
+        assert!(spool.is_empty());
+        assert_eq!(metrics.spool_set_aside.get(), 1);
+        let aside: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("spool.damaged-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the damaged spool is kept for an operator");
     }
 }

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub spool_max_bytes: Gauge,
     pub spool_quarantined: Counter,
     pub spool_dropped_chunks: Counter,
+    pub spool_lost_chunks: Counter,
+    pub spool_set_aside: Counter,
     pub spool_dropped_bytes: Counter,
     pub spool_fill_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub upload_retries: Counter,
@@ -47,6 +49,8 @@ impl Metrics {
             spool_max_bytes: Gauge::default(),
             spool_quarantined: Counter::default(),
             spool_dropped_chunks: Counter::default(),
+            spool_lost_chunks: Counter::default(),
+            spool_set_aside: Counter::default(),
             spool_dropped_bytes: Counter::default(),
             spool_fill_ratio: Gauge::default(),
             upload_retries: Counter::default(),
@@ -92,6 +96,16 @@ impl Metrics {
             "spool_dropped_chunks",
             "Acknowledged chunks evicted from a full spool (--when-full drop-oldest); one already being uploaded may still arrive",
             m.spool_dropped_chunks.clone(),
+        );
+        r.register(
+            "spool_lost_chunks",
+            "Spooled chunks found missing from disk at start-up (damage outside Spillway)",
+            m.spool_lost_chunks.clone(),
+        );
+        r.register(
+            "spool_set_aside",
+            "Spools that could not be opened at all and were moved aside",
+            m.spool_set_aside.clone(),
         );
         r.register(
             "spool_dropped_bytes",

@@ -96,9 +96,10 @@ pub struct Dropped {
 }
 
 /// Called for every evicted chunk (the uploader counts them in a metric).
-pub type OnDrop = Box<dyn Fn(&Dropped) + Send + Sync>;
+pub type OnDrop = std::sync::Arc<dyn Fn(&Dropped) + Send + Sync>;
 
 /// How a spool is bounded.
+#[derive(Clone)]
 pub struct Limits {
     pub max_bytes: u64,
     pub when_full: WhenFull,
@@ -111,7 +112,7 @@ impl Limits {
         Self {
             max_bytes,
             when_full: WhenFull::Reject,
-            on_drop: Box::new(|_| {}),
+            on_drop: std::sync::Arc::new(|_| {}),
         }
     }
 }
@@ -425,6 +426,48 @@ impl Spool {
         self.committed.notified().await;
     }
 
+    /// Finds records the index names but the disk no longer holds (a blob file lost or damaged
+    /// outside Spillway), drops their index entries and returns their ids, so the loss is logged
+    /// and counted rather than silent. Runs in the background after start-up: it touches every
+    /// record, and start-up must not wait for that.
+    pub fn reconcile(&self) -> Result<Vec<String>, SpoolError> {
+        let mut lost = Vec::new();
+        for entry in self.index.iter() {
+            let (id, v) = entry?;
+            let Some((pos, _, size)) = parse_index(&v) else {
+                continue;
+            };
+            if self.chunks.contains_key(position_key(pos))? {
+                continue;
+            }
+            // Re-check and remove atomically: the drain may be deleting this record right now.
+            let removed = (&self.chunks, &self.index).transaction(|(chunks, index)| {
+                let still = index
+                    .get(&id)?
+                    .and_then(|v| parse_index(&v))
+                    .is_some_and(|(p, _, _)| p == pos);
+                if still && chunks.get(position_key(pos))?.is_none() {
+                    index.remove(&id)?;
+                    return Ok::<_, ConflictableTransactionError<Infallible>>(true);
+                }
+                Ok(false)
+            });
+            match removed {
+                Ok(true) => {
+                    self.used.fetch_sub(size, Ordering::AcqRel);
+                    self.count.fetch_sub(1, Ordering::AcqRel);
+                    let id = String::from_utf8_lossy(&id).into_owned();
+                    tracing::error!(%id, pos, "spooled chunk lost to disk damage");
+                    lost.push(id);
+                }
+                Ok(false) => {}
+                Err(TransactionError::Storage(e)) => return Err(e.into()),
+                Err(TransactionError::Abort(never)) => match never {},
+            }
+        }
+        Ok(lost)
+    }
+
     /// Fraction of the bound in use, 0.0 to 1.0.
     pub fn fill_ratio(&self) -> f64 {
         self.used_bytes() as f64 / self.limits.max_bytes.max(1) as f64
@@ -555,7 +598,7 @@ mod tests {
             Limits {
                 max_bytes: 1000,
                 when_full: WhenFull::DropOldest,
-                on_drop: Box::new(move |d| sink.lock().unwrap().push(d.seq)),
+                on_drop: std::sync::Arc::new(move |d| sink.lock().unwrap().push(d.seq)),
             },
         )
         .unwrap();
@@ -580,6 +623,69 @@ mod tests {
             Committed::Stored
         );
         assert!(spool.used_bytes() <= 1000);
+    }
+
+    /// Six records, the odd ones large enough that sled keeps them in blob files.
+    async fn six_records(dir: &std::path::Path) {
+        let spool = Spool::open(dir, Limits::reject(1 << 30)).unwrap();
+        for seq in 0..6 {
+            let n = if seq % 2 == 0 { 100 } else { 200_000 };
+            spool
+                .commit(&record(seq, &vec![seq as u8; n]))
+                .await
+                .unwrap();
+        }
+    }
+
+    fn drained(spool: &Spool) -> Vec<u64> {
+        let (mut from, mut seqs) = (0, Vec::new());
+        while let (Some((pos, r)), _) = spool.next_from(from).unwrap() {
+            seqs.push(r.seq);
+            from = pos + 1;
+        }
+        seqs
+    }
+
+    #[tokio::test]
+    async fn a_lost_blob_is_found_counted_and_the_rest_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        six_records(dir.path()).await;
+        let blob = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::remove_file(blob).unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap();
+        let lost = spool.reconcile().unwrap();
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(spool.len(), 5);
+        assert_eq!(drained(&spool).len(), 5);
+        assert!(spool.reconcile().unwrap().is_empty(), "reported once");
+    }
+
+    #[tokio::test]
+    async fn a_truncated_or_bit_flipped_spool_opens_and_drains_a_consistent_prefix() {
+        for damage in ["truncate", "flip"] {
+            let dir = tempfile::tempdir().unwrap();
+            six_records(dir.path()).await;
+            let db = dir.path().join("db");
+            let mut bytes = std::fs::read(&db).unwrap();
+            let half = bytes.len() / 2;
+            match damage {
+                "truncate" => bytes.truncate(half),
+                _ => bytes[half] ^= 0xff,
+            }
+            std::fs::write(&db, bytes).unwrap();
+            // sled's recovery stops at the first damaged log entry: what is before it opens,
+            // consistently (the index and the records agree), with no panic.
+            let spool = Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap();
+            assert!(spool.reconcile().unwrap().is_empty(), "{damage}");
+            let seqs = drained(&spool);
+            assert_eq!(seqs.len() as u64, spool.len(), "{damage}");
+            assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{damage}");
+        }
     }
 
     #[tokio::test]
