@@ -8,9 +8,16 @@
 //! - The concatenation of all chunks is the input, minus at most one dangling odd byte at the end
 //!   (reported by [`Chunker::finish`]).
 //! - At most one chunk is buffered: memory per session is bounded by `2·N` bytes.
+//! - A session resumed at sample `s` ([`Chunker::starting_at`]) keeps the same grid: its first
+//!   chunk is the piece `[s, next boundary)` of chunk `s / N`, and every later chunk is exactly
+//!   the chunk an uninterrupted session would have cut.
 
 use bytes::{Bytes, BytesMut};
 use spillway_proto::BYTES_PER_SAMPLE;
+
+/// Latest resume point ingest accepts: 2^48 samples, over 185 years at 48 kHz. Far beyond any
+/// real session, and far from where `seq × chunk_samples` could overflow.
+pub const MAX_RESUME_SAMPLE: u64 = 1 << 48;
 
 /// A complete chunk of one session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,19 +57,36 @@ pub struct Chunker {
     chunk_samples: u64,
     chunk_bytes: usize,
     buf: BytesMut,
-    next_seq: u64,
+    /// The chunk being filled, and the session sample its bytes start at.
+    seq: u64,
+    first_sample: u64,
 }
 
 impl Chunker {
     /// A chunker producing chunks of `chunk_samples` samples (at least 1).
     pub fn new(chunk_samples: u64) -> Self {
+        Self::starting_at(chunk_samples, 0)
+    }
+
+    /// A chunker for a session resumed at session sample `start`. The caller bounds `start`
+    /// (ingest refuses resume points past [`MAX_RESUME_SAMPLE`]) so the grid arithmetic cannot
+    /// overflow.
+    pub fn starting_at(chunk_samples: u64, start: u64) -> Self {
         let chunk_samples = chunk_samples.max(1);
         Self {
             chunk_samples,
             chunk_bytes: chunk_samples as usize * BYTES_PER_SAMPLE,
             buf: BytesMut::new(),
-            next_seq: 0,
+            seq: start / chunk_samples,
+            first_sample: start,
         }
+    }
+
+    /// Bytes of the chunk being filled once complete: a whole chunk, or less for the piece a
+    /// resumed session starts with.
+    fn room(&self) -> usize {
+        let end = (self.seq + 1) * self.chunk_samples;
+        (end - self.first_sample) as usize * BYTES_PER_SAMPLE
     }
 
     pub fn chunk_samples(&self) -> u64 {
@@ -92,13 +116,14 @@ impl Chunker {
         if data.is_empty() {
             return (0, None);
         }
+        let room = self.room();
         if self.buf.capacity() == 0 {
             // One exact allocation per chunk: the memory held is what the budget counts.
-            self.buf.reserve(self.chunk_bytes);
+            self.buf.reserve(room);
         }
-        let take = (self.chunk_bytes - self.buf.len()).min(data.len());
+        let take = (room - self.buf.len()).min(data.len());
         self.buf.extend_from_slice(&data[..take]);
-        if self.buf.len() == self.chunk_bytes {
+        if self.buf.len() == room {
             let pcm = self.buf.split().freeze();
             (take, Some(self.make_chunk(pcm)))
         } else {
@@ -131,13 +156,14 @@ impl Chunker {
     }
 
     fn make_chunk(&mut self, pcm: Bytes) -> Chunk {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        Chunk {
-            seq,
-            first_sample: seq * self.chunk_samples,
+        let chunk = Chunk {
+            seq: self.seq,
+            first_sample: self.first_sample,
             pcm,
-        }
+        };
+        self.seq += 1;
+        self.first_sample = self.seq * self.chunk_samples;
+        chunk
     }
 }
 
@@ -198,6 +224,38 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_resumed_session_cuts_the_same_grid(
+            chunk_samples in 1u64..64,
+            start in 0u64..500,
+            input in proptest::collection::vec(any::<u8>(), 0..2_000),
+            cuts in proptest::collection::vec(any::<usize>(), 0..40),
+        ) {
+            let mut c = Chunker::starting_at(chunk_samples, start);
+            let mut out = Vec::new();
+            let mut at = 0;
+            let mut cuts: Vec<usize> = cuts.iter().map(|x| x % (input.len() + 1)).collect();
+            cuts.sort_unstable();
+            for cut in cuts.into_iter().chain(std::iter::once(input.len())) {
+                c.push(&input[at..cut], |ch| out.push(ch));
+                at = cut;
+            }
+            out.extend(c.finish().chunk);
+            let mut expect_first = start;
+            for (k, ch) in out.iter().enumerate() {
+                prop_assert_eq!(ch.seq, expect_first / chunk_samples, "chunk {} is on the grid", k);
+                prop_assert_eq!(ch.first_sample, expect_first);
+                prop_assert!(ch.end_sample() <= (ch.seq + 1) * chunk_samples, "never crosses a boundary");
+                if k + 1 < out.len() {
+                    prop_assert_eq!(ch.end_sample(), (ch.seq + 1) * chunk_samples, "only the last is short");
+                }
+                expect_first = ch.end_sample();
+            }
+            let joined: Vec<u8> = out.iter().flat_map(|c| c.pcm.iter().copied()).collect();
+            let whole = input.len() - input.len() % 2;
+            prop_assert_eq!(&joined[..], &input[..whole]);
+        }
+
         #[test]
         fn any_frame_split_gives_the_same_chunks(
             chunk_samples in 1u64..64,

@@ -160,6 +160,7 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) {
                     .saturating_mul(spillway_proto::BYTES_PER_SAMPLE);
                 let accepted = Kind::Accepted(Accepted {
                     chunk_samples: params.chunk_samples,
+                    start_sample: params.start_sample,
                     max_frame_bytes: u32::try_from(shared.max_frame_bytes).unwrap_or(u32::MAX),
                 });
                 if let Err(e) = send(writer, accepted).await {

@@ -8,7 +8,7 @@ use prost::Message;
 use spillway_proto::device::{ClientMessage, Encoding, ErrorCode, Hello, client_message::Kind};
 use spillway_proto::validate;
 
-use crate::chunker::{Chunk, Chunker, Flush};
+use crate::chunker::{Chunk, Chunker, Flush, MAX_RESUME_SAMPLE};
 
 /// Per-daemon rules a session is held to.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub struct Params {
     pub session: String,
     pub sample_rate: u32,
     pub chunk_samples: u64,
+    /// Session sample the stream starts at: the hello's resume point (0 for a new session).
+    pub start_sample: u64,
 }
 
 /// A protocol error: the session is refused with this code and message.
@@ -99,7 +101,7 @@ impl Session {
         match (&mut self.phase, msg.kind) {
             (Phase::AwaitHello, Some(Kind::Hello(hello))) => {
                 let params = self.accept(hello)?;
-                let chunker = Chunker::new(params.chunk_samples);
+                let chunker = Chunker::starting_at(params.chunk_samples, params.start_sample);
                 self.phase = Phase::Streaming {
                     params: params.clone(),
                     chunker,
@@ -175,7 +177,17 @@ impl Session {
                 ),
             ));
         }
+        if hello.resume_from > MAX_RESUME_SAMPLE {
+            return Err(Refusal::new(
+                ErrorCode::InvalidResume,
+                format!(
+                    "resume_from {} is beyond the last resumable sample {MAX_RESUME_SAMPLE}",
+                    hello.resume_from
+                ),
+            ));
+        }
         Ok(Params {
+            start_sample: hello.resume_from,
             chunk_samples: u64::from(self.limits.chunk_seconds) * u64::from(hello.sample_rate),
             uid: hello.uid,
             session: hello.session,
@@ -198,6 +210,7 @@ mod tests {
                 encoding: Encoding::PcmS16le as i32,
                 channels: 1,
                 token: String::new(),
+                resume_from: 0,
             })),
         }
     }

@@ -37,6 +37,9 @@ pub struct Drain {
     pub metrics: Metrics,
     /// Attempts so far of each upload under way, by spool position (for the max-attempts gauge).
     pub attempts: Mutex<HashMap<u64, u64>>,
+    /// One lock per object key being uploaded: two records for one key (a piece and the longer
+    /// piece that superseded it) never race, so the older can never overwrite the newer.
+    pub keys: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Drain {
@@ -122,9 +125,36 @@ impl Drain {
     }
 
     async fn upload(&self, pos: u64, record: Record, abort: &CancellationToken) {
-        let key = self
-            .template
-            .render(&self.prefix, &record.uid, &record.session, record.seq);
+        let key = self.template.render(
+            &self.prefix,
+            &record.uid,
+            &record.session,
+            record.seq,
+            record.offset(),
+        );
+        let key_lock = self.key_lock(&key);
+        let guard = key_lock.lock().await;
+        self.upload_locked(pos, &record, &key, abort).await;
+        drop(guard);
+        drop(key_lock);
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keys.get(&key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            keys.remove(&key);
+        }
+    }
+
+    fn key_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(keys.entry(key.to_owned()).or_default())
+    }
+
+    async fn upload_locked(&self, pos: u64, record: &Record, key: &str, abort: &CancellationToken) {
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(30))
@@ -133,6 +163,13 @@ impl Drain {
             .build();
         let mut attempt = 0u64;
         loop {
+            if !self.spool.is_current(pos, record).unwrap_or(true) {
+                // A longer piece of the same chunk replaced this record; it uploads instead.
+                tracing::debug!(%key, pos, "superseded before upload; skipped");
+                let _ = self.spool.remove(pos, record);
+                self.note_attempt(pos, None);
+                return;
+            }
             // Wait for the breaker to admit a call.
             loop {
                 let decision = self.breaker_lock().check(Instant::now());
@@ -150,7 +187,7 @@ impl Drain {
             self.metrics.uploads_in_flight.inc();
             let started = Instant::now();
             let result = tokio::select! {
-                r = self.store.put(&key, &record) => Some(r),
+                r = self.store.put(key, record) => Some(r),
                 () = abort.cancelled() => None,
             };
             self.metrics.uploads_in_flight.dec();
@@ -172,7 +209,7 @@ impl Drain {
                     self.metrics
                         .upload_bytes
                         .inc_by(record.pcm.len() as u64 + 44);
-                    if let Err(e) = self.spool.remove(pos, &record) {
+                    if let Err(e) = self.spool.remove(pos, record) {
                         // The object is stored; a leftover record is only uploaded again.
                         tracing::error!(%key, error = %e, "deleting an uploaded chunk from the spool failed");
                     }

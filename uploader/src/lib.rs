@@ -109,6 +109,7 @@ pub async fn run(
         ))),
         metrics: metrics.clone(),
         attempts: Mutex::default(),
+        keys: Mutex::default(),
     };
     let drain_task = tokio::spawn(drain.run(drain_stop.clone(), config.drain_timeout));
 

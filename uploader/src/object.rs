@@ -1,7 +1,10 @@
 //! What a chunk becomes in the object store: a WAV file at a deterministic key.
 //!
-//! Invariant: one chunk id ⇒ one key. The key is a pure function of (prefix, uid, session, seq),
-//! so a retried or repeated upload overwrites the same object and never duplicates it.
+//! Invariant: one chunk id ⇒ one key. The key is a pure function of (prefix, uid, session, seq,
+//! offset), so a retried or repeated upload overwrites the same object and never duplicates it.
+//! `offset` is 0 for a chunk that starts on its boundary, which is every chunk unless a device
+//! resumed mid-chunk: then the piece from the resume point to the boundary gets `{part}` =
+//! `_<offset in samples>` (e.g. `000002_480000.wav`), so it never overwrites the piece before it.
 
 use std::fmt::Write as _;
 use std::io::Cursor;
@@ -10,7 +13,7 @@ use std::str::FromStr;
 use spillway_proto::BYTES_PER_SAMPLE;
 
 /// The default key layout.
-pub const DEFAULT_TEMPLATE: &str = "{prefix}{uid}/{session}/{seq:06}.wav";
+pub const DEFAULT_TEMPLATE: &str = "{prefix}{uid}/{session}/{seq:06}{part}.wav";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -19,6 +22,7 @@ enum Part {
     Uid,
     Session,
     Seq { width: usize },
+    Piece,
 }
 
 /// A parsed object-key template.
@@ -30,12 +34,14 @@ pub struct KeyTemplate {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
     #[error(
-        "unknown placeholder {{{0}}}; use {{prefix}}, {{uid}}, {{session}}, {{seq}} or {{seq:0N}}"
+        "unknown placeholder {{{0}}}; use {{prefix}}, {{uid}}, {{session}}, {{seq}}, {{seq:0N}} or {{part}}"
     )]
     Unknown(String),
     #[error("unclosed '{{'")]
     Unclosed,
-    #[error("must contain {{uid}}, {{session}} and {{seq}} so every chunk gets its own key")]
+    #[error(
+        "must contain {{uid}}, {{session}}, {{seq}} and {{part}} so every chunk (and every piece of a chunk resumed mid-way) gets its own key"
+    )]
     NotUnique,
 }
 
@@ -56,6 +62,7 @@ impl FromStr for KeyTemplate {
                 "uid" => Part::Uid,
                 "session" => Part::Session,
                 "seq" => Part::Seq { width: 0 },
+                "part" => Part::Piece,
                 _ => match name.strip_prefix("seq:0").map(str::parse::<usize>) {
                     Some(Ok(width)) if width <= 20 => Part::Seq { width },
                     _ => return Err(TemplateError::Unknown(name.to_owned())),
@@ -69,7 +76,8 @@ impl FromStr for KeyTemplate {
         let has = |want: fn(&Part) -> bool| parts.iter().any(want);
         if !(has(|p| *p == Part::Uid)
             && has(|p| *p == Part::Session)
-            && has(|p| matches!(p, Part::Seq { .. })))
+            && has(|p| matches!(p, Part::Seq { .. }))
+            && has(|p| *p == Part::Piece))
         {
             return Err(TemplateError::NotUnique);
         }
@@ -87,6 +95,7 @@ impl Default for KeyTemplate {
                 Part::Session,
                 Part::Literal("/".into()),
                 Part::Seq { width: 6 },
+                Part::Piece,
                 Part::Literal(".wav".into()),
             ],
         }
@@ -94,8 +103,9 @@ impl Default for KeyTemplate {
 }
 
 impl KeyTemplate {
-    /// The key of chunk `seq` of (`uid`, `session`).
-    pub fn render(&self, prefix: &str, uid: &str, session: &str, seq: u64) -> String {
+    /// The key of chunk `seq` of (`uid`, `session`), or of its piece starting `offset` samples
+    /// into the chunk.
+    pub fn render(&self, prefix: &str, uid: &str, session: &str, seq: u64, offset: u64) -> String {
         let mut key = String::new();
         for part in &self.parts {
             match part {
@@ -106,6 +116,10 @@ impl KeyTemplate {
                 Part::Seq { width } => {
                     let _ = write!(key, "{seq:0width$}");
                 }
+                Part::Piece if offset > 0 => {
+                    let _ = write!(key, "_{offset}");
+                }
+                Part::Piece => {}
             }
         }
         key
@@ -140,26 +154,36 @@ mod tests {
     #[test]
     fn default_key_layout() {
         let t = KeyTemplate::default();
-        assert_eq!(t.render("p/", "u1", "s1", 7), "p/u1/s1/000007.wav");
+        assert_eq!(t.render("p/", "u1", "s1", 7, 0), "p/u1/s1/000007.wav");
+        assert_eq!(
+            t.render("p/", "u1", "s1", 7, 480_000),
+            "p/u1/s1/000007_480000.wav",
+            "a piece resumed mid-chunk has its own key"
+        );
         assert_eq!(DEFAULT_TEMPLATE.parse::<KeyTemplate>(), Ok(t));
     }
 
     #[test]
     fn templates_must_identify_the_chunk() {
         assert_eq!(
-            "{uid}/{seq}".parse::<KeyTemplate>(),
+            "{uid}/{seq}{part}".parse::<KeyTemplate>(),
             Err(TemplateError::NotUnique)
+        );
+        assert_eq!(
+            "{uid}/{session}/{seq}".parse::<KeyTemplate>(),
+            Err(TemplateError::NotUnique),
+            "without {{part}} two pieces of one chunk would share a key"
         );
         assert_eq!(
             "{uid}/{session}/{seq".parse::<KeyTemplate>(),
             Err(TemplateError::Unclosed)
         );
         assert!(matches!(
-            "{uid}/{session}/{when}/{seq}".parse::<KeyTemplate>(),
+            "{uid}/{session}/{when}/{seq}{part}".parse::<KeyTemplate>(),
             Err(TemplateError::Unknown(_))
         ));
-        let t: KeyTemplate = "audio/{session}-{uid}-{seq:03}.wav".parse().unwrap();
-        assert_eq!(t.render("", "u", "s", 12), "audio/s-u-012.wav");
+        let t: KeyTemplate = "audio/{session}-{uid}-{seq:03}{part}.wav".parse().unwrap();
+        assert_eq!(t.render("", "u", "s", 12, 0), "audio/s-u-012.wav");
     }
 
     #[test]

@@ -76,11 +76,24 @@ impl Service {
                 )),
             ));
         }
-        if Some(req.first_sample) != id.seq.checked_mul(req.chunk_samples) {
+        // The piece must lie inside chunk seq: [seq·N, (seq+1)·N).
+        let start = id.seq.checked_mul(req.chunk_samples);
+        let end = start.and_then(|s| s.checked_add(req.chunk_samples));
+        let inside = match (start, end) {
+            (Some(start), Some(end)) => {
+                req.first_sample >= start
+                    && req
+                        .first_sample
+                        .checked_add(samples)
+                        .is_some_and(|e| e <= end)
+            }
+            _ => false,
+        };
+        if !inside {
             return Err(refuse(
                 "misaligned",
                 Status::invalid_argument(format!(
-                    "first_sample {} is not seq {} x chunk_samples {}",
+                    "samples [{}, +{samples}) are not inside chunk {} of {} samples",
                     req.first_sample, id.seq, req.chunk_samples
                 )),
             ));
@@ -121,9 +134,13 @@ impl Uploader for Service {
                 tracing::warn!(reason, message = status.message(), "PutChunk refused");
                 status
             })?;
-        let key = self
-            .template
-            .render(&self.prefix, &record.uid, &record.session, record.seq);
+        let key = self.template.render(
+            &self.prefix,
+            &record.uid,
+            &record.session,
+            record.seq,
+            record.offset(),
+        );
         let outcome = self.spool.commit(&record).await.map_err(|e| {
             let (reason, status) = match &e {
                 SpoolError::Full { .. } => {
@@ -140,6 +157,7 @@ impl Uploader for Service {
         let result = match outcome {
             Committed::Stored => "stored",
             Committed::Duplicate => "duplicate",
+            Committed::Extended => "extended",
         };
         self.metrics
             .puts
@@ -148,7 +166,7 @@ impl Uploader for Service {
         tracing::debug!(%key, result, "chunk committed");
         Ok(Response::new(PutChunkResponse {
             key,
-            newly_stored: outcome == Committed::Stored,
+            newly_stored: outcome != Committed::Duplicate,
         }))
     }
 }

@@ -54,8 +54,20 @@ pub struct Record {
 }
 
 impl Record {
+    /// The chunk id: uid, session, seq and first sample (a piece resumed mid-chunk has its own).
     fn index_key(&self) -> Vec<u8> {
-        format!("{}/{}/{:020}", self.uid, self.session, self.seq).into_bytes()
+        format!(
+            "{}/{}/{:020}/{:020}",
+            self.uid, self.session, self.seq, self.first_sample
+        )
+        .into_bytes()
+    }
+
+    /// Samples between the chunk's boundary and this record's first sample: 0 unless a device
+    /// resumed in the middle of the chunk.
+    pub fn offset(&self) -> u64 {
+        self.first_sample
+            .saturating_sub(self.seq.saturating_mul(self.chunk_samples))
     }
 
     /// True when the PCM still matches the checksum it was committed with.
@@ -69,8 +81,21 @@ impl Record {
 pub enum Committed {
     /// This put stored the chunk.
     Stored,
-    /// The chunk id was already spooled with the same checksum; nothing new was stored.
+    /// The chunk id was already spooled with the same content, or with content this put's
+    /// PCM is a prefix of; nothing new was stored.
     Duplicate,
+    /// The chunk id was spooled with PCM that this put's PCM extends (a device resumed after
+    /// the ack of a partial chunk was lost): this record replaced it.
+    Extended,
+}
+
+/// How a put relates to what is already spooled under its id.
+enum Existing {
+    Same,
+    Covers,
+    ExtendedBy,
+    Gone,
+    Differs(u32),
 }
 
 /// What a put does when the spool has no room for it.
@@ -239,7 +264,7 @@ impl Spool {
     pub async fn commit(&self, record: &Record) -> Result<Committed, SpoolError> {
         let outcome = self.insert(record)?;
         self.db.flush_async().await?;
-        if outcome == Committed::Stored {
+        if outcome != Committed::Duplicate {
             self.committed.notify_one();
         }
         Ok(outcome)
@@ -257,13 +282,27 @@ impl Spool {
             .writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut supersedes = None;
         if let Some(existing) = self.index.get(&id)? {
-            return Self::same_content(&existing, record.crc32c);
+            let (old_pos, _, old_size) = parse_index(&existing).unwrap_or((u64::MAX, 0, 0));
+            match self.compare(&existing, record)? {
+                Existing::Same | Existing::Covers => return Ok(Committed::Duplicate),
+                Existing::Differs(existing) => {
+                    return Err(SpoolError::Conflict {
+                        existing,
+                        new: record.crc32c,
+                    });
+                }
+                Existing::ExtendedBy => supersedes = Some((old_pos, old_size)),
+                Existing::Gone => {}
+            }
         }
         let max = self.limits.max_bytes;
         loop {
             let used = self.used.load(Ordering::Acquire);
-            if used + need <= max {
+            // A superseded record's bytes are freed by this same write.
+            let credit = supersedes.map_or(0, |(_, size)| size);
+            if used.saturating_sub(credit) + need <= max {
                 break;
             }
             let full = SpoolError::Full { used, max, need };
@@ -272,11 +311,15 @@ impl Spool {
             }
         }
         let pos = self.db.generate_id()?;
-        (&self.chunks, &self.index)
+        let replaced = (&self.chunks, &self.index)
             .transaction(|(chunks, index)| {
                 chunks.insert(&position_key(pos), value.as_slice())?;
                 index.insert(id.as_slice(), &index_value(pos, record.crc32c, need))?;
-                Ok::<_, ConflictableTransactionError<Infallible>>(())
+                let replaced = match supersedes {
+                    Some((old, _)) => chunks.remove(&position_key(old))?,
+                    None => None,
+                };
+                Ok::<_, ConflictableTransactionError<Infallible>>(replaced)
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => SpoolError::Storage(e),
@@ -284,7 +327,49 @@ impl Spool {
             })?;
         self.used.fetch_add(need, Ordering::AcqRel);
         self.count.fetch_add(1, Ordering::AcqRel);
-        Ok(Committed::Stored)
+        if let Some(old) = replaced {
+            self.used.fetch_sub(old.len() as u64, Ordering::AcqRel);
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(if supersedes.is_some() {
+            Committed::Extended
+        } else {
+            Committed::Stored
+        })
+    }
+
+    /// Compares a put with the record its id already names (one read, only on this rare path).
+    fn compare(&self, existing: &[u8], record: &Record) -> Result<Existing, SpoolError> {
+        let Some((pos, crc, _)) = parse_index(existing) else {
+            return Ok(Existing::Gone);
+        };
+        if crc == record.crc32c {
+            return Ok(Existing::Same);
+        }
+        let Some(old) = self
+            .chunks
+            .get(position_key(pos))?
+            .and_then(|v| Record::decode(v.as_ref()).ok())
+        else {
+            return Ok(Existing::Gone);
+        };
+        Ok(if record.pcm.starts_with(&old.pcm) {
+            Existing::ExtendedBy
+        } else if old.pcm.starts_with(&record.pcm) {
+            Existing::Covers
+        } else {
+            Existing::Differs(crc)
+        })
+    }
+
+    /// True while the index still names the record at `pos` for its id: false once a longer
+    /// piece superseded it (then only the newer one may be uploaded).
+    pub fn is_current(&self, pos: u64, record: &Record) -> Result<bool, SpoolError> {
+        Ok(self
+            .index
+            .get(record.index_key())?
+            .and_then(|v| parse_index(&v))
+            .is_some_and(|(p, _, _)| p == pos))
     }
 
     /// Evicts the oldest record (called with the writer lock held). False when there is none.
@@ -329,15 +414,6 @@ impl Spool {
             self.index.remove(id)?;
         }
         Ok(())
-    }
-
-    fn same_content(index_value: &[u8], crc: u32) -> Result<Committed, SpoolError> {
-        let existing = parse_index(index_value).map_or(0, |(_, c, _)| c);
-        if existing == crc {
-            Ok(Committed::Duplicate)
-        } else {
-            Err(SpoolError::Conflict { existing, new: crc })
-        }
     }
 
     /// The oldest record at a position `>= from`, decoded. Records that do not decode or whose
@@ -539,6 +615,23 @@ mod tests {
             Err(SpoolError::Conflict { .. })
         ));
         assert_eq!(spool.len(), 1);
+        // A device that resumed after losing the ack of a partial chunk resends it longer.
+        assert_eq!(
+            spool.commit(&record(0, b"abcdef")).await.unwrap(),
+            Committed::Extended
+        );
+        assert_eq!(
+            spool.commit(&record(0, b"abcd")).await.unwrap(),
+            Committed::Duplicate,
+            "a shorter resend of what is spooled stores nothing"
+        );
+        assert_eq!(spool.len(), 1);
+        let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
+            panic!("empty")
+        };
+        assert_eq!(&r.pcm[..], b"abcdef");
+        assert!(spool.is_current(pos, &r).unwrap());
+        assert_eq!(spool.used_bytes(), r.encode_to_vec().len() as u64);
     }
 
     #[tokio::test]

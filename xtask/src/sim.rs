@@ -155,6 +155,7 @@ pub async fn run_device(
         encoding: Encoding::PcmS16le as i32,
         channels: 1,
         token: String::new(),
+        resume_from: 0,
     })
     .await?;
     let reader = {

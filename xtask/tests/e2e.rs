@@ -39,6 +39,7 @@ fn hello(uid: &str, session: &str, sample_rate: u32) -> Hello {
         encoding: Encoding::PcmS16le as i32,
         channels: 1,
         token: String::new(),
+        resume_from: 0,
     }
 }
 
