@@ -1,14 +1,26 @@
 //! A reference device client for the Spillway protocol: used by `cargo xtask up` to simulate
 //! devices, by the tests, and as an example for gateway authors.
+//!
+//! Two levels: [`Device`] with [`SessionWriter`]/[`SessionReader`] speak the protocol frame by
+//! frame over one stream; [`stream_resuming`] is what a real device wants: it keeps audio until
+//! it is acknowledged (bounded by [`ResumeConfig::max_unacked_bytes`]), reconnects with jittered
+//! backoff when the connection or ingest goes away, and resumes where the acks left off.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message;
-use spillway_proto::device::{Audio, ClientMessage, Hello, ServerMessage, client_message::Kind};
+use spillway_proto::device::{
+    Ack, Audio, ClientMessage, ErrorCode, Hello, ServerMessage, client_message::Kind,
+    server_message,
+};
+use tokio::sync::mpsc;
+
+use crate::outbox::Outbox;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 /// Frames up to this size are accepted from ingest by the client.
@@ -39,6 +51,18 @@ impl Device {
         trusted: &[u8],
         alpn: &[u8],
     ) -> anyhow::Result<Self> {
+        Self::connect_with(server, server_name, trusted, alpn, Duration::from_secs(30)).await
+    }
+
+    /// Connects with an idle timeout: how long a silent server (a killed ingest, say) goes
+    /// unnoticed.
+    pub async fn connect_with(
+        server: SocketAddr,
+        server_name: &str,
+        trusted: &[u8],
+        alpn: &[u8],
+        idle_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let bind: SocketAddr = if server.is_ipv4() {
             ([127, 0, 0, 1], 0).into()
         } else {
@@ -47,7 +71,9 @@ impl Device {
         let mut endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
         let mut config = crate::tls::client_config(&[trusted], alpn)?;
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+        transport
+            .keep_alive_interval(Some((idle_timeout / 3).max(Duration::from_millis(100))))
+            .max_idle_timeout(Some(idle_timeout.try_into()?));
         config.transport_config(Arc::new(transport));
         endpoint.set_default_client_config(config);
         let conn = endpoint
@@ -113,6 +139,11 @@ impl SessionWriter {
 
     /// Ends the session: ingest flushes the final chunk and acks it.
     pub fn finish(mut self) -> anyhow::Result<()> {
+        self.finish_sending()
+    }
+
+    /// Like [`SessionWriter::finish`], keeping the writer.
+    pub fn finish_sending(&mut self) -> anyhow::Result<()> {
         self.inner
             .get_mut()
             .finish()
@@ -147,5 +178,288 @@ impl SessionReader {
             all.push(m);
         }
         Ok(all)
+    }
+}
+
+/// How a resuming session connects, and how much audio it may hold.
+#[derive(Debug, Clone)]
+pub struct ResumeConfig {
+    pub server: SocketAddr,
+    pub server_name: String,
+    /// DER certificate to trust (ingest's self-signed one for local use).
+    pub trusted: Vec<u8>,
+    /// Most unacknowledged audio held; the producer waits beyond it.
+    pub max_unacked_bytes: usize,
+    /// Audio bytes per frame sent.
+    pub frame_bytes: usize,
+    /// Reconnect backoff bounds (exponential, full jitter).
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// A silent connection is given up after this long.
+    pub idle_timeout: Duration,
+    /// Give up when no audio was acknowledged for this long (`None`: never).
+    pub give_up_after: Option<Duration>,
+}
+
+impl ResumeConfig {
+    /// Defaults for a device talking to a local ingest.
+    pub fn local(server: SocketAddr, trusted: Vec<u8>) -> Self {
+        Self {
+            server,
+            server_name: "localhost".into(),
+            trusted,
+            max_unacked_bytes: 8 * 1024 * 1024,
+            frame_bytes: 16 * 1024,
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            give_up_after: None,
+        }
+    }
+}
+
+/// What a resuming session saw.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeReport {
+    pub chunk_samples: u64,
+    /// Every ack, in order: contiguous from sample 0 to the end of the audio.
+    pub acks: Vec<Ack>,
+    /// Every error ingest sent (the ones that made it reconnect included).
+    pub errors: Vec<spillway_proto::device::Error>,
+    /// Connections made after the first.
+    pub reconnects: u32,
+}
+
+enum StreamEnd {
+    /// Everything was acknowledged and ingest finished its side.
+    Done,
+    /// The stream or connection went away; reconnect and resume.
+    Retry(String),
+    /// Ingest refused the session for good, or broke the protocol.
+    Fatal(anyhow::Error),
+}
+
+/// Streams one session's audio from `audio` until the channel closes and every sample is
+/// acknowledged, reconnecting and resuming as often as needed. Holds at most
+/// `max_unacked_bytes` of audio: when that much is unacknowledged it stops taking from `audio`,
+/// which holds the producer back.
+pub async fn stream_resuming(
+    config: ResumeConfig,
+    hello: Hello,
+    mut audio: mpsc::Receiver<Bytes>,
+) -> anyhow::Result<ResumeReport> {
+    use backon::BackoffBuilder;
+    let mut state = Driver {
+        outbox: Outbox::new(config.max_unacked_bytes),
+        pending: None,
+        input_open: true,
+        report: ResumeReport::default(),
+    };
+    let new_backoff = || {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(config.min_backoff)
+            .with_max_delay(config.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = new_backoff();
+    let mut last_progress = (Instant::now(), state.outbox.resume_from());
+    loop {
+        match state.stream(&config, &hello, &mut audio).await {
+            StreamEnd::Done => return Ok(state.report),
+            StreamEnd::Fatal(e) => return Err(e),
+            StreamEnd::Retry(why) => {
+                if state.outbox.resume_from() != last_progress.1 {
+                    last_progress = (Instant::now(), state.outbox.resume_from());
+                    backoff = new_backoff();
+                }
+                if let Some(limit) = config.give_up_after
+                    && last_progress.0.elapsed() > limit
+                {
+                    anyhow::bail!("no audio acknowledged for {limit:?}; last problem: {why}");
+                }
+                let delay = backoff.next().unwrap_or(config.max_backoff);
+                tracing::info!(uid = %hello.uid, session = %hello.session, reason = %why,
+                    resume_from = state.outbox.resume_from(), retry_in = ?delay, "reconnecting");
+                tokio::time::sleep(delay).await;
+                state.report.reconnects += 1;
+            }
+        }
+    }
+}
+
+struct Driver {
+    outbox: Outbox,
+    /// Audio taken from the producer that did not fit in the outbox yet.
+    pending: Option<Bytes>,
+    input_open: bool,
+    report: ResumeReport,
+}
+
+impl Driver {
+    /// Moves producer audio into the outbox without waiting.
+    fn fill(&mut self, audio: &mut mpsc::Receiver<Bytes>) {
+        loop {
+            if let Some(mut p) = self.pending.take() {
+                let n = self.outbox.push(&p);
+                if n < p.len() {
+                    self.pending = Some(p.split_off(n));
+                    return;
+                }
+            }
+            if !self.input_open {
+                // Everything the producer gave is in the outbox.
+                self.outbox.finish();
+                return;
+            }
+            match audio.try_recv() {
+                Ok(b) => self.pending = Some(b),
+                Err(mpsc::error::TryRecvError::Empty) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.input_open = false,
+            }
+        }
+    }
+
+    /// Handles one message (`None`: ingest finished its side or the stream failed).
+    fn on_message(&mut self, message: Option<ServerMessage>) -> Option<StreamEnd> {
+        let Some(message) = message else {
+            return Some(if self.outbox.is_done() {
+                StreamEnd::Done
+            } else {
+                StreamEnd::Retry("ingest ended the stream".into())
+            });
+        };
+        match message.kind {
+            Some(server_message::Kind::Ack(ack)) => {
+                if let Err(e) = self.outbox.on_ack(ack.first_sample, ack.end_sample) {
+                    return Some(StreamEnd::Fatal(e.into()));
+                }
+                self.report.acks.push(ack);
+                None
+            }
+            Some(server_message::Kind::Error(e)) => {
+                let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+                self.report.errors.push(e.clone());
+                match code {
+                    // Ingest goes on to finish its side; the stream end triggers the reconnect.
+                    ErrorCode::ShuttingDown
+                    | ErrorCode::IdleTimeout
+                    | ErrorCode::Overloaded
+                    | ErrorCode::OddTrailingByte => None,
+                    _ => Some(StreamEnd::Fatal(anyhow::anyhow!(
+                        "ingest refused the session: {}: {}",
+                        code.as_str_name(),
+                        e.message
+                    ))),
+                }
+            }
+            Some(server_message::Kind::Accepted(_)) | None => Some(StreamEnd::Fatal(
+                anyhow::anyhow!("ingest sent an unexpected message mid-stream"),
+            )),
+        }
+    }
+
+    async fn stream(
+        &mut self,
+        config: &ResumeConfig,
+        hello: &Hello,
+        audio: &mut mpsc::Receiver<Bytes>,
+    ) -> StreamEnd {
+        let connected = Device::connect_with(
+            config.server,
+            &config.server_name,
+            &config.trusted,
+            spillway_proto::ALPN,
+            config.idle_timeout,
+        )
+        .await;
+        let device = match connected {
+            Ok(d) => d,
+            Err(e) => return StreamEnd::Retry(format!("{e:#}")),
+        };
+        let (mut tx, mut rx) = match device.open().await {
+            Ok(s) => s,
+            Err(e) => return StreamEnd::Retry(format!("{e:#}")),
+        };
+        let mut h = hello.clone();
+        h.resume_from = self.outbox.resume_from();
+        if let Err(e) = tx.hello(h).await {
+            return StreamEnd::Retry(format!("{e:#}"));
+        }
+        let (msg_tx, mut msgs) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = rx.next().await.ok().flatten();
+                let end = m.is_none();
+                if msg_tx.send(m).is_err() || end {
+                    return;
+                }
+            }
+        });
+        let end = self.drive(config, &mut tx, &mut msgs, audio).await;
+        reader.abort();
+        // Dropping the connection closes it; no need to wait for the peer.
+        drop(device);
+        end
+    }
+
+    async fn drive(
+        &mut self,
+        config: &ResumeConfig,
+        tx: &mut SessionWriter,
+        msgs: &mut mpsc::UnboundedReceiver<Option<ServerMessage>>,
+        audio: &mut mpsc::Receiver<Bytes>,
+    ) -> StreamEnd {
+        match msgs.recv().await.flatten().and_then(|m| m.kind) {
+            Some(server_message::Kind::Accepted(a)) => {
+                if let Err(e) = self.outbox.on_accepted(a.start_sample) {
+                    return StreamEnd::Fatal(e.into());
+                }
+                self.report.chunk_samples = a.chunk_samples;
+            }
+            Some(server_message::Kind::Error(e)) => {
+                let end = self.on_message(Some(ServerMessage {
+                    kind: Some(server_message::Kind::Error(e)),
+                }));
+                return end.unwrap_or_else(|| StreamEnd::Retry("refused for now".into()));
+            }
+            _ => return StreamEnd::Retry("no answer to hello".into()),
+        }
+        let mut sent_finish = false;
+        loop {
+            while let Ok(m) = msgs.try_recv() {
+                if let Some(end) = self.on_message(m) {
+                    return end;
+                }
+            }
+            self.fill(audio);
+            if let Some(frame) = self.outbox.next_frame(config.frame_bytes) {
+                let n = frame.len();
+                if let Err(e) = tx.audio(frame).await {
+                    return StreamEnd::Retry(format!("{e:#}"));
+                }
+                self.outbox.on_sent(n);
+                continue;
+            }
+            if self.outbox.is_finished() && !sent_finish {
+                if let Err(e) = tx.finish_sending() {
+                    return StreamEnd::Retry(format!("{e:#}"));
+                }
+                sent_finish = true;
+            }
+            let want_input = self.input_open && self.pending.is_none() && self.outbox.room() > 0;
+            tokio::select! {
+                m = msgs.recv() => {
+                    if let Some(end) = self.on_message(m.flatten()) {
+                        return end;
+                    }
+                }
+                b = audio.recv(), if want_input => match b {
+                    Some(b) => self.pending = Some(b),
+                    None => self.input_open = false,
+                },
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod forward;
 pub mod metrics;
+pub mod outbox;
 mod server;
 pub mod session;
 pub mod tls;

@@ -51,6 +51,7 @@ pub struct Pipeline {
     pub uploader_grpc: SocketAddr,
     pub uploader_http: SocketAddr,
     pub cert_der: Vec<u8>,
+    key_der: Vec<u8>,
     pub spool_dir: PathBuf,
     opts: Options,
     s3_addr: SocketAddr,
@@ -122,11 +123,8 @@ impl Pipeline {
 
         let tls = spillway_ingest::tls::TlsMaterial::self_signed()?;
         let cert_der = tls.leaf_der().to_vec();
-        let mut iconfig = spillway_ingest::Config::local(format!("http://{uploader_grpc}"), tls);
-        iconfig.chunk_seconds = opts.chunk_seconds;
-        iconfig.max_frame_bytes = opts.max_frame_bytes;
-        iconfig.idle_timeout = opts.idle_timeout;
-        iconfig.max_buffered_bytes = opts.max_buffered_bytes;
+        let key_der = tls.key.secret_der().to_vec();
+        let iconfig = ingest_config(uploader_grpc, &cert_der, &key_der, &opts);
         let quic = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let ingest_quic = quic.local_addr()?;
         let (ihttp, ingest_http) = tcp().await?;
@@ -145,6 +143,7 @@ impl Pipeline {
             uploader_grpc,
             uploader_http,
             cert_der,
+            key_der,
             spool_dir,
             opts: opts_kept,
             s3_addr,
@@ -215,6 +214,30 @@ impl Pipeline {
             .context("restarted uploader never became ready")
     }
 
+    /// Stops ingest gracefully (it flushes every session's partial chunk and tells devices it is
+    /// shutting down) and starts a new one on the same address with the same certificate.
+    pub async fn restart_ingest(&mut self) -> anyhow::Result<()> {
+        self.ingest_stop.cancel();
+        (&mut self.ingest).await??;
+        let quic = bind_udp_again(self.ingest_quic).await?;
+        let http = tokio::net::TcpListener::bind(self.ingest_http).await?;
+        self.ingest_stop = CancellationToken::new();
+        let config = ingest_config(
+            self.uploader_grpc,
+            &self.cert_der,
+            &self.key_der,
+            &self.opts,
+        );
+        self.ingest = tokio::spawn(spillway_ingest::run(
+            config,
+            spillway_ingest::Listeners { quic, http },
+            self.ingest_stop.clone(),
+        ));
+        wait_ready(self.ingest_http)
+            .await
+            .context("restarted ingest never became ready")
+    }
+
     /// Stops ingest, then the uploader, then the store; returns the first daemon error.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.ingest_stop.cancel();
@@ -269,4 +292,38 @@ pub fn metric(body: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Ingest configuration for the test pipeline, around a fixed certificate and key.
+fn ingest_config(
+    uploader: SocketAddr,
+    cert_der: &[u8],
+    key_der: &[u8],
+    opts: &Options,
+) -> spillway_ingest::Config {
+    let tls = spillway_ingest::tls::TlsMaterial {
+        cert_chain: vec![rustls_pki_types::CertificateDer::from(cert_der.to_vec())],
+        key: rustls_pki_types::PrivateKeyDer::Pkcs8(key_der.to_vec().into()),
+    };
+    let mut c = spillway_ingest::Config::local(format!("http://{uploader}"), tls);
+    c.chunk_seconds = opts.chunk_seconds;
+    c.max_frame_bytes = opts.max_frame_bytes;
+    c.idle_timeout = opts.idle_timeout;
+    c.max_buffered_bytes = opts.max_buffered_bytes;
+    c
+}
+
+/// Binds a UDP address a stopped endpoint just released (its socket may linger a moment).
+async fn bind_udp_again(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::net::UdpSocket::bind(addr) {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%addr, error = %e, "UDP address still in use; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding {addr} again")),
+        }
+    }
 }

@@ -315,3 +315,135 @@ async fn get_when_present(
         }
     }
 }
+
+/// What a resuming device saw.
+#[derive(Debug, Clone)]
+pub struct ResumedReport {
+    pub spec: DeviceSpec,
+    pub report: spillway_ingest::client::ResumeReport,
+    pub sent_bytes: u64,
+}
+
+/// Streams one session through the resuming client ([`spillway_ingest::client::stream_resuming`]):
+/// audio is produced at the spec's pace into a small channel, and the client keeps it until
+/// acknowledged, reconnecting and resuming across ingest restarts.
+pub async fn run_resuming_device(
+    config: spillway_ingest::client::ResumeConfig,
+    spec: DeviceSpec,
+    progress: &Arc<Progress>,
+) -> anyhow::Result<ResumedReport> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let hello = Hello {
+        uid: spec.uid.clone(),
+        session: spec.session.clone(),
+        sample_rate: spec.sample_rate,
+        encoding: Encoding::PcmS16le as i32,
+        channels: 1,
+        token: String::new(),
+        resume_from: 0,
+    };
+    let producer = {
+        let (spec, progress) = (spec.clone(), Arc::clone(progress));
+        tokio::spawn(async move {
+            let total = spec.samples * 2;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while sent < total {
+                let len = rng
+                    .random_range(1..=spec.mean_frame_bytes * 2)
+                    .min((total - sent) as usize);
+                if spec.speed > 0.0 {
+                    let due = Duration::from_secs_f64(
+                        sent as f64 / 2.0 / f64::from(spec.sample_rate) / spec.speed,
+                    );
+                    tokio::time::sleep_until((started + due).into()).await;
+                }
+                if tx
+                    .send(Bytes::from(spec.source.bytes(sent, len)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += len as u64;
+                progress.bar.inc(len as u64);
+            }
+            sent
+        })
+    };
+    let report = spillway_ingest::client::stream_resuming(config, hello, rx).await?;
+    let sent_bytes = producer.await.context("producer task")?;
+    for _ in &report.acks {
+        progress.ack();
+    }
+    Ok(ResumedReport {
+        spec,
+        report,
+        sent_bytes,
+    })
+}
+
+/// Checks a resumed session: its acks cover the audio contiguously from the first sample to the
+/// last, each acked object is a WAV holding exactly the audio of its range, and the store holds
+/// no object for the session beyond those (no duplicates). Returns the number of objects.
+pub async fn verify_resumed(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    r: &ResumedReport,
+    wait: Duration,
+) -> anyhow::Result<usize> {
+    let spec = &r.spec;
+    let mut next = 0u64;
+    let deadline = Instant::now() + wait;
+    let mut keys = std::collections::BTreeSet::new();
+    for ack in &r.report.acks {
+        ensure!(
+            ack.first_sample == next && ack.end_sample > ack.first_sample,
+            "{}/{}: ack [{}, {}) does not continue from {next}",
+            spec.uid,
+            spec.session,
+            ack.first_sample,
+            ack.end_sample
+        );
+        next = ack.end_sample;
+        let body = get_when_present(s3, bucket, &ack.key, deadline).await?;
+        let wav = hound::WavReader::new(std::io::Cursor::new(&body))
+            .with_context(|| format!("{} is not a WAV file", ack.key))?;
+        let pcm: Vec<u8> = wav
+            .into_samples::<i16>()
+            .map(|s| s.map(i16::to_le_bytes))
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
+        let want = spec.source.bytes(
+            ack.first_sample * 2,
+            ((ack.end_sample - ack.first_sample) * 2) as usize,
+        );
+        ensure!(pcm == want, "{}: PCM differs from what was sent", ack.key);
+        ensure!(keys.insert(ack.key.clone()), "{} acked twice", ack.key);
+    }
+    ensure!(
+        next == spec.samples,
+        "{}/{}: acks end at sample {next}, the audio at {}",
+        spec.uid,
+        spec.session,
+        spec.samples
+    );
+    let prefix = format!("{}/{}/", spec.uid, spec.session);
+    let listed = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(&prefix)
+        .send()
+        .await?;
+    let stored: std::collections::BTreeSet<String> = listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .collect();
+    ensure!(
+        stored == keys,
+        "{prefix}: the store holds {stored:?}, the acks name {keys:?}"
+    );
+    Ok(keys.len())
+}

@@ -293,3 +293,61 @@ async fn chunks_left_spooled_at_shutdown_are_uploaded_after_the_restart() {
     .await
     .expect("bounded in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_resumes_across_an_ingest_restart_mid_chunk_without_loss_or_duplicates() {
+    tokio::time::timeout(LIMIT, async {
+        let mut p = Pipeline::start(Options {
+            chunk_seconds: 1,
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        let mut spec = DeviceSpec::synthetic("rosa", "roaming", 8_000, 6.0, 14);
+        spec.speed = 1.0;
+        spec.mean_frame_bytes = 800;
+        let mut config =
+            spillway_ingest::client::ResumeConfig::local(p.ingest_quic, p.cert_der.clone());
+        config.give_up_after = Some(Duration::from_secs(30));
+        let device = tokio::spawn(async move {
+            xtask::sim::run_resuming_device(config, spec, &Progress::hidden()).await
+        });
+
+        // Mid-stream, and almost surely mid-chunk, ingest is restarted: it flushes the partial
+        // chunk, acknowledges it and says SHUTTING_DOWN; the device reconnects and resumes.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        p.restart_ingest().await.expect("restart ingest");
+
+        let report = device.await.expect("task").expect("the session completes");
+        assert!(report.report.reconnects >= 1);
+        assert!(
+            report
+                .report
+                .errors
+                .iter()
+                .any(|e| e.code == spillway_proto::device::ErrorCode::ShuttingDown as i32),
+            "{:?}",
+            report.report.errors
+        );
+        let pieces: Vec<_> = report
+            .report
+            .acks
+            .iter()
+            .filter(|a| a.key.contains('_'))
+            .map(|a| a.key.clone())
+            .collect();
+        assert_eq!(
+            pieces.len(),
+            1,
+            "one chunk was cut by the restart: {pieces:?}"
+        );
+        let s3 = p.s3().await;
+        let objects = xtask::sim::verify_resumed(&s3, &p.bucket, &report, Duration::from_secs(60))
+            .await
+            .expect("every sample once, byte for byte");
+        assert_eq!(objects, 7, "six chunks, one of them in two pieces");
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
