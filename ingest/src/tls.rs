@@ -58,6 +58,15 @@ impl TlsMaterial {
     }
 }
 
+/// A fresh self-signed certificate for [`SELF_SIGNED_NAMES`] as PEM (certificate, private key),
+/// for local tooling that must restart ingest with the same certificate.
+pub fn self_signed_pem() -> anyhow::Result<(String, String)> {
+    let names: Vec<String> = SELF_SIGNED_NAMES.iter().map(|s| (*s).to_owned()).collect();
+    let ck = rcgen::generate_simple_self_signed(names)
+        .context("generating a self-signed certificate")?;
+    Ok((ck.cert.pem(), ck.signing_key.serialize_pem()))
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }

@@ -2,15 +2,13 @@
 //! loopback, optionally with simulated devices, optionally verifying every object and exiting.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::process::{Child, Command};
 
-use crate::pipeline::wait_ready;
+use crate::cluster::{BUCKET, Cluster, ClusterOptions, build_daemons};
 use crate::sim::{DeviceSpec, Progress, Source};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -48,150 +46,6 @@ pub struct UpArgs {
     pub release: bool,
 }
 
-const BUCKET: &str = "spillway";
-
-fn free_tcp() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn free_udp() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// A daemon process, killed if dropped while still running.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(
-        name: &'static str,
-        program: &Path,
-        args: &[String],
-        envs: &[(&str, &str)],
-        logs: &Path,
-    ) -> anyhow::Result<Self> {
-        let log = logs.join(format!("{name}.log"));
-        let file =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(program)
-            .args(args)
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        Ok(Self { name, child, log })
-    }
-
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{} exited early ({status}); see {}",
-                self.name,
-                self.log.display()
-            );
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, then wait for a clean exit (SIGKILL after 30 s).
-    async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
-            Ok(status) => {
-                let status = status?;
-                ensure!(
-                    status.success(),
-                    "{} exited with {status}; see {}",
-                    self.name,
-                    self.log.display()
-                );
-                Ok(())
-            }
-            Err(_) => {
-                self.child.kill().await?;
-                bail!("{} did not stop within 30 s of SIGTERM; killed", self.name)
-            }
-        }
-    }
-}
-
-async fn wait_tcp(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        proc.check_alive()?;
-        ensure!(
-            Instant::now() < deadline,
-            "{} not listening on {addr} after 30 s",
-            proc.name
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-async fn ready(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
-    tokio::select! {
-        r = wait_ready(addr) => r.with_context(|| format!("{}; see {}", proc.name, proc.log.display())),
-        r = async { loop { proc.check_alive()?; tokio::time::sleep(Duration::from_millis(100)).await; } } => r,
-    }
-}
-
-/// Builds the real `ingest` and `uploader` binaries (and `xtask`, which serves the store) and
-/// returns the directory holding them.
-///
-/// Builds every workspace binary: that selects the same features as `cargo test --workspace`,
-/// so after the tests nothing is compiled again (building only the two daemons would unify
-/// features differently and rebuild much of the AWS SDK).
-fn build_daemons(release: bool) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--workspace", "--bins"]);
-    // `cargo run` gave this process the variables it sets for a package (CARGO_MANIFEST_DIR,
-    // CARGO_PKG_NAME, ...). Some build scripts (ring's) watch those, so passing them on would
-    // make this build and every later plain `cargo` build rebuild each other's dependencies.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("CARGO_PKG_")
-            || name.starts_with("CARGO_MANIFEST_")
-            || matches!(
-                &*name,
-                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
-            )
-        {
-            cmd.env_remove(&*name);
-        }
-    }
-    if release {
-        cmd.arg("--release");
-    }
-    eprintln!("building the daemons: {cmd:?}");
-    let status = cmd.status().context("running cargo build")?;
-    ensure!(status.success(), "cargo build failed");
-    // This program was built into <target>/<profile>/xtask by the same cargo, so the target
-    // directory is two levels up, whatever CARGO_TARGET_DIR or the config says.
-    let me = std::env::current_exe().context("locating the xtask binary")?;
-    let target = me
-        .parent()
-        .and_then(Path::parent)
-        .with_context(|| format!("{} is not inside a cargo target directory", me.display()))?;
-    let dir = target.join(if release { "release" } else { "debug" });
-    for daemon in ["ingest", "uploader", "xtask"] {
-        let path = dir.join(daemon);
-        ensure!(path.is_file(), "{} was not built", path.display());
-    }
-    Ok(dir)
-}
-
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ensure!(
         args.devices == 0 || args.seconds > 0.0,
@@ -206,87 +60,25 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&args.dir)
             .with_context(|| format!("clearing {}", args.dir.display()))?;
     }
-    let logs = args.dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let dir = std::fs::canonicalize(&args.dir)?;
-
-    let (s3_addr, ugrpc, uhttp, ihttp, iquic) = (
-        free_tcp()?,
-        free_tcp()?,
-        free_tcp()?,
-        free_tcp()?,
-        free_udp()?,
+    let cluster = Cluster::start(ClusterOptions {
+        dir: args.dir.clone(),
+        bin,
+        chunk_seconds: args.chunk_seconds,
+        workers: args.workers,
+        uploader_args: Vec::new(),
+        ingest_args: Vec::new(),
+    })
+    .await?;
+    let (iquic, ihttp, ugrpc, uhttp) = (
+        cluster.ingest_quic,
+        cluster.ingest_http,
+        cluster.uploader_grpc,
+        cluster.uploader_http,
     );
-    let s3_endpoint = format!("http://{s3_addr}");
-    // The freshly built xtask binary serves the store: the running one may just have been
-    // replaced on disk by the build above.
-    let mut s3 = Proc::spawn(
-        "s3",
-        &bin.join("xtask"),
-        &[
-            "s3".into(),
-            "--root".into(),
-            dir.join("s3").display().to_string(),
-            "--listen".into(),
-            s3_addr.to_string(),
-        ],
-        &[],
-        &logs,
-    )?;
-    wait_tcp(s3_addr, &mut s3).await?;
-
-    let creds = [
-        ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
-        ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
-    let mut uploader = Proc::spawn(
-        "uploader",
-        &bin.join("uploader"),
-        &[
-            "--listen".into(),
-            ugrpc.to_string(),
-            "--http-listen".into(),
-            uhttp.to_string(),
-            "--spool-dir".into(),
-            dir.join("spool").display().to_string(),
-            "--s3-endpoint".into(),
-            s3_endpoint.clone(),
-            "--bucket".into(),
-            BUCKET.into(),
-            "--create-bucket".into(),
-            "--workers".into(),
-            args.workers.to_string(),
-            "--max-chunk-seconds".into(),
-            args.chunk_seconds.max(60).to_string(),
-        ],
-        &creds,
-        &logs,
-    )?;
-    ready(uhttp, &mut uploader).await?;
-
-    let cert_path = dir.join("ingest-cert.der");
-    let mut ingest = Proc::spawn(
-        "ingest",
-        &bin.join("ingest"),
-        &[
-            "--listen".into(),
-            iquic.to_string(),
-            "--http-listen".into(),
-            ihttp.to_string(),
-            "--uploader".into(),
-            format!("http://{ugrpc}"),
-            "--dev-cert-out".into(),
-            cert_path.display().to_string(),
-            "--chunk-seconds".into(),
-            args.chunk_seconds.to_string(),
-        ],
-        &[],
-        &logs,
-    )?;
-    ready(ihttp, &mut ingest).await?;
-    let cert =
-        std::fs::read(&cert_path).with_context(|| format!("reading {}", cert_path.display()))?;
+    let s3_endpoint = cluster.s3_endpoint.clone();
+    let cert = cluster.cert.clone();
+    let cert_path = cluster.cert_path.clone();
+    let dir = cluster.dir.clone();
 
     println!("Spillway is up:");
     println!(
@@ -302,7 +94,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         crate::s3::ACCESS_KEY,
         dir.join("s3").display()
     );
-    println!("  logs      {}", logs.display());
+    println!("  logs      {}", cluster.logs.display());
 
     let result = if args.devices == 0 {
         println!("Press Ctrl-C to stop.");
@@ -312,12 +104,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         simulate(&args, iquic, &cert, &s3_endpoint).await
     };
     println!("stopping");
-    let stopped = [ingest.stop().await, uploader.stop().await, s3.stop().await];
+    let stopped = cluster.stop().await;
     result?;
-    for r in stopped {
-        r?;
-    }
-    Ok(())
+    stopped
 }
 
 async fn simulate(

@@ -1,0 +1,379 @@
+//! A local Spillway cluster of real processes: the embedded S3 server (served by the `xtask`
+//! binary itself), the uploader and ingest, on fixed loopback ports chosen at start so any of
+//! them can be killed and started again where it was. `cargo xtask up` and `cargo xtask chaos`
+//! both run on it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use tokio::process::{Child, Command};
+
+use crate::pipeline::wait_ready;
+
+/// The bucket every local cluster writes to.
+pub const BUCKET: &str = "spillway";
+
+pub fn free_tcp() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+pub fn free_udp() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// A daemon process, killed if dropped while still running.
+pub struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        logs: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = logs.join(format!("{name}.log"));
+        // Appended to, so a daemon restarted by `chaos` keeps the log of its previous run.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let child = Command::new(program)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Self { name, child, log })
+    }
+
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited early ({status}); see {}",
+                self.name,
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for a clean exit (SIGKILL after 30 s).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                ensure!(
+                    status.success(),
+                    "{} exited with {status}; see {}",
+                    self.name,
+                    self.log.display()
+                );
+                Ok(())
+            }
+            Err(_) => {
+                self.child.kill().await?;
+                bail!("{} did not stop within 30 s of SIGTERM; killed", self.name)
+            }
+        }
+    }
+}
+
+pub async fn wait_tcp(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        proc.check_alive()?;
+        ensure!(
+            Instant::now() < deadline,
+            "{} not listening on {addr} after 30 s",
+            proc.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+pub async fn ready(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
+    tokio::select! {
+        r = wait_ready(addr) => r.with_context(|| format!("{}; see {}", proc.name, proc.log.display())),
+        r = async { loop { proc.check_alive()?; tokio::time::sleep(Duration::from_millis(100)).await; } } => r,
+    }
+}
+
+/// Builds the real `ingest` and `uploader` binaries (and `xtask`, which serves the store) and
+/// returns the directory holding them.
+///
+/// Builds every workspace binary: that selects the same features as `cargo test --workspace`,
+/// so after the tests nothing is compiled again (building only the two daemons would unify
+/// features differently and rebuild much of the AWS SDK).
+pub fn build_daemons(release: bool) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--workspace", "--bins"]);
+    // `cargo run` gave this process the variables it sets for a package (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, ...). Some build scripts (ring's) watch those, so passing them on would
+    // make this build and every later plain `cargo` build rebuild each other's dependencies.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*name,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(&*name);
+        }
+    }
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!("building the daemons: {cmd:?}");
+    let status = cmd.status().context("running cargo build")?;
+    ensure!(status.success(), "cargo build failed");
+    // This program was built into <target>/<profile>/xtask by the same cargo, so the target
+    // directory is two levels up, whatever CARGO_TARGET_DIR or the config says.
+    let me = std::env::current_exe().context("locating the xtask binary")?;
+    let target = me
+        .parent()
+        .and_then(Path::parent)
+        .with_context(|| format!("{} is not inside a cargo target directory", me.display()))?;
+    let dir = target.join(if release { "release" } else { "debug" });
+    for daemon in ["ingest", "uploader", "xtask"] {
+        let path = dir.join(daemon);
+        ensure!(path.is_file(), "{} was not built", path.display());
+    }
+    Ok(dir)
+}
+
+/// One of the three processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daemon {
+    Store,
+    Uploader,
+    Ingest,
+}
+
+/// How to run a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// State directory (created): store files, spool, logs, certificate.
+    pub dir: PathBuf,
+    /// Directory holding the built `xtask`, `uploader` and `ingest` binaries.
+    pub bin: PathBuf,
+    pub chunk_seconds: u32,
+    pub workers: usize,
+    /// Extra flags for the uploader and for ingest.
+    pub uploader_args: Vec<String>,
+    pub ingest_args: Vec<String>,
+}
+
+/// A running cluster on fixed loopback ports.
+pub struct Cluster {
+    pub opts: ClusterOptions,
+    pub dir: PathBuf,
+    pub logs: PathBuf,
+    pub s3_addr: SocketAddr,
+    pub s3_endpoint: String,
+    pub uploader_grpc: SocketAddr,
+    pub uploader_http: SocketAddr,
+    pub ingest_quic: SocketAddr,
+    pub ingest_http: SocketAddr,
+    pub cert_path: PathBuf,
+    /// Ingest's self-signed certificate (DER), for devices to trust.
+    pub cert: Vec<u8>,
+    s3: Option<Proc>,
+    uploader: Option<Proc>,
+    ingest: Option<Proc>,
+}
+
+impl Cluster {
+    /// Starts the store, the uploader and ingest, each ready before the next.
+    pub async fn start(opts: ClusterOptions) -> anyhow::Result<Self> {
+        let logs = opts.dir.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        let dir = std::fs::canonicalize(&opts.dir)?;
+        let s3_addr = free_tcp()?;
+        let mut cluster = Self {
+            logs: dir.join("logs"),
+            cert_path: dir.join("ingest-cert.der"),
+            dir,
+            s3_addr,
+            s3_endpoint: format!("http://{s3_addr}"),
+            uploader_grpc: free_tcp()?,
+            uploader_http: free_tcp()?,
+            ingest_quic: free_udp()?,
+            ingest_http: free_tcp()?,
+            cert: Vec::new(),
+            opts,
+            s3: None,
+            uploader: None,
+            ingest: None,
+        };
+        // One certificate for the cluster's life, so a restarted ingest is still trusted.
+        let (cert_pem, key_pem) = spillway_ingest::tls::self_signed_pem()?;
+        let (cert_file, key_file) = (
+            cluster.dir.join("ingest-cert.pem"),
+            cluster.dir.join("ingest-key.pem"),
+        );
+        std::fs::write(&cert_file, cert_pem)?;
+        std::fs::write(&key_file, key_pem)?;
+        let tls = spillway_ingest::tls::TlsMaterial::from_pem_files(&cert_file, &key_file)?;
+        tls.write_cert_der(&cluster.cert_path)?;
+        cluster.cert = tls.leaf_der().to_vec();
+        for d in [Daemon::Store, Daemon::Uploader, Daemon::Ingest] {
+            cluster.start_daemon(d).await?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+
+    pub fn s3_root(&self) -> PathBuf {
+        self.dir.join("s3")
+    }
+
+    fn slot(&mut self, d: Daemon) -> &mut Option<Proc> {
+        match d {
+            Daemon::Store => &mut self.s3,
+            Daemon::Uploader => &mut self.uploader,
+            Daemon::Ingest => &mut self.ingest,
+        }
+    }
+
+    /// Starts one daemon where it ran before (same ports, same state) and waits until it is
+    /// ready. The uploader is ready only once its spool is open: how long that takes is what
+    /// `chaos` reports as its restart time.
+    pub async fn start_daemon(&mut self, d: Daemon) -> anyhow::Result<()> {
+        let dir = &self.dir;
+        let proc = match d {
+            Daemon::Store => {
+                let mut p = Proc::spawn(
+                    "s3",
+                    &self.opts.bin.join("xtask"),
+                    &[
+                        "s3".into(),
+                        "--root".into(),
+                        dir.join("s3").display().to_string(),
+                        "--listen".into(),
+                        self.s3_addr.to_string(),
+                    ],
+                    &[],
+                    &self.logs,
+                )?;
+                wait_tcp(self.s3_addr, &mut p).await?;
+                p
+            }
+            Daemon::Uploader => {
+                let creds = [
+                    ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
+                    ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
+                    ("AWS_EC2_METADATA_DISABLED", "true"),
+                ];
+                let mut args = vec![
+                    "--listen".into(),
+                    self.uploader_grpc.to_string(),
+                    "--http-listen".into(),
+                    self.uploader_http.to_string(),
+                    "--spool-dir".into(),
+                    dir.join("spool").display().to_string(),
+                    "--s3-endpoint".into(),
+                    self.s3_endpoint.clone(),
+                    "--bucket".into(),
+                    BUCKET.into(),
+                    "--create-bucket".into(),
+                    "--workers".into(),
+                    self.opts.workers.to_string(),
+                    "--max-chunk-seconds".into(),
+                    self.opts.chunk_seconds.max(60).to_string(),
+                ];
+                args.extend(self.opts.uploader_args.iter().cloned());
+                let mut p = Proc::spawn(
+                    "uploader",
+                    &self.opts.bin.join("uploader"),
+                    &args,
+                    &creds,
+                    &self.logs,
+                )?;
+                ready(self.uploader_http, &mut p).await?;
+                p
+            }
+            Daemon::Ingest => {
+                let mut args = vec![
+                    "--listen".into(),
+                    self.ingest_quic.to_string(),
+                    "--http-listen".into(),
+                    self.ingest_http.to_string(),
+                    "--uploader".into(),
+                    format!("http://{}", self.uploader_grpc),
+                    "--tls-cert".into(),
+                    self.dir.join("ingest-cert.pem").display().to_string(),
+                    "--tls-key".into(),
+                    self.dir.join("ingest-key.pem").display().to_string(),
+                    "--chunk-seconds".into(),
+                    self.opts.chunk_seconds.to_string(),
+                ];
+                args.extend(self.opts.ingest_args.iter().cloned());
+                let mut p = Proc::spawn(
+                    "ingest",
+                    &self.opts.bin.join("ingest"),
+                    &args,
+                    &[],
+                    &self.logs,
+                )?;
+                ready(self.ingest_http, &mut p).await?;
+                p
+            }
+        };
+        *self.slot(d) = Some(proc);
+        Ok(())
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub async fn kill(&mut self, d: Daemon) -> anyhow::Result<()> {
+        if let Some(mut p) = self.slot(d).take() {
+            p.child.start_kill()?;
+            p.child.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then a clean exit is required.
+    pub async fn terminate(&mut self, d: Daemon) -> anyhow::Result<()> {
+        match self.slot(d).take() {
+            Some(p) => p.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Stops ingest, the uploader and the store, in that order; returns the first error.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let stopped = [
+            self.terminate(Daemon::Ingest).await,
+            self.terminate(Daemon::Uploader).await,
+            self.terminate(Daemon::Store).await,
+        ];
+        for r in stopped {
+            r?;
+        }
+        Ok(())
+    }
+}
