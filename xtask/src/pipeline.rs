@@ -175,6 +175,17 @@ impl Pipeline {
         crate::s3::client(&self.s3_endpoint).await
     }
 
+    /// Makes the store answer every request `503 SlowDown` (`true`) or serve again (`false`).
+    pub fn store_failing(&self, failing: bool) -> anyhow::Result<()> {
+        let flag = crate::s3::fault_flag(&self.s3_root);
+        if failing {
+            std::fs::write(&flag, b"")?;
+        } else if flag.exists() {
+            std::fs::remove_file(&flag)?;
+        }
+        Ok(())
+    }
+
     /// Stops the object store (an outage); [`Pipeline::start_store`] brings it back.
     pub async fn stop_store(&mut self) -> anyhow::Result<()> {
         self.s3_stop.cancel();

@@ -3,6 +3,7 @@
 //! checksums, so uploads are checked as a real store would.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -17,6 +18,46 @@ pub const ACCESS_KEY: &str = "spillway-local";
 /// Secret key of the local store.
 pub const SECRET_KEY: &str = "spillway-local-secret";
 
+/// While this file exists next to the store's root (`<root>.fail`), every request is answered
+/// `503 SlowDown`, as an overloaded S3 does: `cargo xtask chaos` creates and removes it.
+pub fn fault_flag(root: &Path) -> std::path::PathBuf {
+    let mut p = root.as_os_str().to_owned();
+    p.push(".fail");
+    p.into()
+}
+
+/// The S3 service with fault injection in front.
+#[derive(Clone)]
+struct Faulty {
+    inner: s3s::service::S3Service,
+    flag: Arc<std::path::PathBuf>,
+}
+
+type Answer = std::pin::Pin<
+    Box<dyn Future<Output = Result<s3s::HttpResponse, s3s::HttpError>> + Send + 'static>,
+>;
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Faulty {
+    type Response = s3s::HttpResponse;
+    type Error = s3s::HttpError;
+    type Future = Answer;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        if self.flag.exists() {
+            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
+                <Message>Please reduce your request rate (fault injected by cargo xtask chaos).</Message></Error>";
+            let mut response = http::Response::new(s3s::Body::from(body.to_owned()));
+            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/xml"),
+            );
+            return Box::pin(async move { Ok(response) });
+        }
+        hyper::service::Service::call(&self.inner, req)
+    }
+}
+
 /// Serves the store rooted at `root` (one directory per bucket) until `shutdown` fires.
 pub async fn serve(
     root: &Path,
@@ -29,7 +70,10 @@ pub async fn serve(
     let service = {
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        b.build()
+        Faulty {
+            inner: b.build(),
+            flag: Arc::new(fault_flag(root)),
+        }
     };
     let http = ConnBuilder::new(TokioExecutor::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

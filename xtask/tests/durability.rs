@@ -351,3 +351,43 @@ async fn a_device_resumes_across_an_ingest_restart_mid_chunk_without_loss_or_dup
     .await
     .expect("bounded in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_answering_slow_down_is_retried_behind_the_breaker_until_it_recovers() {
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(small()).await.expect("pipeline");
+        p.store_failing(true).expect("fault on");
+        let report = streaming(&p, DeviceSpec::synthetic("sara", "slow", 8_000, 4.0, 15))
+            .await
+            .expect("device task");
+        assert_eq!(
+            report.acks.len(),
+            4,
+            "the spool absorbs what the store refuses"
+        );
+        let m = until_uploader(&p, "the breaker to open", |m| {
+            metric(m, "spillway_uploader_breaker_state") == 2.0
+        })
+        .await;
+        assert!(metric(&m, "spillway_uploader_uploads_total{result=\"error\"}") >= 5.0);
+        assert!(metric(&m, "spillway_uploader_upload_max_attempts") >= 2.0);
+        assert_eq!(metric(&m, "spillway_uploader_spool_chunks"), 4.0);
+
+        p.store_failing(false).expect("fault off");
+        let s3 = p.s3().await;
+        assert_eq!(
+            verify_device(&s3, &p.bucket, &report, Duration::from_secs(60))
+                .await
+                .expect("drained once the store recovered"),
+            4
+        );
+        until_uploader(&p, "the breaker to close", |m| {
+            metric(m, "spillway_uploader_breaker_state") == 0.0
+                && metric(m, "spillway_uploader_spool_chunks") == 0.0
+        })
+        .await;
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
