@@ -33,6 +33,7 @@ pub struct Metrics {
     pub budget_bytes: Gauge,
     pub buffered_bytes: Gauge,
     pub budget_waits: Counter,
+    pub idle_connections_closed: Counter,
 }
 
 impl Metrics {
@@ -103,6 +104,11 @@ impl Metrics {
             "budget_waits",
             "Times a session stopped reading because the memory budget was spent",
             m.budget_waits.clone(),
+        );
+        r.register(
+            "idle_connections_closed",
+            "Connections closed for having no session open for the idle timeout",
+            m.idle_connections_closed.clone(),
         );
         m
     }

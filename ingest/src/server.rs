@@ -60,7 +60,12 @@ pub(crate) async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     shared.metrics.connections.inc();
     tracing::debug!(%remote, "connection accepted");
+    // A connection with no session open for the idle timeout is closed: a flood of connections
+    // that never send cannot pin ingest's memory (the seed's ghost connections held 15 MiB each).
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ended = Arc::new(tokio::sync::Notify::new());
     loop {
+        let idle = active.load(std::sync::atomic::Ordering::Acquire) == 0;
         let (tx, rx) = tokio::select! {
             r = conn.accept_bi() => match r {
                 Ok(streams) => streams,
@@ -69,12 +74,26 @@ pub(crate) async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
                     return;
                 }
             },
+            () = tokio::time::sleep(shared.idle_timeout), if idle => {
+                shared.metrics.idle_connections_closed.inc();
+                tracing::info!(%remote, "closing a connection with no session for the idle timeout");
+                conn.close(
+                    quinn::VarInt::from_u32(ErrorCode::IdleTimeout as u32),
+                    b"no session within the idle timeout",
+                );
+                return;
+            }
+            () = ended.notified() => continue,
             () = shared.shutdown.cancelled() => return,
         };
-        let shared2 = Arc::clone(&shared);
-        shared
-            .tasks
-            .spawn(async move { stream(tx, rx, shared2).await });
+        let (shared2, active2, ended2) =
+            (Arc::clone(&shared), Arc::clone(&active), Arc::clone(&ended));
+        active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        shared.tasks.spawn(async move {
+            stream(tx, rx, shared2).await;
+            active2.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            ended2.notify_one();
+        });
     }
 }
 

@@ -303,7 +303,7 @@ impl Cluster {
                     "--workers".into(),
                     self.opts.workers.to_string(),
                     "--max-chunk-seconds".into(),
-                    self.opts.chunk_seconds.max(60).to_string(),
+                    self.opts.chunk_seconds.to_string(),
                 ];
                 args.extend(self.opts.uploader_args.iter().cloned());
                 let mut p = Proc::spawn(

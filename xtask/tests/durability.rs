@@ -391,3 +391,50 @@ async fn a_store_answering_slow_down_is_retried_behind_the_breaker_until_it_reco
     .await
     .expect("bounded in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_open_a_session_are_closed_after_the_idle_timeout() {
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(Options {
+            idle_timeout: Duration::from_secs(1),
+            ..small()
+        })
+        .await
+        .expect("pipeline");
+        let mut flood = Vec::new();
+        for _ in 0..20 {
+            flood.push(p.device().await.expect("connect"));
+        }
+        // A real session alongside is unaffected.
+        let good = streaming(&p, DeviceSpec::synthetic("tess", "busy", 8_000, 3.0, 16));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let closed = metric(
+                &ingest_metrics(&p).await,
+                "spillway_ingest_idle_connections_closed_total",
+            );
+            if closed >= 20.0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{closed} of 20 closed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for device in &flood {
+            assert!(device.open().await.is_err(), "closed by ingest");
+        }
+        let report = good.await.expect("device task");
+        let s3 = p.s3().await;
+        assert_eq!(
+            verify_device(&s3, &p.bucket, &report, Duration::from_secs(60))
+                .await
+                .expect("undisturbed"),
+            3
+        );
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
