@@ -3,9 +3,11 @@
 //! - [`s3`]: an S3-compatible server embedded on loopback (s3s + s3s-fs).
 //! - [`pipeline`]: the whole pipeline in one process, on ephemeral ports (tests).
 //! - [`sim`]: simulated devices and byte-for-byte verification of what reached the store.
+//! - [`chaos`]: `cargo xtask chaos`, failure scenarios against a cluster, audited.
 //! - [`cluster`]: the daemons as separate processes on fixed loopback ports.
 //! - [`up`]: `cargo xtask up`, a cluster with simulated devices.
 
+pub mod chaos;
 pub mod cluster;
 pub mod pipeline;
 pub mod s3;

@@ -14,6 +14,9 @@ struct Cli {
 enum Cmd {
     /// Run the S3 server, uploader and ingest locally; optionally simulate devices and verify.
     Up(xtask::up::UpArgs),
+    /// Kill, starve and damage a running cluster under load; audit that nothing acknowledged
+    /// was lost or duplicated.
+    Chaos(xtask::chaos::ChaosArgs),
     /// Serve the embedded S3-compatible store (what `up` starts as its first process).
     S3 {
         /// Directory holding one folder per bucket.
@@ -29,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Up(args) => xtask::up::up(args).await,
+        Cmd::Chaos(args) => xtask::chaos::chaos(args).await,
         Cmd::S3 { root, listen } => {
             spillway_proto::ops::init_tracing(spillway_proto::ops::LogFormat::Text);
             let listener = tokio::net::TcpListener::bind(listen).await?;

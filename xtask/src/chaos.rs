@@ -1,0 +1,526 @@
+//! `cargo xtask chaos`: every failure scenario against the real binaries on loopback, each
+//! bounded in time, summed up in one table.
+//!
+//! Each scenario starts a fresh [`Cluster`] (store, uploader and ingest as processes), streams
+//! audio from resuming devices ([`crate::sim::run_resuming_device`]), does its damage mid-load,
+//! waits for the devices to finish and the spool to drain, then audits the store: every
+//! acknowledged object must be there exactly once, byte for byte ([`crate::sim::audit_resumed`]).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cluster::{BUCKET, Cluster, ClusterOptions, Daemon, build_daemons};
+use crate::pipeline::{http_get, metric};
+use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_resumed, run_resuming_device};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChaosArgs {
+    /// Short outages (5 s) for CI; without it the store outage lasts 60 s.
+    #[arg(long)]
+    pub quick: bool,
+    /// Run only the scenarios whose name contains this.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Simulated devices per scenario.
+    #[arg(long, default_value_t = 4)]
+    pub devices: usize,
+    /// State directory (one folder per scenario, kept for inspection).
+    #[arg(long, default_value = ".spillway/chaos")]
+    pub dir: PathBuf,
+    /// Also write the table, with the command, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Build and run the daemons in release mode.
+    #[arg(long)]
+    pub release: bool,
+}
+
+/// One line of the table.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    scenario: String,
+    audio_seconds: f64,
+    acked: usize,
+    objects: usize,
+    lost: usize,
+    duplicated: usize,
+    /// Acknowledged chunks dropped on purpose and counted (`--when-full drop-oldest`) or lost to
+    /// disk damage and counted.
+    counted_drops: usize,
+    recovery: Option<Duration>,
+    note: String,
+    problems: Vec<String>,
+}
+
+const CHUNK_SECONDS: u32 = 2;
+const RATE: u32 = 8_000;
+/// One 2 s chunk at 8 kHz, as spooled (PCM plus a small envelope).
+const CHUNK_BYTES: u64 = 32_000;
+
+struct Scenario {
+    name: &'static str,
+    note: &'static str,
+    uploader_args: Vec<String>,
+    ingest_args: Vec<String>,
+    run: Action,
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    KillUploader { times: u32 },
+    KillIngest,
+    StoreDown,
+    StoreErrors,
+    SpoolFull,
+    ConnectionFlood,
+    DamagedSpool { flip: bool },
+    SigtermDuringLoad,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let small_spool = vec![
+        "--spool-max-bytes".to_owned(),
+        (12 * CHUNK_BYTES + 4_000).to_string(),
+    ];
+    let mut drop_oldest = small_spool.clone();
+    drop_oldest.extend(["--when-full".to_owned(), "drop-oldest".to_owned()]);
+    vec![
+        Scenario {
+            name: "kill -9 uploader x3",
+            note: "recovery: uploader restart until ready (spool open)",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::KillUploader { times: 3 },
+        },
+        Scenario {
+            name: "kill -9 ingest",
+            note: "recovery: ingest restart until the first new ack",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::KillIngest,
+        },
+        Scenario {
+            name: "store stopped, restarted",
+            note: "recovery: store back until the spool is empty",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::StoreDown,
+        },
+        Scenario {
+            name: "store answers 503 SlowDown",
+            note: "recovery: store healthy until the spool is empty",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::StoreErrors,
+        },
+        Scenario {
+            name: "spool full, --when-full reject",
+            note: "store down until the spool is full; recovery: store back until drained",
+            uploader_args: small_spool,
+            ingest_args: vec![],
+            run: Action::SpoolFull,
+        },
+        Scenario {
+            name: "spool full, --when-full drop-oldest",
+            note: "drops are the policy, each counted; recovery: store back until drained",
+            uploader_args: drop_oldest,
+            ingest_args: vec![],
+            run: Action::SpoolFull,
+        },
+        Scenario {
+            name: "flood of 200 silent connections",
+            note: "recovery: until ingest closed them all",
+            uploader_args: vec![],
+            ingest_args: vec!["--idle-timeout".to_owned(), "2s".to_owned()],
+            run: Action::ConnectionFlood,
+        },
+        Scenario {
+            name: "spool truncated at start-up",
+            note: "uploader killed with a backlog, last 200 bytes of sled's log cut",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::DamagedSpool { flip: false },
+        },
+        Scenario {
+            name: "spool bit-flipped at start-up",
+            note: "uploader killed with a backlog, one byte of a spooled blob flipped",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::DamagedSpool { flip: true },
+        },
+        Scenario {
+            name: "SIGTERM ingest and uploader",
+            note: "graceful restarts mid-load; recovery: both back until ready",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::SigtermDuringLoad,
+        },
+    ]
+}
+
+pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
+    let bin = build_daemons(args.release)?;
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)
+            .with_context(|| format!("clearing {}", args.dir.display()))?;
+    }
+    let outage = if args.quick {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
+    };
+    let mut rows = Vec::new();
+    for (i, s) in scenarios().into_iter().enumerate() {
+        if args
+            .only
+            .as_deref()
+            .is_some_and(|only| !s.name.contains(only))
+        {
+            continue;
+        }
+        eprintln!("== {}", s.name);
+        let started = Instant::now();
+        let opts = ClusterOptions {
+            dir: args.dir.join(format!("{i:02}")),
+            bin: bin.clone(),
+            chunk_seconds: CHUNK_SECONDS,
+            workers: 8,
+            uploader_args: s.uploader_args.clone(),
+            ingest_args: s.ingest_args.clone(),
+        };
+        let row = tokio::time::timeout(
+            outage + Duration::from_secs(240),
+            scenario(&s, opts, args.devices, outage),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("did not finish in time")));
+        let row = row.unwrap_or_else(|e| Row {
+            scenario: s.name.to_owned(),
+            problems: vec![format!("{e:#}")],
+            ..Row::default()
+        });
+        eprintln!("   {:.1} s, {:?}", started.elapsed().as_secs_f64(), row);
+        rows.push(row);
+    }
+    let table = render(&rows);
+    println!("{table}");
+    if let Some(path) = &args.record {
+        let command = format!(
+            "cargo xtask chaos{}{}",
+            if args.quick { " --quick" } else { "" },
+            if args.release { " --release" } else { "" }
+        );
+        let text = format!(
+            "# Chaos\n\nProduced by `{command}` ({} devices per scenario, 2 s chunks of 8 kHz audio; \
+             the store outage lasted {} s). Lost and duplicated count acknowledged audio: both \
+             must be 0 in every row. \"Counted\" are chunks the pipeline gave up on purpose or \
+             found damaged, and reported in its metrics.\n\n{table}\n",
+            args.devices,
+            outage.as_secs()
+        );
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let failed: Vec<_> = rows
+        .iter()
+        .filter(|r| !r.problems.is_empty() || r.lost > r.counted_drops || r.duplicated > 0)
+        .map(|r| r.scenario.clone())
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "scenarios failed: {failed:?}");
+    Ok(())
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| scenario | audio sent | chunks acked | objects | lost | duplicated | counted | recovered in | notes |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+    );
+    for r in rows {
+        let recovery = r
+            .recovery
+            .map_or_else(|| "-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
+        let mut note = r.note.clone();
+        if !r.problems.is_empty() {
+            note = format!("FAILED: {}", r.problems.join("; "));
+        }
+        t.push_str(&format!(
+            "| {} | {:.0} s | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.audio_seconds,
+            r.acked,
+            r.objects,
+            r.lost.saturating_sub(r.counted_drops),
+            r.duplicated,
+            r.counted_drops,
+            recovery,
+            note
+        ));
+    }
+    t
+}
+
+async fn metrics_of(addr: std::net::SocketAddr) -> String {
+    http_get(addr, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+/// Polls until `done` holds, returning how long it took (`None` after `limit`).
+async fn until(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+fn devices(
+    c: &Cluster,
+    n: usize,
+    seconds: f64,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<ResumedReport>>> {
+    (0..n)
+        .map(|d| {
+            let mut spec = DeviceSpec::synthetic(
+                &format!("device-{d:02}"),
+                "chaos",
+                RATE,
+                seconds,
+                100 + d as u64,
+            );
+            // Ten times real time: 40 s of audio in about 4 s.
+            spec.speed = 10.0;
+            spec.mean_frame_bytes = 1_600;
+            let mut config =
+                spillway_ingest::client::ResumeConfig::local(c.ingest_quic, c.cert.clone());
+            config.idle_timeout = Duration::from_secs(2);
+            config.max_backoff = Duration::from_secs(1);
+            config.give_up_after = Some(Duration::from_secs(180));
+            tokio::spawn(
+                async move { run_resuming_device(config, spec, &Progress::hidden()).await },
+            )
+        })
+        .collect()
+}
+
+async fn scenario(
+    s: &Scenario,
+    opts: ClusterOptions,
+    n_devices: usize,
+    outage: Duration,
+) -> anyhow::Result<Row> {
+    let mut c = Cluster::start(opts).await?;
+    let seconds = 40.0;
+    let mut row = Row {
+        scenario: s.name.to_owned(),
+        note: s.note.to_owned(),
+        audio_seconds: seconds * n_devices as f64,
+        ..Row::default()
+    };
+    let load = devices(&c, n_devices, seconds);
+    let spool_empty = |c: &Cluster| {
+        let addr = c.uploader_http;
+        async move { metric(&metrics_of(addr).await, "spillway_uploader_spool_chunks") == 0.0 }
+    };
+    match s.run {
+        Action::KillUploader { times } => {
+            let mut worst = Duration::ZERO;
+            for _ in 0..times {
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+                c.kill(Daemon::Uploader).await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let t = Instant::now();
+                c.start_daemon(Daemon::Uploader).await?;
+                worst = worst.max(t.elapsed());
+            }
+            row.recovery = Some(worst);
+        }
+        Action::KillIngest => {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            c.kill(Daemon::Ingest).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let t = Instant::now();
+            c.start_daemon(Daemon::Ingest).await?;
+            let addr = c.ingest_http;
+            until(Duration::from_secs(60), async || {
+                metric(
+                    &metrics_of(addr).await,
+                    "spillway_ingest_chunks_acked_total",
+                ) >= 1.0
+            })
+            .await;
+            row.recovery = Some(t.elapsed());
+        }
+        Action::StoreDown => {
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            c.kill(Daemon::Store).await?;
+            tokio::time::sleep(outage).await;
+            c.start_daemon(Daemon::Store).await?;
+            let t = Instant::now();
+            row.recovery = after_devices(&c, load, &mut row, t, spool_empty).await?;
+            return finish(c, row).await;
+        }
+        Action::StoreErrors => {
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            let flag = crate::s3::fault_flag(&c.s3_root());
+            std::fs::write(&flag, b"")?;
+            tokio::time::sleep(outage).await;
+            std::fs::remove_file(&flag)?;
+            let t = Instant::now();
+            row.recovery = after_devices(&c, load, &mut row, t, spool_empty).await?;
+            return finish(c, row).await;
+        }
+        Action::SpoolFull => {
+            c.kill(Daemon::Store).await?;
+            let addr = c.uploader_http;
+            until(Duration::from_secs(60), async || {
+                let m = metrics_of(addr).await;
+                metric(&m, "spillway_uploader_spool_fill_ratio") > 0.9
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            c.start_daemon(Daemon::Store).await?;
+            let t = Instant::now();
+            row.recovery = after_devices(&c, load, &mut row, t, spool_empty).await?;
+            let m = metrics_of(c.uploader_http).await;
+            row.counted_drops = metric(&m, "spillway_uploader_spool_dropped_chunks_total") as usize;
+            return finish(c, row).await;
+        }
+        Action::ConnectionFlood => {
+            let mut flood = Vec::new();
+            for _ in 0..200 {
+                flood.push(
+                    spillway_ingest::client::Device::connect(c.ingest_quic, "localhost", &c.cert)
+                        .await?,
+                );
+            }
+            let addr = c.ingest_http;
+            row.recovery = until(Duration::from_secs(30), async || {
+                metric(
+                    &metrics_of(addr).await,
+                    "spillway_ingest_idle_connections_closed_total",
+                ) >= 200.0
+            })
+            .await;
+            if row.recovery.is_none() {
+                row.problems
+                    .push("ingest did not close the silent connections".into());
+            }
+            drop(flood);
+        }
+        Action::DamagedSpool { flip } => {
+            c.kill(Daemon::Store).await?;
+            // Let a backlog build up, then kill the uploader and damage its spool.
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            c.kill(Daemon::Uploader).await?;
+            damage_spool(&c.spool_dir(), flip)?;
+            let t = Instant::now();
+            c.start_daemon(Daemon::Uploader).await?;
+            row.recovery = Some(t.elapsed());
+            c.start_daemon(Daemon::Store).await?;
+            let t = Instant::now();
+            after_devices(&c, load, &mut row, t, spool_empty).await?;
+            let m = metrics_of(c.uploader_http).await;
+            row.counted_drops = (metric(&m, "spillway_uploader_spool_quarantined_total")
+                + metric(&m, "spillway_uploader_spool_lost_chunks_total"))
+                as usize;
+            return finish(c, row).await;
+        }
+        Action::SigtermDuringLoad => {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            let t = Instant::now();
+            c.terminate(Daemon::Ingest).await?;
+            c.start_daemon(Daemon::Ingest).await?;
+            c.terminate(Daemon::Uploader).await?;
+            c.start_daemon(Daemon::Uploader).await?;
+            row.recovery = Some(t.elapsed());
+        }
+    }
+    after_devices(&c, load, &mut row, Instant::now(), spool_empty).await?;
+    finish(c, row).await
+}
+
+/// Waits for the devices, then for `done` (the spool drained); audits every session into `row`.
+/// Returns the time from `since` until `done` held.
+async fn after_devices<F, Fut>(
+    c: &Cluster,
+    load: Vec<tokio::task::JoinHandle<anyhow::Result<ResumedReport>>>,
+    row: &mut Row,
+    since: Instant,
+    done: F,
+) -> anyhow::Result<Option<Duration>>
+where
+    F: Fn(&Cluster) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut reports = Vec::new();
+    for d in load {
+        match d.await.context("device task")? {
+            Ok(r) => reports.push(r),
+            Err(e) => row.problems.push(format!("device: {e:#}")),
+        }
+    }
+    let mut recovered = None;
+    while since.elapsed() < Duration::from_secs(180) {
+        if done(c).await {
+            recovered = Some(since.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if recovered.is_none() {
+        row.problems.push("the spool never drained".into());
+    }
+    let s3 = crate::s3::client(&c.s3_endpoint).await;
+    for r in &reports {
+        let a = audit_resumed(&s3, BUCKET, r, Duration::from_secs(5)).await?;
+        row.acked += a.acked;
+        row.objects += a.objects;
+        row.lost += a.lost;
+        row.duplicated += a.duplicated;
+        row.problems.extend(
+            a.ack_problems
+                .into_iter()
+                .map(|p| format!("{}: {p}", r.spec.uid)),
+        );
+    }
+    Ok(recovered)
+}
+
+async fn finish(c: Cluster, mut row: Row) -> anyhow::Result<Row> {
+    if let Err(e) = c.stop().await {
+        row.problems.push(format!("stopping: {e:#}"));
+    }
+    Ok(row)
+}
+
+/// Damages a stopped spool the way a crash or a bad disk does: cuts the tail of sled's log
+/// (a torn write), or flips one byte in the middle of a spooled blob.
+fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
+    if flip {
+        let blob = std::fs::read_dir(dir.join("blobs"))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .max()
+            .context("no blob in the spool to damage")?;
+        let mut bytes = std::fs::read(&blob)?;
+        let mid = bytes.len() / 2;
+        if let Some(b) = bytes.get_mut(mid) {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&blob, bytes)?;
+    } else {
+        let db = dir.join("db");
+        let len = std::fs::metadata(&db)?.len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&db)?
+            .set_len(len.saturating_sub(200))?;
+    }
+    Ok(())
+}
