@@ -104,6 +104,14 @@ impl Breaker {
         }
     }
 
+    /// Consecutive failures counted while closed (0 otherwise).
+    pub fn failures(&self) -> u32 {
+        match self.inner {
+            Inner::Closed { failures } => failures,
+            _ => 0,
+        }
+    }
+
     pub fn state(&self) -> State {
         match self.inner {
             Inner::Closed { .. } => State::Closed,

@@ -70,6 +70,15 @@ pub struct Args {
     /// Object key template: {prefix} {uid} {session} {seq} or {seq:0N}; must name uid, session, seq.
     #[arg(long, env = "SPILLWAY_KEY_TEMPLATE", default_value = crate::object::DEFAULT_TEMPLATE)]
     pub key_template: String,
+    /// Consecutive upload failures that open the object-store circuit breaker.
+    #[arg(long, env = "SPILLWAY_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long an open breaker first waits before a probe upload; doubles on each failed probe.
+    #[arg(long, env = "SPILLWAY_BREAKER_OPEN", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub breaker_open: Duration,
+    /// Ceiling of that wait: the longest the drain can lag behind a store that came back.
+    #[arg(long, env = "SPILLWAY_BREAKER_MAX_OPEN", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub breaker_max_open: Duration,
     /// Timeout of one PutObject attempt.
     #[arg(long, env = "SPILLWAY_UPLOAD_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub upload_timeout: Duration,
@@ -106,6 +115,7 @@ pub struct Config {
     pub key_template: KeyTemplate,
     pub upload_timeout: Duration,
     pub drain_timeout: Duration,
+    pub breaker: spillway_breaker::Config,
     /// Overrides the AWS credential chain when set (not a flag: tests and xtask only).
     pub credentials: Option<StaticCredentials>,
 }
@@ -118,6 +128,10 @@ pub enum ConfigError {
     MaxChunkSeconds(u32),
     #[error("--spool-max-bytes ({max}) must hold at least one largest chunk ({need} bytes)")]
     SpoolTooSmall { max: u64, need: u64 },
+    #[error(
+        "--breaker-failures must be at least 1 and --breaker-open at most --breaker-max-open, both non-zero"
+    )]
+    Breaker,
     #[error("--spool-high-watermark must be in (0, 1], got {0}")]
     HighWatermark(f64),
     #[error("--bucket {0:?} is not a valid bucket name (3-63 characters of a-z, 0-9, '.', '-')")]
@@ -144,6 +158,7 @@ impl Config {
             key_template: KeyTemplate::default(),
             upload_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            breaker: breaker_config(5, Duration::from_secs(1), Duration::from_secs(5)),
             credentials: None,
         }
     }
@@ -161,6 +176,10 @@ impl Config {
                 max: self.spool_max_bytes,
                 need,
             });
+        }
+        let b = &self.breaker;
+        if b.failure_threshold == 0 || b.open_for.is_zero() || b.open_for > b.max_open_for {
+            return Err(ConfigError::Breaker);
         }
         if !(self.spool_high_watermark > 0.0 && self.spool_high_watermark <= 1.0) {
             return Err(ConfigError::HighWatermark(self.spool_high_watermark));
@@ -193,9 +212,22 @@ impl Args {
             key_prefix: self.key_prefix,
             upload_timeout: self.upload_timeout,
             drain_timeout: self.drain_timeout,
+            breaker: breaker_config(
+                self.breaker_failures,
+                self.breaker_open,
+                self.breaker_max_open,
+            ),
             credentials: None,
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+fn breaker_config(failures: u32, open: Duration, max_open: Duration) -> spillway_breaker::Config {
+    spillway_breaker::Config {
+        failure_threshold: failures,
+        open_for: open,
+        max_open_for: max_open,
     }
 }

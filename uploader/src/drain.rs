@@ -40,6 +40,9 @@ pub struct Drain {
     /// One lock per object key being uploaded: two records for one key (a piece and the longer
     /// piece that superseded it) never race, so the older can never overwrite the newer.
     pub keys: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Fired when the store answers again after failing: every upload waiting out its backoff
+    /// retries at once, so the backlog drains at full speed the moment the store is back.
+    pub recovered: tokio::sync::Notify,
 }
 
 impl Drain {
@@ -178,6 +181,7 @@ impl Drain {
                     Decision::Allow => break,
                     Decision::Reject { retry_at } => tokio::select! {
                         () = tokio::time::sleep_until(retry_at.into()) => {}
+                        () = self.recovered.notified() => {}
                         () = abort.cancelled() => return,
                     },
                 }
@@ -197,7 +201,17 @@ impl Drain {
             };
             match result {
                 Ok(()) => {
-                    self.breaker_lock().on_success(Instant::now());
+                    let was_failing = {
+                        let mut breaker = self.breaker_lock();
+                        let was = breaker.state() != spillway_breaker::State::Closed
+                            || breaker.failures() > 0;
+                        breaker.on_success(Instant::now());
+                        was
+                    };
+                    if was_failing {
+                        tracing::info!(%key, "object store answering again: retrying every waiting upload now");
+                        self.recovered.notify_waiters();
+                    }
                     self.publish_breaker();
                     self.metrics
                         .upload_seconds
@@ -230,6 +244,7 @@ impl Drain {
                     tracing::warn!(%key, attempt, error = %e, retry_in = ?delay, "upload failed; chunk stays spooled");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
+                        () = self.recovered.notified() => {}
                         () = abort.cancelled() => {
                             self.note_attempt(pos, None);
                             return;

@@ -104,12 +104,11 @@ pub async fn run(
         workers: config.workers,
         template: config.key_template.clone(),
         prefix: config.key_prefix.clone(),
-        breaker: Arc::new(Mutex::new(spillway_breaker::Breaker::new(
-            spillway_breaker::Config::default(),
-        ))),
+        breaker: Arc::new(Mutex::new(spillway_breaker::Breaker::new(config.breaker))),
         metrics: metrics.clone(),
         attempts: Mutex::default(),
         keys: Mutex::default(),
+        recovered: tokio::sync::Notify::new(),
     };
     let drain_task = tokio::spawn(drain.run(drain_stop.clone(), config.drain_timeout));
 
