@@ -173,7 +173,17 @@ mod tests {
     use proptest::prelude::*;
 
     fn run(chunk_samples: u64, input: &[u8], cuts: &[usize]) -> (Vec<Chunk>, Flush) {
-        let mut c = Chunker::new(chunk_samples);
+        run_from(chunk_samples, 0, input, cuts)
+    }
+
+    /// Feeds `input` split at `cuts` (taken modulo its length) to a chunker starting at `start`.
+    fn run_from(
+        chunk_samples: u64,
+        start: u64,
+        input: &[u8],
+        cuts: &[usize],
+    ) -> (Vec<Chunk>, Flush) {
+        let mut c = Chunker::starting_at(chunk_samples, start);
         let mut out = Vec::new();
         let mut at = 0;
         let mut cuts: Vec<usize> = cuts.iter().map(|x| x % (input.len() + 1)).collect();
@@ -231,16 +241,8 @@ mod tests {
             input in proptest::collection::vec(any::<u8>(), 0..2_000),
             cuts in proptest::collection::vec(any::<usize>(), 0..40),
         ) {
-            let mut c = Chunker::starting_at(chunk_samples, start);
-            let mut out = Vec::new();
-            let mut at = 0;
-            let mut cuts: Vec<usize> = cuts.iter().map(|x| x % (input.len() + 1)).collect();
-            cuts.sort_unstable();
-            for cut in cuts.into_iter().chain(std::iter::once(input.len())) {
-                c.push(&input[at..cut], |ch| out.push(ch));
-                at = cut;
-            }
-            out.extend(c.finish().chunk);
+            let (mut out, flush) = run_from(chunk_samples, start, &input, &cuts);
+            out.extend(flush.chunk);
             let mut expect_first = start;
             for (k, ch) in out.iter().enumerate() {
                 prop_assert_eq!(ch.seq, expect_first / chunk_samples, "chunk {} is on the grid", k);

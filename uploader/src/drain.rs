@@ -128,13 +128,7 @@ impl Drain {
     }
 
     async fn upload(&self, pos: u64, record: Record, abort: &CancellationToken) {
-        let key = self.template.render(
-            &self.prefix,
-            &record.uid,
-            &record.session,
-            record.seq,
-            record.offset(),
-        );
+        let key = self.template.key_of(&self.prefix, &record);
         let key_lock = self.key_lock(&key);
         let guard = key_lock.lock().await;
         self.upload_locked(pos, &record, &key, abort).await;

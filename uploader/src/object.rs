@@ -126,6 +126,13 @@ impl KeyTemplate {
     }
 }
 
+impl KeyTemplate {
+    /// The key of a spooled record.
+    pub fn key_of(&self, prefix: &str, r: &crate::spool::Record) -> String {
+        self.render(prefix, &r.uid, &r.session, r.seq, r.offset())
+    }
+}
+
 /// Wraps PCM s16le mono in a WAV (RIFF) container at `sample_rate`.
 pub fn wav(pcm: &[u8], sample_rate: u32) -> Result<Vec<u8>, hound::Error> {
     let spec = hound::WavSpec {

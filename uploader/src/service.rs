@@ -134,13 +134,7 @@ impl Uploader for Service {
                 tracing::warn!(reason, message = status.message(), "PutChunk refused");
                 status
             })?;
-        let key = self.template.render(
-            &self.prefix,
-            &record.uid,
-            &record.session,
-            record.seq,
-            record.offset(),
-        );
+        let key = self.template.key_of(&self.prefix, &record);
         let outcome = self.spool.commit(&record).await.map_err(|e| {
             let (reason, status) = match &e {
                 SpoolError::Full { .. } => {

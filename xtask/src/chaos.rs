@@ -213,14 +213,14 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             if args.release { " --release" } else { "" }
         );
         let text = format!(
-            "# Chaos\n\nProduced by `{command}` ({} devices per scenario, 2 s chunks of 8 kHz audio; \
+            "Produced by `{command}` ({} devices per scenario, 2 s chunks of 8 kHz audio; \
              the store outage lasted {} s). Lost and duplicated count acknowledged audio: both \
              must be 0 in every row. \"Counted\" are chunks the pipeline gave up on purpose or \
              found damaged, and reported in its metrics.\n\n{table}\n",
             args.devices,
             outage.as_secs()
         );
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        write_between_markers(path, &text)?;
     }
     let failed: Vec<_> = rows
         .iter()
@@ -523,4 +523,21 @@ fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
             .set_len(len.saturating_sub(200))?;
     }
     Ok(())
+}
+
+const BEGIN: &str = "<!-- chaos:begin (written by cargo xtask chaos --record) -->";
+const END: &str = "<!-- chaos:end -->";
+
+/// Writes `text` between the markers of `path`, keeping what surrounds them (the analysis
+/// written by hand); a file without markers is created or replaced whole.
+fn write_between_markers(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let text = format!("{}\n", text.trim_end());
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{BEGIN}\n{text}{}", &old[..b], &old[e..])
+        }
+        _ => format!("{BEGIN}\n{text}{END}\n"),
+    };
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
 }

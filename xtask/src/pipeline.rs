@@ -170,6 +170,16 @@ impl Pipeline {
         Device::connect(self.ingest_quic, "localhost", &self.cert_der).await
     }
 
+    /// Ingest's `/metrics` body.
+    pub async fn ingest_metrics(&self) -> anyhow::Result<String> {
+        Ok(http_get(self.ingest_http, "/metrics").await?.1)
+    }
+
+    /// The uploader's `/metrics` body.
+    pub async fn uploader_metrics(&self) -> anyhow::Result<String> {
+        Ok(http_get(self.uploader_http, "/metrics").await?.1)
+    }
+
     /// An S3 client for the embedded store.
     pub async fn s3(&self) -> aws_sdk_s3::Client {
         crate::s3::client(&self.s3_endpoint).await

@@ -90,6 +90,19 @@ pub struct DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// The hello that opens this session from its start.
+    pub fn hello(&self) -> Hello {
+        Hello {
+            uid: self.uid.clone(),
+            session: self.session.clone(),
+            sample_rate: self.sample_rate,
+            encoding: Encoding::PcmS16le as i32,
+            channels: 1,
+            token: String::new(),
+            resume_from: 0,
+        }
+    }
+
     /// A synthetic session sent as fast as possible in frames of ~3 KB split anywhere.
     pub fn synthetic(uid: &str, session: &str, sample_rate: u32, seconds: f64, seed: u64) -> Self {
         Self {
@@ -141,6 +154,50 @@ impl Progress {
     }
 }
 
+/// The audio frames a simulated device sends: sizes uniform in 1..=2×`mean_frame_bytes`, split
+/// anywhere (even inside a sample), paced to the spec's speed.
+struct Frames {
+    source: Source,
+    rng: rand::rngs::StdRng,
+    max_len: usize,
+    total: u64,
+    /// Bytes per second of wall time to pace to; 0 for as fast as possible.
+    pace: f64,
+    started: Instant,
+    sent: u64,
+}
+
+impl Frames {
+    fn new(spec: &DeviceSpec) -> Self {
+        Self {
+            source: spec.source.clone(),
+            rng: rand::rngs::StdRng::seed_from_u64(spec.seed),
+            max_len: spec.mean_frame_bytes.max(1) * 2,
+            total: spec.samples * 2,
+            pace: 2.0 * f64::from(spec.sample_rate) * spec.speed,
+            started: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    async fn next(&mut self) -> Option<Bytes> {
+        if self.sent >= self.total {
+            return None;
+        }
+        let len = self
+            .rng
+            .random_range(1..=self.max_len)
+            .min((self.total - self.sent) as usize);
+        if self.pace > 0.0 {
+            let due = Duration::from_secs_f64(self.sent as f64 / self.pace);
+            tokio::time::sleep_until((self.started + due).into()).await;
+        }
+        let frame = Bytes::from(self.source.bytes(self.sent, len));
+        self.sent += len as u64;
+        Some(frame)
+    }
+}
+
 /// Streams one session and collects every reply until ingest finishes its side.
 pub async fn run_device(
     device: &Device,
@@ -148,16 +205,7 @@ pub async fn run_device(
     progress: &Arc<Progress>,
 ) -> anyhow::Result<DeviceReport> {
     let (mut tx, mut rx) = device.open().await?;
-    tx.hello(Hello {
-        uid: spec.uid.clone(),
-        session: spec.session.clone(),
-        sample_rate: spec.sample_rate,
-        encoding: Encoding::PcmS16le as i32,
-        channels: 1,
-        token: String::new(),
-        resume_from: 0,
-    })
-    .await?;
+    tx.hello(spec.hello()).await?;
     let reader = {
         let progress = Arc::clone(progress);
         tokio::spawn(async move {
@@ -171,24 +219,13 @@ pub async fn run_device(
             anyhow::Ok(messages)
         })
     };
-    let total = spec.samples * 2;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
-    let started = Instant::now();
-    let mut sent = 0u64;
-    while sent < total {
-        let len = rng
-            .random_range(1..=spec.mean_frame_bytes * 2)
-            .min((total - sent) as usize);
-        if spec.speed > 0.0 {
-            let due = Duration::from_secs_f64(
-                sent as f64 / 2.0 / f64::from(spec.sample_rate) / spec.speed,
-            );
-            tokio::time::sleep_until((started + due).into()).await;
-        }
-        tx.audio(Bytes::from(spec.source.bytes(sent, len))).await?;
-        sent += len as u64;
-        progress.bar.inc(len as u64);
+    let mut frames = Frames::new(&spec);
+    while let Some(frame) = frames.next().await {
+        let len = frame.len() as u64;
+        tx.audio(frame).await?;
+        progress.bar.inc(len);
     }
+    let sent = frames.sent;
     tx.finish()?;
     let messages = reader.await.context("reader task")??;
     let mut report = DeviceReport {
@@ -333,43 +370,19 @@ pub async fn run_resuming_device(
     progress: &Arc<Progress>,
 ) -> anyhow::Result<ResumedReport> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let hello = Hello {
-        uid: spec.uid.clone(),
-        session: spec.session.clone(),
-        sample_rate: spec.sample_rate,
-        encoding: Encoding::PcmS16le as i32,
-        channels: 1,
-        token: String::new(),
-        resume_from: 0,
-    };
+    let hello = spec.hello();
     let producer = {
         let (spec, progress) = (spec.clone(), Arc::clone(progress));
         tokio::spawn(async move {
-            let total = spec.samples * 2;
-            let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
-            let started = Instant::now();
-            let mut sent = 0u64;
-            while sent < total {
-                let len = rng
-                    .random_range(1..=spec.mean_frame_bytes * 2)
-                    .min((total - sent) as usize);
-                if spec.speed > 0.0 {
-                    let due = Duration::from_secs_f64(
-                        sent as f64 / 2.0 / f64::from(spec.sample_rate) / spec.speed,
-                    );
-                    tokio::time::sleep_until((started + due).into()).await;
-                }
-                if tx
-                    .send(Bytes::from(spec.source.bytes(sent, len)))
-                    .await
-                    .is_err()
-                {
+            let mut frames = Frames::new(&spec);
+            while let Some(frame) = frames.next().await {
+                let len = frame.len() as u64;
+                if tx.send(frame).await.is_err() {
                     break;
                 }
-                sent += len as u64;
-                progress.bar.inc(len as u64);
+                progress.bar.inc(len);
             }
-            sent
+            frames.sent
         })
     };
     let report = spillway_ingest::client::stream_resuming(config, hello, rx).await?;

@@ -25,17 +25,11 @@ fn small() -> Options {
 }
 
 async fn uploader_metrics(p: &Pipeline) -> String {
-    http_get(p.uploader_http, "/metrics")
-        .await
-        .expect("metrics")
-        .1
+    p.uploader_metrics().await.expect("metrics")
 }
 
 async fn ingest_metrics(p: &Pipeline) -> String {
-    http_get(p.ingest_http, "/metrics")
-        .await
-        .expect("metrics")
-        .1
+    p.ingest_metrics().await.expect("metrics")
 }
 
 /// Polls the uploader's metrics until `done` holds (at most 30 s).

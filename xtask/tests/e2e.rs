@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use spillway_ingest::client::Device;
 use spillway_proto::device::{Encoding, ErrorCode, Hello, ServerMessage, server_message::Kind};
-use xtask::pipeline::{Options, Pipeline, http_get, metric};
+use xtask::pipeline::{Options, Pipeline, metric};
 use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 /// Every test is bounded: a hang is a failure, not a stuck CI job.
@@ -64,17 +64,11 @@ fn acks(messages: &[ServerMessage]) -> Vec<(u64, u64, u64)> {
 }
 
 async fn ingest_metrics(p: &Pipeline) -> String {
-    http_get(p.ingest_http, "/metrics")
-        .await
-        .expect("metrics")
-        .1
+    p.ingest_metrics().await.expect("metrics")
 }
 
 async fn uploader_metrics(p: &Pipeline) -> String {
-    http_get(p.uploader_http, "/metrics")
-        .await
-        .expect("metrics")
-        .1
+    p.uploader_metrics().await.expect("metrics")
 }
 
 async fn object_keys(p: &Pipeline, prefix: &str) -> Vec<String> {
