@@ -65,17 +65,6 @@ pub async fn run(
             .context("opening the spool")??
     };
     let spool = Arc::new(spool);
-    {
-        // Accounts for records the disk lost behind sled's back; in the background, because
-        // it touches every record and start-up must not wait for the backlog.
-        let (spool, m) = (Arc::clone(&spool), metrics.clone());
-        tokio::task::spawn_blocking(move || match spool.reconcile() {
-            Ok(lost) => {
-                m.spool_lost_chunks.inc_by(lost.len() as u64);
-            }
-            Err(e) => tracing::error!(error = %e, "checking the spool against its index failed"),
-        });
-    }
     metrics
         .spool_max_bytes
         .set(i64::try_from(config.spool_max_bytes).unwrap_or(i64::MAX));
@@ -110,7 +99,33 @@ pub async fn run(
         keys: Mutex::default(),
         recovered: tokio::sync::Notify::new(),
     };
-    let drain_task = tokio::spawn(drain.run(drain_stop.clone(), config.drain_timeout));
+    let drain_task = {
+        // The index is made to agree with the record files (after a crash or damage) before
+        // the drain starts, in the background: the service takes chunks meanwhile, and start-up
+        // does not wait for the backlog.
+        let (spool, m, stop, timeout) = (
+            Arc::clone(&spool),
+            metrics.clone(),
+            drain_stop.clone(),
+            config.drain_timeout,
+        );
+        tokio::spawn(async move {
+            match tokio::task::spawn_blocking(move || spool.reconcile()).await {
+                Ok(Ok(found)) => {
+                    m.spool_lost_chunks.inc_by(found.lost.len() as u64);
+                    m.spool_quarantined.inc_by(found.quarantined);
+                    m.spool_adopted_chunks.inc_by(found.adopted);
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "checking the spool against its files failed")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "checking the spool against its files failed")
+                }
+            }
+            drain.run(stop, timeout).await;
+        })
+    };
 
     let limit = spillway_proto::validate::max_chunk_bytes(config.max_chunk_seconds) + 64 * 1024;
     let service = UploaderServer::new(service::Service {
@@ -197,9 +212,10 @@ async fn track_readiness(
     }
 }
 
-/// Opens the spool. If sled cannot open it at all (an error or a panic inside sled), the
-/// damaged directory is renamed aside, kept for an operator, and an empty spool takes its place:
-/// the uploader keeps serving rather than crash-looping on a disk it cannot read.
+/// Opens the spool. If sled cannot open its index at all (an error or a panic inside sled), the
+/// damaged index is renamed aside for an operator and a fresh one is made: the record files are
+/// whole, and [`spool::Spool::reconcile`] adopts every one of them, so no audio is lost and the
+/// uploader keeps serving rather than crash-looping on a disk it cannot read.
 fn open_spool(
     dir: &std::path::Path,
     limits: spool::Limits,
@@ -218,21 +234,20 @@ fn open_spool(
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut aside = dir.as_os_str().to_owned();
-    aside.push(format!(".damaged-{stamp}"));
-    let aside = std::path::PathBuf::from(aside);
-    std::fs::rename(dir, &aside).with_context(|| {
+    let index = dir.join("index");
+    let aside = dir.join(format!("index.damaged-{stamp}"));
+    std::fs::rename(&index, &aside).with_context(|| {
         format!(
-            "the spool in {} cannot be opened ({failure}) and cannot be moved aside",
-            dir.display()
+            "the spool index in {} cannot be opened ({failure}) and cannot be moved aside",
+            index.display()
         )
     })?;
     metrics.spool_set_aside.inc();
-    tracing::error!(dir = %dir.display(), moved_to = %aside.display(), error = %failure,
-        "the spool cannot be opened: moved aside for an operator, starting with an empty spool");
+    tracing::error!(index = %index.display(), moved_to = %aside.display(), error = %failure,
+        "the spool index cannot be opened: moved aside; it is rebuilt from the record files");
     match attempt(limits) {
-        Ok(r) => r.with_context(|| format!("creating a new spool in {}", dir.display())),
-        Err(_) => anyhow::bail!("sled panicked creating a new spool in {}", dir.display()),
+        Ok(r) => r.with_context(|| format!("creating a new spool index in {}", index.display())),
+        Err(_) => anyhow::bail!("sled panicked creating a new index in {}", index.display()),
     }
 }
 
@@ -240,22 +255,46 @@ fn open_spool(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
+    #[tokio::test]
+    async fn an_index_sled_cannot_open_is_moved_aside_and_rebuilt_from_the_records() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("spool");
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::write(dir.join("conf"), b"\xff\x00 not a sled config \x01").unwrap();
-        std::fs::write(dir.join("db"), vec![0xa5; 4096]).unwrap();
+        {
+            let spool = Arc::new(spool::Spool::open(&dir, spool::Limits::reject(1 << 20)).unwrap());
+            for seq in 0..3 {
+                let pcm = bytes::Bytes::from(vec![seq as u8; 64]);
+                let record = spool::Record {
+                    uid: "u".into(),
+                    session: "s".into(),
+                    seq,
+                    sample_rate: 8000,
+                    chunk_samples: 32,
+                    first_sample: seq * 32,
+                    crc32c: crc32c::crc32c(&pcm),
+                    pcm,
+                };
+                spool.commit(&record).await.unwrap();
+            }
+        }
+        let index = dir.join("index");
+        std::fs::write(index.join("conf"), b"\xff\x00 not a sled config \x01").unwrap();
+        std::fs::write(index.join("db"), vec![0xa5; 4096]).unwrap();
         let metrics = metrics::Metrics::register(&mut Registry::default());
         let spool = open_spool(&dir, spool::Limits::reject(1 << 20), &metrics).unwrap();
-        assert!(spool.is_empty());
         assert_eq!(metrics.spool_set_aside.get(), 1);
-        let aside: Vec<_> = std::fs::read_dir(root.path())
+        let aside = std::fs::read_dir(&dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("spool.damaged-"))
-            .collect();
-        assert_eq!(aside.len(), 1, "the damaged spool is kept for an operator");
+            .filter(|e| {
+                e.as_ref().is_ok_and(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("index.damaged-")
+                })
+            })
+            .count();
+        assert_eq!(aside, 1, "the damaged index is kept for an operator");
+        let found = spool.reconcile().unwrap();
+        assert_eq!(found.adopted, 3, "{found:?}");
+        assert_eq!(spool.len(), 3, "no audio lost");
     }
 }

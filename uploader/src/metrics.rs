@@ -27,6 +27,7 @@ pub struct Metrics {
     pub spool_quarantined: Counter,
     pub spool_dropped_chunks: Counter,
     pub spool_lost_chunks: Counter,
+    pub spool_adopted_chunks: Counter,
     pub spool_set_aside: Counter,
     pub spool_dropped_bytes: Counter,
     pub spool_fill_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -50,6 +51,7 @@ impl Metrics {
             spool_quarantined: Counter::default(),
             spool_dropped_chunks: Counter::default(),
             spool_lost_chunks: Counter::default(),
+            spool_adopted_chunks: Counter::default(),
             spool_set_aside: Counter::default(),
             spool_dropped_bytes: Counter::default(),
             spool_fill_ratio: Gauge::default(),
@@ -99,8 +101,13 @@ impl Metrics {
         );
         r.register(
             "spool_lost_chunks",
-            "Spooled chunks found missing from disk at start-up (damage outside Spillway)",
+            "Spooled chunks whose record file was gone at start-up (damage outside Spillway)",
             m.spool_lost_chunks.clone(),
+        );
+        r.register(
+            "spool_adopted_chunks",
+            "Record files the index had lost (a crash, or damage to its files) taken back at start-up",
+            m.spool_adopted_chunks.clone(),
         );
         r.register(
             "spool_set_aside",

@@ -1,28 +1,40 @@
-//! The disk spool: every chunk is committed here, and flushed, before the uploader acknowledges
-//! it; the drain deletes it only after the object store confirmed the upload.
+//! The disk spool: every chunk is committed here, and made durable, before the uploader
+//! acknowledges it; the drain deletes it only after the object store confirmed the upload.
 //!
-//! Layout (one sled database under `--spool-dir`):
-//! - tree `chunks`: key = 8-byte big-endian spool position (monotonic, from sled's id
-//!   generator), value = a protobuf [`Record`] (id, audio parameters, CRC32C, PCM). Iterating it
-//!   in key order yields chunks oldest first.
-//! - tree `index`: key = `uid/session/seq` (20 digits), value = position, CRC32C and record
-//!   size. It makes a repeated put of the same chunk id store nothing new, and it is what
-//!   [`Spool::open`] reads to size the backlog: start-up never reads the audio itself, so it takes
-//!   milliseconds whether the spool holds one chunk or gigabytes.
-//! - tree `quarantine`: records that failed to decode or whose PCM no longer matches its CRC32C;
-//!   kept for an operator, never uploaded, never retried.
+//! Layout under `--spool-dir`:
+//! - `records/<position>.rec`: one file per chunk, the protobuf [`Record`] (id, audio
+//!   parameters, CRC32C, PCM). Positions are monotonic (sled's id generator), so position order
+//!   is age order. Each file stands alone: damage to one costs that chunk and no other.
+//! - `index/`: a sled database of small entries only, never audio:
+//!   - tree `chunks`: position → record size and the record's metadata (no PCM); iterating it
+//!     yields chunks oldest first.
+//!   - tree `index`: `uid/session/seq/first_sample` → position, CRC32C, record size. It makes a
+//!     repeated put of the same id store nothing new, lets a longer piece supersede a shorter
+//!     one, and is what [`Spool::open`] reads to size the backlog: start-up never reads audio.
+//!   - tree `quarantine`: metadata of records found damaged or missing.
+//! - `quarantine/`: record files that failed their checks, kept for an operator.
+//!
+//! A commit writes the record to a temporary file and syncs it, then (under the writer lock)
+//! renames it to its position, syncs the directory and inserts the index entries, then flushes
+//! sled. A crash at any point leaves either nothing acknowledged or a record file the index may
+//! not name yet (an orphan); [`Spool::reconcile`] adopts valid orphans, so damage to sled's own
+//! files (which makes sled recover only a prefix of its log) loses no audio either.
 //!
 //! Invariants:
-//! - **Acknowledged ⇒ durable**: [`Spool::commit`] returns only after `flush_async` completed for
-//!   a batch containing the record, whether this put stored it or an earlier one did.
+//! - **Acknowledged ⇒ durable**: [`Spool::commit`] returns only after the record file, its
+//!   directory entry and the index entries are all on disk.
 //! - **Bounded**: the sum of record sizes never exceeds `max_bytes`. A put that would exceed it
 //!   is refused with [`SpoolError::Full`] before anything is written ([`WhenFull::Reject`]), or
 //!   the oldest records are evicted first to make room ([`WhenFull::DropOldest`]); every
 //!   eviction is logged with its chunk id and reported to the `on_drop` hook.
-//! - A record leaves `chunks` only through [`Spool::remove`] (after upload), quarantine, or a
-//!   `DropOldest` eviction.
+//! - A record leaves the spool only through [`Spool::remove`] (after upload), quarantine (it
+//!   failed its checksum, or its file is gone: both logged and counted), or a `DropOldest`
+//!   eviction.
 
 use std::convert::Infallible;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -161,20 +173,40 @@ pub enum SpoolError {
     Conflict { existing: u32, new: u32 },
     #[error("spool storage error: {0}")]
     Storage(#[from] sled::Error),
+    #[error("spool file error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("spool task failed: {0}")]
+    Task(String),
 }
 
-/// The spool. Cheap operations are synchronous; only the flush is awaited.
+/// The spool. Index operations are synchronous; file writes and the flush run off the
+/// async threads.
 #[derive(Debug)]
 pub struct Spool {
     db: sled::Db,
     chunks: sled::Tree,
     index: sled::Tree,
     quarantine: sled::Tree,
+    records: PathBuf,
+    quarantine_dir: PathBuf,
     limits: Limits,
     used: AtomicU64,
     count: AtomicU64,
     writer: std::sync::Mutex<()>,
     committed: Notify,
+    tmp_seq: AtomicU64,
+}
+
+/// What [`Spool::reconcile`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Ids the index named whose record file is gone (logged; the audio is lost).
+    pub lost: Vec<String>,
+    /// Valid record files the index did not name (after a crash or damage to sled's files),
+    /// taken back into the spool.
+    pub adopted: u64,
+    /// Record files that failed their checks, moved to `quarantine/`.
+    pub quarantined: u64,
 }
 
 fn position_key(pos: u64) -> [u8; 8] {
@@ -202,13 +234,43 @@ fn parse_index(v: &[u8]) -> Option<(u64, u32, u64)> {
     Some((pos, crc, size))
 }
 
+/// `chunks` value: record size (8 bytes, big-endian), then the record without its PCM.
+fn meta_value(record: &Record, size: u64) -> Vec<u8> {
+    let mut meta = record.clone();
+    meta.pcm = Bytes::new();
+    let mut v = size.to_be_bytes().to_vec();
+    v.extend_from_slice(&meta.encode_to_vec());
+    v
+}
+
+fn parse_meta(v: &[u8]) -> Option<(u64, Record)> {
+    let size = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let meta = Record::decode(v.get(8..)?).ok()?;
+    Some((size, meta))
+}
+
+fn same_id(a: &Record, b: &Record) -> bool {
+    (&a.uid, &a.session, a.seq, a.first_sample) == (&b.uid, &b.session, b.seq, b.first_sample)
+}
+
+fn ignore_missing(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `dir` and sizes what it already holds from the index
     /// alone, never reading the audio: start-up time does not grow with the backlog's bytes.
-    pub fn open(dir: &std::path::Path, limits: Limits) -> Result<Self, SpoolError> {
+    pub fn open(dir: &Path, limits: Limits) -> Result<Self, SpoolError> {
         let started = Instant::now();
+        let records = dir.join("records");
+        let quarantine_dir = dir.join("quarantine");
+        std::fs::create_dir_all(&records)?;
+        std::fs::create_dir_all(&quarantine_dir)?;
         let db = sled::Config::new()
-            .path(dir)
+            .path(dir.join("index"))
             .flush_every_ms(Some(500))
             .open()?;
         let chunks = db.open_tree("chunks")?;
@@ -223,8 +285,7 @@ impl Spool {
                     count += 1;
                 }
                 None => {
-                    // The record it pointed at is still drained; only deduplication of that
-                    // one id is lost.
+                    // Its record file is still there: reconcile adopts it again.
                     tracing::error!(id = %String::from_utf8_lossy(&key), "damaged spool index entry dropped");
                     index.remove(key)?;
                 }
@@ -236,11 +297,14 @@ impl Spool {
             chunks,
             index,
             quarantine,
+            records,
+            quarantine_dir,
             limits,
             used: AtomicU64::new(used),
             count: AtomicU64::new(count),
             writer: std::sync::Mutex::new(()),
             committed: Notify::new(),
+            tmp_seq: AtomicU64::new(0),
         })
     }
 
@@ -260,9 +324,23 @@ impl Spool {
         self.limits.max_bytes
     }
 
-    /// Stores `record` and makes it durable. Returns once it is flushed to disk.
-    pub async fn commit(&self, record: &Record) -> Result<Committed, SpoolError> {
-        let outcome = self.insert(record)?;
+    fn record_path(&self, pos: u64) -> PathBuf {
+        self.records.join(format!("{pos:020}.rec"))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stores `record` and makes it durable. Returns once the record file, its directory entry
+    /// and the index are on disk.
+    pub async fn commit(self: &Arc<Self>, record: &Record) -> Result<Committed, SpoolError> {
+        let (this, rec) = (Arc::clone(self), record.clone());
+        let outcome = tokio::task::spawn_blocking(move || this.insert(&rec))
+            .await
+            .map_err(|e| SpoolError::Task(e.to_string()))??;
         self.db.flush_async().await?;
         if outcome != Committed::Duplicate {
             self.committed.notify_one();
@@ -270,20 +348,55 @@ impl Spool {
         Ok(outcome)
     }
 
+    /// Writes `bytes` to a new temporary file in `records/` and syncs it.
+    fn write_tmp(&self, bytes: &[u8]) -> Result<PathBuf, SpoolError> {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.records.join(format!("tmp-{}-{n}", std::process::id()));
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        Ok(path)
+    }
+
+    fn sync_records_dir(&self) -> Result<(), SpoolError> {
+        std::fs::File::open(&self.records)?.sync_all()?;
+        Ok(())
+    }
+
     fn insert(&self, record: &Record) -> Result<Committed, SpoolError> {
         let id = record.index_key();
+        // A plain repeat needs no file at all.
+        if let Some(existing) = self.index.get(&id)?
+            && parse_index(&existing).is_some_and(|(_, crc, _)| crc == record.crc32c)
+        {
+            return Ok(Committed::Duplicate);
+        }
         let value = record.encode_to_vec();
         let need = value.len() as u64;
+        // The slow part, the file and its sync, happens before the lock: concurrent puts
+        // write their files in parallel.
+        let tmp = self.write_tmp(&value)?;
+        let result = self.insert_locked(record, &id, &tmp, need);
+        if !matches!(result, Ok(Committed::Stored | Committed::Extended)) {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn insert_locked(
+        &self,
+        record: &Record,
+        id: &[u8],
+        tmp: &Path,
+        need: u64,
+    ) -> Result<Committed, SpoolError> {
         // One writer at a time, for two reasons: the bound is checked and reserved atomically,
         // so concurrent puts cannot overshoot it; and positions become visible in the order
         // they were generated, so the drain's forward-only cursor can never pass a position
-        // whose record appears later. Only in-memory work happens here; the flush is outside.
-        let _writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // whose record appears later.
+        let _writer = self.lock();
         let mut supersedes = None;
-        if let Some(existing) = self.index.get(&id)? {
+        if let Some(existing) = self.index.get(id)? {
             let (old_pos, _, old_size) = parse_index(&existing).unwrap_or((u64::MAX, 0, 0));
             match self.compare(&existing, record)? {
                 Existing::Same | Existing::Covers => return Ok(Committed::Duplicate),
@@ -311,10 +424,20 @@ impl Spool {
             }
         }
         let pos = self.db.generate_id()?;
+        std::fs::rename(tmp, self.record_path(pos))?;
+        // The directory entry is durable before the index names it: an index entry never
+        // points at a file a crash could take back.
+        self.sync_records_dir()?;
+        if let Some((old, _)) = supersedes {
+            // The shorter piece's file goes first: if a crash comes between, the index still
+            // names it, its file is missing, and the longer piece is an orphan reconcile adopts.
+            ignore_missing(std::fs::remove_file(self.record_path(old)))?;
+        }
+        let meta = meta_value(record, need);
         let replaced = (&self.chunks, &self.index)
             .transaction(|(chunks, index)| {
-                chunks.insert(&position_key(pos), value.as_slice())?;
-                index.insert(id.as_slice(), &index_value(pos, record.crc32c, need))?;
+                chunks.insert(&position_key(pos), meta.as_slice())?;
+                index.insert(id, &index_value(pos, record.crc32c, need))?;
                 let replaced = match supersedes {
                     Some((old, _)) => chunks.remove(&position_key(old))?,
                     None => None,
@@ -328,7 +451,8 @@ impl Spool {
         self.used.fetch_add(need, Ordering::AcqRel);
         self.count.fetch_add(1, Ordering::AcqRel);
         if let Some(old) = replaced {
-            self.used.fetch_sub(old.len() as u64, Ordering::AcqRel);
+            let size = parse_meta(&old).map_or(0, |(size, _)| size);
+            self.used.fetch_sub(size, Ordering::AcqRel);
             self.count.fetch_sub(1, Ordering::AcqRel);
         }
         Ok(if supersedes.is_some() {
@@ -336,6 +460,18 @@ impl Spool {
         } else {
             Committed::Stored
         })
+    }
+
+    /// Reads and checks the record file at `pos` against its metadata.
+    fn read_record(&self, pos: u64, meta: &Record) -> Result<Option<Record>, SpoolError> {
+        let bytes = match std::fs::read(self.record_path(pos)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Record::decode(bytes.as_slice())
+            .ok()
+            .filter(|r| r.intact() && same_id(r, meta) && r.crc32c == meta.crc32c))
     }
 
     /// Compares a put with the record its id already names (one read, only on this rare path).
@@ -346,11 +482,14 @@ impl Spool {
         if crc == record.crc32c {
             return Ok(Existing::Same);
         }
-        let Some(old) = self
+        let Some((_, meta)) = self
             .chunks
             .get(position_key(pos))?
-            .and_then(|v| Record::decode(v.as_ref()).ok())
+            .and_then(|v| parse_meta(&v))
         else {
+            return Ok(Existing::Gone);
+        };
+        let Some(old) = self.read_record(pos, &meta)? else {
             return Ok(Existing::Gone);
         };
         Ok(if record.pcm.starts_with(&old.pcm) {
@@ -377,28 +516,21 @@ impl Spool {
         let Some((key, value)) = self.chunks.first()? else {
             return Ok(false);
         };
-        let bytes = value.len() as u64;
-        let dropped = match Record::decode(value.as_ref()) {
-            Ok(r) => {
-                self.remove_index_if_at(&r.index_key(), &key)?;
-                Dropped {
-                    uid: r.uid,
-                    session: r.session,
-                    seq: r.seq,
-                    bytes,
-                }
-            }
-            Err(_) => Dropped {
-                uid: String::new(),
-                session: String::new(),
-                seq: 0,
-                bytes,
-            },
-        };
+        let (bytes, meta) = parse_meta(&value).unwrap_or_default();
+        if let Some(pos) = position_of(&key) {
+            ignore_missing(std::fs::remove_file(self.record_path(pos)))?;
+        }
+        self.remove_index_if_at(&meta.index_key(), &key)?;
         if self.chunks.remove(&key)?.is_some() {
             self.used.fetch_sub(bytes, Ordering::AcqRel);
             self.count.fetch_sub(1, Ordering::AcqRel);
         }
+        let dropped = Dropped {
+            uid: meta.uid,
+            session: meta.session,
+            seq: meta.seq,
+            bytes,
+        };
         tracing::warn!(uid = %dropped.uid, session = %dropped.session, seq = dropped.seq, bytes,
             "spool full: dropped the oldest chunk (--when-full drop-oldest)");
         (self.limits.on_drop)(&dropped);
@@ -416,31 +548,26 @@ impl Spool {
         Ok(())
     }
 
-    /// The oldest record at a position `>= from`, decoded. Records that do not decode or whose
-    /// PCM no longer matches its checksum are moved to quarantine and skipped; the count of
-    /// those is returned alongside.
+    /// The oldest intact record at a position `>= from`. Records whose file is gone, fails its
+    /// checksum or does not match its metadata are quarantined and skipped; how many is returned
+    /// alongside.
     pub fn next_from(&self, from: u64) -> Result<(Option<(u64, Record)>, u64), SpoolError> {
         let mut quarantined = 0;
         for entry in self.chunks.range(position_key(from)..) {
             let (key, value) = entry?;
-            let Some(pos) = position_of(&key) else {
-                self.quarantine(&key, &value)?;
+            let parsed = position_of(&key).zip(parse_meta(&value));
+            let Some((pos, (_, meta))) = parsed else {
+                tracing::error!(key = ?key, "spool metadata does not decode; quarantined");
+                self.quarantine(&key, &value, None)?;
                 quarantined += 1;
                 continue;
             };
-            match Record::decode(value.as_ref()) {
-                Ok(record) if record.intact() => return Ok((Some((pos, record)), quarantined)),
-                Ok(record) => {
-                    tracing::error!(pos, uid = %record.uid, session = %record.session, seq = record.seq,
-                        "spooled chunk fails its checksum; quarantined");
-                    self.quarantine(&key, &value)?;
-                    self.remove_index_if_at(&record.index_key(), &key)?;
-                    quarantined += 1;
-                }
-                Err(e) => {
-                    tracing::error!(pos, error = %e, "spooled record does not decode; quarantined");
-                    self.quarantine(&key, &value)?;
-                    self.forget_position(pos)?;
+            match self.read_record(pos, &meta)? {
+                Some(record) => return Ok((Some((pos, record)), quarantined)),
+                None => {
+                    tracing::error!(pos, uid = %meta.uid, session = %meta.session, seq = meta.seq,
+                        "spooled chunk is missing or fails its checksum; quarantined");
+                    self.quarantine(&key, &value, Some(&meta))?;
                     quarantined += 1;
                 }
             }
@@ -448,29 +575,36 @@ impl Spool {
         Ok((None, quarantined))
     }
 
-    /// Removes whatever index entry points at `pos` (a scan: only for records too damaged to
-    /// name their own id, which are rare).
-    fn forget_position(&self, pos: u64) -> Result<(), SpoolError> {
-        for entry in self.index.iter() {
-            let (id, v) = entry?;
-            if parse_index(&v).map(|(p, _, _)| p) == Some(pos) {
-                self.index.remove(id)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn quarantine(&self, key: &[u8], value: &[u8]) -> Result<(), SpoolError> {
+    /// Moves a record aside: its metadata to the `quarantine` tree, its file (if any) to
+    /// `quarantine/`.
+    fn quarantine(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        meta: Option<&Record>,
+    ) -> Result<(), SpoolError> {
         self.quarantine.insert(key, value)?;
+        if let Some(pos) = position_of(key) {
+            let from = self.record_path(pos);
+            ignore_missing(std::fs::rename(
+                &from,
+                self.quarantine_dir.join(format!("{pos:020}.rec")),
+            ))?;
+        }
+        if let Some(meta) = meta {
+            self.remove_index_if_at(&meta.index_key(), key)?;
+        }
         if self.chunks.remove(key)?.is_some() {
-            self.used.fetch_sub(value.len() as u64, Ordering::AcqRel);
+            let size = parse_meta(value).map_or(0, |(size, _)| size);
+            self.used.fetch_sub(size, Ordering::AcqRel);
             self.count.fetch_sub(1, Ordering::AcqRel);
         }
         Ok(())
     }
 
-    /// Deletes a record after its upload was confirmed. Not flushed at once: if the deletion is
-    /// lost in a crash the chunk is uploaded again to the same key, which is harmless.
+    /// Deletes a record after its upload was confirmed. The index is not flushed at once: if the
+    /// deletion is lost in a crash, the chunk is uploaded again to the same key, which is
+    /// harmless.
     pub fn remove(&self, pos: u64, record: &Record) -> Result<(), SpoolError> {
         let id = record.index_key();
         let removed = (&self.chunks, &self.index).transaction(|(chunks, index)| {
@@ -486,7 +620,9 @@ impl Spool {
         });
         match removed {
             Ok(Some(old)) => {
-                self.used.fetch_sub(old.len() as u64, Ordering::AcqRel);
+                ignore_missing(std::fs::remove_file(self.record_path(pos)))?;
+                let size = parse_meta(&old).map_or(0, |(size, _)| size);
+                self.used.fetch_sub(size, Ordering::AcqRel);
                 self.count.fetch_sub(1, Ordering::AcqRel);
                 Ok(())
             }
@@ -502,46 +638,116 @@ impl Spool {
         self.committed.notified().await;
     }
 
-    /// Finds records the index names but the disk no longer holds (a blob file lost or damaged
-    /// outside Spillway), drops their index entries and returns their ids, so the loss is logged
-    /// and counted rather than silent. Runs in the background after start-up: it touches every
-    /// record, and start-up must not wait for that.
-    pub fn reconcile(&self) -> Result<Vec<String>, SpoolError> {
-        let mut lost = Vec::new();
+    /// Makes the index agree with the record files, after a crash or damage: index entries
+    /// whose file is gone are dropped and reported as lost; valid record files the index does
+    /// not name are adopted; files that fail their checks are quarantined; temporary files of
+    /// puts that never completed (never acknowledged) are deleted. Touches every record's
+    /// directory entry, not its audio (only orphans are read); the uploader runs it in the
+    /// background before the drain starts, so start-up does not wait for it.
+    pub fn reconcile(&self) -> Result<Reconciled, SpoolError> {
+        let mut found = Reconciled::default();
         for entry in self.index.iter() {
             let (id, v) = entry?;
             let Some((pos, _, size)) = parse_index(&v) else {
                 continue;
             };
+            if self.record_path(pos).exists() {
+                continue;
+            }
+            let _writer = self.lock();
+            let still = self
+                .index
+                .get(&id)?
+                .and_then(|v| parse_index(&v))
+                .is_some_and(|(p, _, _)| p == pos);
+            if !still || self.record_path(pos).exists() {
+                continue;
+            }
+            self.index.remove(&id)?;
+            if let Some(meta) = self.chunks.remove(position_key(pos))? {
+                self.quarantine.insert(position_key(pos), meta)?;
+            }
+            self.used.fetch_sub(size, Ordering::AcqRel);
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            let id = String::from_utf8_lossy(&id).into_owned();
+            tracing::error!(%id, pos, "spooled chunk's file is gone: lost to disk damage");
+            found.lost.push(id);
+        }
+        let me = format!("tmp-{}-", std::process::id());
+        for entry in std::fs::read_dir(&self.records)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.starts_with("tmp-") {
+                if !name.starts_with(&me) {
+                    ignore_missing(std::fs::remove_file(&path))?;
+                }
+                continue;
+            }
+            let Some(pos) = name
+                .strip_suffix(".rec")
+                .and_then(|p| p.parse::<u64>().ok())
+            else {
+                continue;
+            };
             if self.chunks.contains_key(position_key(pos))? {
                 continue;
             }
-            // Re-check and remove atomically: the drain may be deleting this record right now.
-            let removed = (&self.chunks, &self.index).transaction(|(chunks, index)| {
-                let still = index
-                    .get(&id)?
-                    .and_then(|v| parse_index(&v))
-                    .is_some_and(|(p, _, _)| p == pos);
-                if still && chunks.get(position_key(pos))?.is_none() {
-                    index.remove(&id)?;
-                    return Ok::<_, ConflictableTransactionError<Infallible>>(true);
-                }
-                Ok(false)
-            });
-            match removed {
-                Ok(true) => {
-                    self.used.fetch_sub(size, Ordering::AcqRel);
-                    self.count.fetch_sub(1, Ordering::AcqRel);
-                    let id = String::from_utf8_lossy(&id).into_owned();
-                    tracing::error!(%id, pos, "spooled chunk lost to disk damage");
-                    lost.push(id);
-                }
-                Ok(false) => {}
-                Err(TransactionError::Storage(e)) => return Err(e.into()),
-                Err(TransactionError::Abort(never)) => match never {},
-            }
+            self.adopt(pos, &path, &mut found)?;
         }
-        Ok(lost)
+        if found.adopted > 0 || found.quarantined > 0 {
+            self.db.flush()?;
+        }
+        Ok(found)
+    }
+
+    /// Takes back a record file the index does not name (under the writer lock, so a put in
+    /// progress, whose file is named before its index entry, is never mistaken for one).
+    fn adopt(&self, pos: u64, path: &Path, found: &mut Reconciled) -> Result<(), SpoolError> {
+        let _writer = self.lock();
+        if self.chunks.contains_key(position_key(pos))? || !path.exists() {
+            return Ok(());
+        }
+        let bytes = std::fs::read(path)?;
+        let Some(record) = Record::decode(bytes.as_slice()).ok().filter(Record::intact) else {
+            tracing::error!(pos, "unindexed spool file fails its checks; quarantined");
+            ignore_missing(std::fs::rename(
+                path,
+                self.quarantine_dir.join(format!("{pos:020}.rec")),
+            ))?;
+            found.quarantined += 1;
+            return Ok(());
+        };
+        let id = record.index_key();
+        if let Some(v) = self.index.get(&id)?
+            && let Some((other, _, _)) = parse_index(&v)
+            && self.record_path(other).exists()
+        {
+            // The id is spooled at another position: this file is a leftover of a
+            // superseded piece or an upload whose deletion was cut short.
+            ignore_missing(std::fs::remove_file(path))?;
+            return Ok(());
+        }
+        let size = bytes.len() as u64;
+        let meta = meta_value(&record, size);
+        (&self.chunks, &self.index)
+            .transaction(|(chunks, index)| {
+                chunks.insert(&position_key(pos), meta.as_slice())?;
+                index.insert(id.as_slice(), &index_value(pos, record.crc32c, size))?;
+                Ok::<_, ConflictableTransactionError<Infallible>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => SpoolError::Storage(e),
+                TransactionError::Abort(never) => match never {},
+            })?;
+        self.used.fetch_add(size, Ordering::AcqRel);
+        self.count.fetch_add(1, Ordering::AcqRel);
+        tracing::warn!(pos, uid = %record.uid, session = %record.session, seq = record.seq,
+            "adopted a spooled chunk the index had lost");
+        found.adopted += 1;
+        Ok(())
     }
 
     /// Fraction of the bound in use, 0.0 to 1.0.
@@ -577,7 +783,7 @@ mod tests {
     async fn commits_survive_reopen_and_drain_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+            let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
             for seq in [0, 1, 2] {
                 assert_eq!(
                     spool.commit(&record(seq, &[seq as u8; 100])).await.unwrap(),
@@ -585,7 +791,7 @@ mod tests {
                 );
             }
         }
-        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
         assert_eq!(spool.len(), 3);
         let mut from = 0;
         let mut seqs = Vec::new();
@@ -601,7 +807,7 @@ mod tests {
     #[tokio::test]
     async fn same_id_is_stored_once_and_conflicting_content_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
         assert_eq!(
             spool.commit(&record(0, b"ab")).await.unwrap(),
             Committed::Stored
@@ -637,7 +843,7 @@ mod tests {
     #[tokio::test]
     async fn the_bound_is_never_exceeded() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), Limits::reject(1000)).unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1000)).unwrap());
         let mut stored = 0;
         for seq in 0..10 {
             match spool.commit(&record(seq, &[0; 200])).await {
@@ -662,7 +868,7 @@ mod tests {
     async fn reopening_sizes_the_backlog_from_the_index_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let (used, len) = {
-            let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+            let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
             for seq in 0..5 {
                 spool
                     .commit(&record(seq, &vec![7; 100 + seq as usize * 10]))
@@ -676,7 +882,7 @@ mod tests {
             spool.flush().await.unwrap();
             (spool.used_bytes(), spool.len())
         };
-        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
         assert_eq!((spool.used_bytes(), spool.len()), (used, len));
         assert_eq!(len, 4);
     }
@@ -686,15 +892,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = std::sync::Arc::clone(&dropped);
-        let spool = Spool::open(
-            dir.path(),
-            Limits {
-                max_bytes: 1000,
-                when_full: WhenFull::DropOldest,
-                on_drop: std::sync::Arc::new(move |d| sink.lock().unwrap().push(d.seq)),
-            },
-        )
-        .unwrap();
+        let spool = Arc::new(
+            Spool::open(
+                dir.path(),
+                Limits {
+                    max_bytes: 1000,
+                    when_full: WhenFull::DropOldest,
+                    on_drop: std::sync::Arc::new(move |d| sink.lock().unwrap().push(d.seq)),
+                },
+            )
+            .unwrap(),
+        );
         for seq in 0..10 {
             assert_eq!(
                 spool.commit(&record(seq, &[seq as u8; 200])).await.unwrap(),
@@ -720,7 +928,7 @@ mod tests {
 
     /// Six records, the odd ones large enough that sled keeps them in blob files.
     async fn six_records(dir: &std::path::Path) {
-        let spool = Spool::open(dir, Limits::reject(1 << 30)).unwrap();
+        let spool = Arc::new(Spool::open(dir, Limits::reject(1 << 30)).unwrap());
         for seq in 0..6 {
             let n = if seq % 2 == 0 { 100 } else { 200_000 };
             spool
@@ -739,52 +947,115 @@ mod tests {
         seqs
     }
 
-    #[tokio::test]
-    async fn a_lost_blob_is_found_counted_and_the_rest_drains() {
-        let dir = tempfile::tempdir().unwrap();
-        six_records(dir.path()).await;
-        let blob = std::fs::read_dir(dir.path().join("blobs"))
+    fn record_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("records"))
             .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        std::fs::remove_file(blob).unwrap();
-        let spool = Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap();
-        let lost = spool.reconcile().unwrap();
-        assert_eq!(lost.len(), 1, "{lost:?}");
-        assert_eq!(spool.len(), 5);
-        assert_eq!(drained(&spool).len(), 5);
-        assert!(spool.reconcile().unwrap().is_empty(), "reported once");
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
     }
 
     #[tokio::test]
-    async fn a_truncated_or_bit_flipped_spool_opens_and_drains_a_consistent_prefix() {
-        for damage in ["truncate", "flip"] {
+    async fn a_lost_record_file_is_found_counted_and_the_rest_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        six_records(dir.path()).await;
+        std::fs::remove_file(&record_files(dir.path())[2]).unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap();
+        let found = spool.reconcile().unwrap();
+        assert_eq!(found.lost.len(), 1, "{found:?}");
+        assert_eq!(spool.len(), 5);
+        assert_eq!(drained(&spool), [0, 1, 3, 4, 5]);
+        assert_eq!(
+            spool.reconcile().unwrap(),
+            Reconciled::default(),
+            "reported once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bit_flip_costs_exactly_the_damaged_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        six_records(dir.path()).await;
+        let victim = record_files(dir.path())[3].clone();
+        let mut bytes = std::fs::read(&victim).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x5a;
+        std::fs::write(&victim, bytes).unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap();
+        let (mut from, mut seqs, mut quarantined) = (0, Vec::new(), 0);
+        loop {
+            let (next, q) = spool.next_from(from).unwrap();
+            quarantined += q;
+            let Some((pos, r)) = next else { break };
+            seqs.push(r.seq);
+            from = pos + 1;
+        }
+        assert_eq!(seqs, [0, 1, 2, 4, 5], "every other chunk drains");
+        assert_eq!(quarantined, 1);
+        assert_eq!(spool.len(), 5);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("quarantine"))
+                .unwrap()
+                .count(),
+            1,
+            "the damaged file is kept for an operator"
+        );
+    }
+
+    #[tokio::test]
+    async fn damage_to_the_index_loses_nothing_the_record_files_are_adopted() {
+        for damage in ["truncate", "flip", "delete"] {
             let dir = tempfile::tempdir().unwrap();
             six_records(dir.path()).await;
-            let db = dir.path().join("db");
+            let db = dir.path().join("index").join("db");
             let mut bytes = std::fs::read(&db).unwrap();
             let half = bytes.len() / 2;
             match damage {
                 "truncate" => bytes.truncate(half),
-                _ => bytes[half] ^= 0xff,
+                "flip" => bytes[half] ^= 0xff,
+                _ => bytes.clear(),
             }
             std::fs::write(&db, bytes).unwrap();
-            // sled's recovery stops at the first damaged log entry: what is before it opens,
-            // consistently (the index and the records agree), with no panic.
+            // sled recovers a prefix of its log (or nothing); the record files are whole.
             let spool = Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap();
-            assert!(spool.reconcile().unwrap().is_empty(), "{damage}");
-            let seqs = drained(&spool);
-            assert_eq!(seqs.len() as u64, spool.len(), "{damage}");
-            assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{damage}");
+            let found = spool.reconcile().unwrap();
+            assert!(found.lost.is_empty(), "{damage}: {found:?}");
+            assert_eq!(spool.len(), 6, "{damage}: {found:?}");
+            assert_eq!(drained(&spool), [0, 1, 2, 3, 4, 5], "{damage}");
         }
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_unfinished_puts_and_removals_are_cleaned_not_uploaded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
+            spool.commit(&record(0, b"kept")).await.unwrap();
+            // A put that never finished (never acknowledged) left its temporary file.
+            std::fs::write(dir.path().join("records").join("tmp-1-0"), b"partial").unwrap();
+            // An upload whose deletion was cut short left a copy of a spooled id.
+            let (Some((pos, _)), _) = spool.next_from(0).unwrap() else {
+                panic!("empty")
+            };
+            std::fs::copy(
+                spool.record_path(pos),
+                dir.path()
+                    .join("records")
+                    .join(format!("{:020}.rec", pos + 1000)),
+            )
+            .unwrap();
+        }
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+        assert_eq!(spool.reconcile().unwrap(), Reconciled::default());
+        assert_eq!(record_files(dir.path()).len(), 1);
+        assert_eq!(drained(&spool), [0]);
     }
 
     #[tokio::test]
     async fn a_damaged_record_is_quarantined_not_uploaded() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
         spool.commit(&record(0, b"good")).await.unwrap();
         let mut bad = record(1, b"data");
         bad.crc32c ^= 1;

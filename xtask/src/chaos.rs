@@ -138,14 +138,14 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             name: "spool truncated at start-up",
-            note: "uploader killed with a backlog, last 200 bytes of sled's log cut",
+            note: "uploader killed with a backlog, last 200 bytes of the index's log cut: record files adopted",
             uploader_args: vec![],
             ingest_args: vec![],
             run: Action::DamagedSpool { flip: false },
         },
         Scenario {
             name: "spool bit-flipped at start-up",
-            note: "uploader killed with a backlog, one byte of a spooled blob flipped",
+            note: "uploader killed with a backlog, one byte of the oldest record file flipped: that chunk quarantined",
             uploader_args: vec![],
             ingest_args: vec![],
             run: Action::DamagedSpool { flip: true },
@@ -499,15 +499,16 @@ async fn finish(c: Cluster, mut row: Row) -> anyhow::Result<Row> {
     Ok(row)
 }
 
-/// Damages a stopped spool the way a crash or a bad disk does: cuts the tail of sled's log
-/// (a torn write), or flips one byte in the middle of a spooled blob.
+/// Damages a stopped spool the way a bad disk does: cuts the tail of the index's log, or flips
+/// one byte in the middle of a spooled chunk's record file.
 fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
     if flip {
-        let blob = std::fs::read_dir(dir.join("blobs"))?
+        let blob = std::fs::read_dir(dir.join("records"))?
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .max()
-            .context("no blob in the spool to damage")?;
+            .filter(|p| p.extension().is_some_and(|e| e == "rec"))
+            .min()
+            .context("no record in the spool to damage")?;
         let mut bytes = std::fs::read(&blob)?;
         let mid = bytes.len() / 2;
         if let Some(b) = bytes.get_mut(mid) {
@@ -515,7 +516,7 @@ fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
         }
         std::fs::write(&blob, bytes)?;
     } else {
-        let db = dir.join("db");
+        let db = dir.join("index").join("db");
         let len = std::fs::metadata(&db)?.len();
         std::fs::OpenOptions::new()
             .write(true)
