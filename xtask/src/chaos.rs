@@ -75,6 +75,7 @@ enum Action {
     StoreErrors,
     SpoolFull,
     ConnectionFlood,
+    DeafDevice,
     DamagedSpool { flip: bool },
     SigtermDuringLoad,
 }
@@ -135,6 +136,13 @@ fn scenarios() -> Vec<Scenario> {
             uploader_args: vec![],
             ingest_args: vec!["--idle-timeout".to_owned(), "2s".to_owned()],
             run: Action::ConnectionFlood,
+        },
+        Scenario {
+            name: "a device that stops reading",
+            note: "it sends 5 s, then neither reads nor sends; recovery: until ingest flushed and closed it",
+            uploader_args: vec![],
+            ingest_args: vec!["--idle-timeout".to_owned(), "2s".to_owned()],
+            run: Action::DeafDevice,
         },
         Scenario {
             name: "spool truncated at start-up",
@@ -412,6 +420,33 @@ async fn scenario(
                     .push("ingest did not close the silent connections".into());
             }
             drop(flood);
+        }
+        Action::DeafDevice => {
+            // Speaks the protocol, then never reads what ingest sends and goes silent without
+            // finishing: ingest must flush its audio, end the session and not be held by it.
+            let deaf =
+                spillway_ingest::client::Device::connect(c.ingest_quic, "localhost", &c.cert)
+                    .await?;
+            let (mut tx, _never_read) = deaf.open().await?;
+            let spec = DeviceSpec::synthetic("deaf", "chaos", RATE, 5.0, 999);
+            tx.hello(spec.hello()).await?;
+            tx.audio(bytes::Bytes::from(
+                spec.source.bytes(0, (spec.samples * 2) as usize),
+            ))
+            .await?;
+            let t = Instant::now();
+            let addr = c.ingest_http;
+            row.recovery = until(Duration::from_secs(30), async || {
+                let m = metrics_of(addr).await;
+                metric(&m, "spillway_ingest_sessions_ended_total{reason=\"idle\"}") >= 1.0
+            })
+            .await
+            .map(|_| t.elapsed());
+            if row.recovery.is_none() {
+                row.problems
+                    .push("ingest never ended the deaf session".into());
+            }
+            drop((tx, deaf));
         }
         Action::DamagedSpool { flip } => {
             c.kill(Daemon::Store).await?;
