@@ -449,7 +449,13 @@ impl Driver {
                 sent_finish = true;
             }
             let want_input = self.input_open && self.pending.is_none() && self.outbox.room() > 0;
+            // Connected but nothing acknowledged for too long (the uploader refusing, say):
+            // reconnecting lets the caller's give-up limit apply.
+            let stalled = config.give_up_after.unwrap_or(Duration::MAX);
             tokio::select! {
+                () = tokio::time::sleep(stalled), if config.give_up_after.is_some() && !self.outbox.is_done() => {
+                    return StreamEnd::Retry("nothing acknowledged while connected".into());
+                }
                 m = msgs.recv() => {
                     if let Some(end) = self.on_message(m.flatten()) {
                         return end;

@@ -186,14 +186,18 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) {
                     break End::Transport(e.to_string());
                 }
                 if let Some(rx) = chunk_rx.take() {
+                    let link = Link {
+                        forwarder: shared.forwarder.clone(),
+                        metrics: shared.metrics.clone(),
+                        abandon: shared.abandon.clone(),
+                        fatal: fatal.clone(),
+                        ack_timeout: shared.idle_timeout,
+                    };
                     forwarding = Some(tokio::spawn(forward_loop(
-                        shared.forwarder.clone(),
+                        link,
                         params,
                         rx,
                         Arc::clone(writer),
-                        shared.metrics.clone(),
-                        shared.abandon.clone(),
-                        fatal.clone(),
                     )));
                 }
             }
@@ -217,8 +221,11 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) {
                     rest = &rest[taken..];
                     if let Some(chunk) = chunk {
                         // Waits while the previous chunk is still being committed.
-                        if chunk_tx.send((chunk, reserved.take())).await.is_err() {
-                            break 'read End::ForwardFailed;
+                        tokio::select! {
+                            r = chunk_tx.send((chunk, reserved.take())) => if r.is_err() {
+                                break 'read End::ForwardFailed;
+                            },
+                            () = fatal.cancelled() => break 'read End::ForwardFailed,
                         }
                     }
                 }
@@ -345,16 +352,32 @@ fn read_error(e: std::io::Error, max: usize) -> End {
     }
 }
 
-async fn forward_loop(
+/// What a session's forwarding task needs from the daemon.
+struct Link {
     forwarder: Forwarder,
+    metrics: Metrics,
+    /// Fires when the shutdown grace has passed.
+    abandon: CancellationToken,
+    /// Fired by this task when a chunk is refused for good: the session stops reading.
+    fatal: CancellationToken,
+    /// How long a device may leave an ack unread before it is dropped.
+    ack_timeout: Duration,
+}
+
+async fn forward_loop(
+    link: Link,
     params: Params,
     mut rx: mpsc::Receiver<(Chunk, Option<Reservation>)>,
     writer: Writer,
-    metrics: Metrics,
-    abandon: CancellationToken,
-    fatal: CancellationToken,
 ) -> Result<(), ForwardError> {
-    while let Some((chunk, _reservation)) = rx.recv().await {
+    let Link {
+        forwarder,
+        metrics,
+        abandon,
+        fatal,
+        ack_timeout,
+    } = link;
+    while let Some((chunk, reservation)) = rx.recv().await {
         metrics.chunks_forwarded.inc();
         let response = match forwarder.put(&params, &chunk, &abandon).await {
             Ok(r) => r,
@@ -372,9 +395,14 @@ async fn forward_loop(
             end_sample: chunk.end_sample(),
             key: response.key,
         };
-        if send(&writer, Kind::Ack(ack)).await.is_err() {
-            // The chunk is committed either way; the device will learn on reconnect.
-            tracing::debug!(seq = chunk.seq, "device gone before its ack");
+        // Committed: the audio and its share of the budget are free before the device is
+        // told, so a device that stops reading holds no memory.
+        drop((chunk, reservation));
+        match tokio::time::timeout(ack_timeout, send(&writer, Kind::Ack(ack))).await {
+            Ok(Ok(())) => {}
+            // The chunk is committed either way; the device learns on reconnect.
+            Ok(Err(_)) => tracing::debug!("device gone before its ack"),
+            Err(_) => tracing::info!("device not reading its acks; ack dropped"),
         }
     }
     Ok(())

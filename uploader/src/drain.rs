@@ -163,7 +163,7 @@ impl Drain {
             if !self.spool.is_current(pos, record).unwrap_or(true) {
                 // A longer piece of the same chunk replaced this record; it uploads instead.
                 tracing::debug!(%key, pos, "superseded before upload; skipped");
-                let _ = self.spool.remove(pos, record);
+                let _ = self.spool.remove(pos, record).await;
                 self.note_attempt(pos, None);
                 return;
             }
@@ -217,7 +217,7 @@ impl Drain {
                     self.metrics
                         .upload_bytes
                         .inc_by(record.pcm.len() as u64 + 44);
-                    if let Err(e) = self.spool.remove(pos, record) {
+                    if let Err(e) = self.spool.remove(pos, record).await {
                         // The object is stored; a leftover record is only uploaded again.
                         tracing::error!(%key, error = %e, "deleting an uploaded chunk from the spool failed");
                     }

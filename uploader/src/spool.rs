@@ -195,6 +195,8 @@ pub struct Spool {
     writer: std::sync::Mutex<()>,
     committed: Notify,
     tmp_seq: AtomicU64,
+    /// No position below this is handed out (changed only under the writer lock).
+    next_pos: AtomicU64,
 }
 
 /// What [`Spool::reconcile`] found.
@@ -253,6 +255,27 @@ fn same_id(a: &Record, b: &Record) -> bool {
     (&a.uid, &a.session, a.seq, a.first_sample) == (&b.uid, &b.session, b.seq, b.first_sample)
 }
 
+/// Subtracts without wrapping: a counter that would go below zero stops at zero.
+fn sub(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
+/// The highest position named by a record file in `records`.
+fn highest_record_position(records: &Path) -> std::io::Result<Option<u64>> {
+    let mut highest = None;
+    for entry in std::fs::read_dir(records)? {
+        let name = entry?.file_name();
+        let pos = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".rec"))
+            .and_then(|p| p.parse::<u64>().ok());
+        highest = highest.max(pos);
+    }
+    Ok(highest)
+}
+
 fn ignore_missing(r: std::io::Result<()>) -> std::io::Result<()> {
     match r {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -276,22 +299,28 @@ impl Spool {
         let chunks = db.open_tree("chunks")?;
         let index = db.open_tree("index")?;
         let quarantine = db.open_tree("quarantine")?;
+        // Sized from the small metadata entries, never from the audio.
         let (mut used, mut count) = (0u64, 0u64);
-        for entry in index.iter() {
+        for entry in chunks.iter() {
             let (key, value) = entry?;
-            match parse_index(&value) {
-                Some((_, _, size)) => {
+            match parse_meta(&value) {
+                Some((size, _)) => {
                     used += size;
                     count += 1;
                 }
                 None => {
                     // Its record file is still there: reconcile adopts it again.
-                    tracing::error!(id = %String::from_utf8_lossy(&key), "damaged spool index entry dropped");
-                    index.remove(key)?;
+                    tracing::error!(key = ?key, "damaged spool metadata entry dropped");
+                    chunks.remove(key)?;
                 }
             }
         }
-        tracing::debug!(count, used, elapsed = ?started.elapsed(), "spool sized from its index");
+        // Positions are never handed out twice, even by an index rebuilt from nothing: start
+        // above every position a record file or the index already uses.
+        let floor = highest_record_position(&records)?
+            .max(chunks.last()?.and_then(|(k, _)| position_of(&k)))
+            .map_or(0, |p| p + 1);
+        tracing::debug!(count, used, floor, elapsed = ?started.elapsed(), "spool sized from its index");
         Ok(Self {
             db,
             chunks,
@@ -305,6 +334,7 @@ impl Spool {
             writer: std::sync::Mutex::new(()),
             committed: Notify::new(),
             tmp_seq: AtomicU64::new(0),
+            next_pos: AtomicU64::new(floor),
         })
     }
 
@@ -413,9 +443,13 @@ impl Spool {
         let max = self.limits.max_bytes;
         loop {
             let used = self.used.load(Ordering::Acquire);
-            // A superseded record's bytes are freed by this same write.
-            let credit = supersedes.map_or(0, |(_, size)| size);
-            if used.saturating_sub(credit) + need <= max {
+            // A superseded record's bytes are freed by this same write (unless an eviction
+            // just took it).
+            let credit = match supersedes {
+                Some((old, size)) if self.chunks.contains_key(position_key(old))? => size,
+                _ => 0,
+            };
+            if used.saturating_sub(credit).saturating_add(need) <= max {
                 break;
             }
             let full = SpoolError::Full { used, max, need };
@@ -423,16 +457,18 @@ impl Spool {
                 return Err(full);
             }
         }
-        let pos = self.db.generate_id()?;
-        std::fs::rename(tmp, self.record_path(pos))?;
+        let pos = self
+            .db
+            .generate_id()?
+            .max(self.next_pos.load(Ordering::Acquire));
+        self.next_pos.store(pos + 1, Ordering::Release);
+        // A hard link cannot replace an existing file: a position clash fails loudly instead
+        // of overwriting a spooled chunk.
+        std::fs::hard_link(tmp, self.record_path(pos))?;
+        let _ = std::fs::remove_file(tmp);
         // The directory entry is durable before the index names it: an index entry never
         // points at a file a crash could take back.
         self.sync_records_dir()?;
-        if let Some((old, _)) = supersedes {
-            // The shorter piece's file goes first: if a crash comes between, the index still
-            // names it, its file is missing, and the longer piece is an orphan reconcile adopts.
-            ignore_missing(std::fs::remove_file(self.record_path(old)))?;
-        }
         let meta = meta_value(record, need);
         let replaced = (&self.chunks, &self.index)
             .transaction(|(chunks, index)| {
@@ -452,8 +488,15 @@ impl Spool {
         self.count.fetch_add(1, Ordering::AcqRel);
         if let Some(old) = replaced {
             let size = parse_meta(&old).map_or(0, |(size, _)| size);
-            self.used.fetch_sub(size, Ordering::AcqRel);
-            self.count.fetch_sub(1, Ordering::AcqRel);
+            sub(&self.used, size);
+            sub(&self.count, 1);
+        }
+        if let Some((old, _)) = supersedes {
+            // Only now, with the index naming the longer piece, does the shorter one's file go,
+            // durably: it can never come back to be uploaded over the longer one. (A crash
+            // before this leaves it an orphan, which reconcile compares and discards.)
+            ignore_missing(std::fs::remove_file(self.record_path(old)))?;
+            self.sync_records_dir()?;
         }
         Ok(if supersedes.is_some() {
             Committed::Extended
@@ -517,13 +560,12 @@ impl Spool {
             return Ok(false);
         };
         let (bytes, meta) = parse_meta(&value).unwrap_or_default();
+        if self.forget(&key, &meta.index_key())? {
+            sub(&self.used, bytes);
+            sub(&self.count, 1);
+        }
         if let Some(pos) = position_of(&key) {
             ignore_missing(std::fs::remove_file(self.record_path(pos)))?;
-        }
-        self.remove_index_if_at(&meta.index_key(), &key)?;
-        if self.chunks.remove(&key)?.is_some() {
-            self.used.fetch_sub(bytes, Ordering::AcqRel);
-            self.count.fetch_sub(1, Ordering::AcqRel);
         }
         let dropped = Dropped {
             uid: meta.uid,
@@ -537,15 +579,23 @@ impl Spool {
         Ok(true)
     }
 
-    /// Removes the index entry `id` only if it still points at position `key`.
-    fn remove_index_if_at(&self, id: &[u8], key: &[u8]) -> Result<(), SpoolError> {
+    /// Removes the `chunks` entry `key` and, if it still points there, the index entry `id`,
+    /// in one transaction. True when the `chunks` entry was there.
+    fn forget(&self, key: &[u8], id: &[u8]) -> Result<bool, SpoolError> {
         let pos = position_of(key);
-        if let Some(v) = self.index.get(id)?
-            && parse_index(&v).map(|(p, _, _)| p) == pos
-        {
-            self.index.remove(id)?;
-        }
-        Ok(())
+        (&self.chunks, &self.index)
+            .transaction(|(chunks, index)| {
+                if let Some(v) = index.get(id)?
+                    && parse_index(&v).map(|(p, _, _)| p) == pos
+                {
+                    index.remove(id)?;
+                }
+                Ok::<_, ConflictableTransactionError<Infallible>>(chunks.remove(key)?.is_some())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => SpoolError::Storage(e),
+                TransactionError::Abort(never) => match never {},
+            })
     }
 
     /// The oldest intact record at a position `>= from`. Records whose file is gone, fails its
@@ -557,18 +607,20 @@ impl Spool {
             let (key, value) = entry?;
             let parsed = position_of(&key).zip(parse_meta(&value));
             let Some((pos, (_, meta))) = parsed else {
-                tracing::error!(key = ?key, "spool metadata does not decode; quarantined");
-                self.quarantine(&key, &value, None)?;
-                quarantined += 1;
+                if self.quarantine(&key, &value, None)? {
+                    tracing::error!(key = ?key, "spool metadata does not decode; quarantined");
+                    quarantined += 1;
+                }
                 continue;
             };
             match self.read_record(pos, &meta)? {
                 Some(record) => return Ok((Some((pos, record)), quarantined)),
                 None => {
-                    tracing::error!(pos, uid = %meta.uid, session = %meta.session, seq = meta.seq,
-                        "spooled chunk is missing or fails its checksum; quarantined");
-                    self.quarantine(&key, &value, Some(&meta))?;
-                    quarantined += 1;
+                    if self.quarantine(&key, &value, Some(&meta))? {
+                        tracing::error!(pos, uid = %meta.uid, session = %meta.session, seq = meta.seq,
+                            "spooled chunk is missing or fails its checksum; quarantined");
+                        quarantined += 1;
+                    }
                 }
             }
         }
@@ -577,59 +629,55 @@ impl Spool {
 
     /// Moves a record aside: its metadata to the `quarantine` tree, its file (if any) to
     /// `quarantine/`.
+    /// Returns false, doing nothing, when the entry changed meanwhile (superseded, removed or
+    /// evicted by a concurrent writer, or readable after all).
     fn quarantine(
         &self,
         key: &[u8],
         value: &[u8],
         meta: Option<&Record>,
-    ) -> Result<(), SpoolError> {
+    ) -> Result<bool, SpoolError> {
+        let _writer = self.lock();
+        if self.chunks.get(key)?.as_deref() != Some(value) {
+            return Ok(false);
+        }
+        if let (Some(pos), Some(meta)) = (position_of(key), meta)
+            && self.read_record(pos, meta)?.is_some()
+        {
+            return Ok(false);
+        }
         self.quarantine.insert(key, value)?;
+        let id = meta.map(Record::index_key).unwrap_or_default();
+        if self.forget(key, &id)? {
+            let size = parse_meta(value).map_or(0, |(size, _)| size);
+            sub(&self.used, size);
+            sub(&self.count, 1);
+        }
         if let Some(pos) = position_of(key) {
-            let from = self.record_path(pos);
             ignore_missing(std::fs::rename(
-                &from,
+                self.record_path(pos),
                 self.quarantine_dir.join(format!("{pos:020}.rec")),
             ))?;
         }
-        if let Some(meta) = meta {
-            self.remove_index_if_at(&meta.index_key(), key)?;
-        }
-        if self.chunks.remove(key)?.is_some() {
-            let size = parse_meta(value).map_or(0, |(size, _)| size);
-            self.used.fetch_sub(size, Ordering::AcqRel);
-            self.count.fetch_sub(1, Ordering::AcqRel);
-        }
-        Ok(())
+        Ok(true)
     }
 
-    /// Deletes a record after its upload was confirmed. The index is not flushed at once: if the
-    /// deletion is lost in a crash, the chunk is uploaded again to the same key, which is
-    /// harmless.
-    pub fn remove(&self, pos: u64, record: &Record) -> Result<(), SpoolError> {
-        let id = record.index_key();
-        let removed = (&self.chunks, &self.index).transaction(|(chunks, index)| {
-            let old = chunks.remove(&position_key(pos))?;
-            // The id may since have been spooled again at another position (after a
-            // drop-oldest eviction, say); only this position's entry goes.
-            if let Some(v) = index.get(id.as_slice())?
-                && parse_index(&v).map(|(p, _, _)| p) == Some(pos)
-            {
-                index.remove(id.as_slice())?;
-            }
-            Ok::<_, ConflictableTransactionError<Infallible>>(old)
-        });
-        match removed {
-            Ok(Some(old)) => {
-                ignore_missing(std::fs::remove_file(self.record_path(pos)))?;
-                let size = parse_meta(&old).map_or(0, |(size, _)| size);
-                self.used.fetch_sub(size, Ordering::AcqRel);
-                self.count.fetch_sub(1, Ordering::AcqRel);
-                Ok(())
-            }
-            Ok(None) => Ok(()),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-            Err(TransactionError::Abort(never)) => match never {},
+    /// Deletes a record after its upload was confirmed: the index entries go first and are
+    /// flushed, then the file, so a crash can leave an orphan file (adopted and uploaded again
+    /// to the same key, harmless) but never an index entry whose file is gone.
+    pub async fn remove(&self, pos: u64, record: &Record) -> Result<(), SpoolError> {
+        let key = position_key(pos);
+        let Some(old) = self.chunks.get(key)? else {
+            return Ok(());
+        };
+        if self.forget(&key, &record.index_key())? {
+            let size = parse_meta(&old).map_or(0, |(size, _)| size);
+            sub(&self.used, size);
+            sub(&self.count, 1);
         }
+        self.db.flush_async().await?;
+        ignore_missing(std::fs::remove_file(self.record_path(pos)))?;
+        Ok(())
     }
 
     /// Completes after the next commit that stored something new (or at once if one happened
@@ -646,33 +694,48 @@ impl Spool {
     /// background before the drain starts, so start-up does not wait for it.
     pub fn reconcile(&self) -> Result<Reconciled, SpoolError> {
         let mut found = Reconciled::default();
+        // 1. Index entries pointing at no metadata entry are dangling (a crash between
+        //    removals, or a damaged log): drop them. Counts come from `chunks`, not from here.
         for entry in self.index.iter() {
             let (id, v) = entry?;
-            let Some((pos, _, size)) = parse_index(&v) else {
+            let pos = parse_index(&v).map(|(p, _, _)| p);
+            if pos.is_none_or(|p| !self.chunks.contains_key(position_key(p)).unwrap_or(true)) {
+                let _writer = self.lock();
+                if self.index.get(&id)?.as_deref() == Some(v.as_ref())
+                    && pos
+                        .is_none_or(|p| !self.chunks.contains_key(position_key(p)).unwrap_or(true))
+                {
+                    self.index.remove(&id)?;
+                }
+            }
+        }
+        // 2. Every metadata entry needs its file (else the audio is lost: counted) and its
+        //    index entry (rebuilt when missing).
+        for entry in self.chunks.iter() {
+            let (key, value) = entry?;
+            let (Some(pos), Some((size, meta))) = (position_of(&key), parse_meta(&value)) else {
                 continue;
             };
-            if self.record_path(pos).exists() {
-                continue;
-            }
             let _writer = self.lock();
-            let still = self
-                .index
-                .get(&id)?
-                .and_then(|v| parse_index(&v))
-                .is_some_and(|(p, _, _)| p == pos);
-            if !still || self.record_path(pos).exists() {
+            if self.chunks.get(&key)?.as_deref() != Some(value.as_ref()) {
                 continue;
             }
-            self.index.remove(&id)?;
-            if let Some(meta) = self.chunks.remove(position_key(pos))? {
-                self.quarantine.insert(position_key(pos), meta)?;
+            let id = meta.index_key();
+            if !self.record_path(pos).exists() {
+                self.quarantine.insert(&key, value.as_ref())?;
+                if self.forget(&key, &id)? {
+                    sub(&self.used, size);
+                    sub(&self.count, 1);
+                }
+                let id = String::from_utf8_lossy(&id).into_owned();
+                tracing::error!(%id, pos, "spooled chunk's file is gone: lost to disk damage");
+                found.lost.push(id);
+            } else if self.index.get(&id)?.is_none() {
+                self.index
+                    .insert(id.as_slice(), &index_value(pos, meta.crc32c, size))?;
             }
-            self.used.fetch_sub(size, Ordering::AcqRel);
-            self.count.fetch_sub(1, Ordering::AcqRel);
-            let id = String::from_utf8_lossy(&id).into_owned();
-            tracing::error!(%id, pos, "spooled chunk's file is gone: lost to disk damage");
-            found.lost.push(id);
         }
+        // 3. Record files the index does not name: adopt the valid ones.
         let me = format!("tmp-{}-", std::process::id());
         for entry in std::fs::read_dir(&self.records)? {
             let path = entry?.path();
@@ -697,9 +760,7 @@ impl Spool {
             }
             self.adopt(pos, &path, &mut found)?;
         }
-        if found.adopted > 0 || found.quarantined > 0 {
-            self.db.flush()?;
-        }
+        self.db.flush()?;
         Ok(found)
     }
 
@@ -721,22 +782,32 @@ impl Spool {
             return Ok(());
         };
         let id = record.index_key();
+        let mut supersedes = None;
         if let Some(v) = self.index.get(&id)?
-            && let Some((other, _, _)) = parse_index(&v)
-            && self.record_path(other).exists()
+            && let Some((other, _, other_size)) = parse_index(&v)
         {
-            // The id is spooled at another position: this file is a leftover of a
-            // superseded piece or an upload whose deletion was cut short.
-            ignore_missing(std::fs::remove_file(path))?;
-            return Ok(());
+            match self.compare(&v, &record)? {
+                Existing::ExtendedBy => supersedes = Some((other, other_size)),
+                Existing::Gone => {}
+                // The indexed record is the same, longer, or different: this file is a
+                // leftover (a superseded piece, or an upload whose deletion was cut short).
+                Existing::Same | Existing::Covers | Existing::Differs(_) => {
+                    ignore_missing(std::fs::remove_file(path))?;
+                    return Ok(());
+                }
+            }
         }
         let size = bytes.len() as u64;
         let meta = meta_value(&record, size);
-        (&self.chunks, &self.index)
+        let replaced = (&self.chunks, &self.index)
             .transaction(|(chunks, index)| {
                 chunks.insert(&position_key(pos), meta.as_slice())?;
                 index.insert(id.as_slice(), &index_value(pos, record.crc32c, size))?;
-                Ok::<_, ConflictableTransactionError<Infallible>>(())
+                let replaced = match supersedes {
+                    Some((old, _)) => chunks.remove(&position_key(old))?,
+                    None => None,
+                };
+                Ok::<_, ConflictableTransactionError<Infallible>>(replaced)
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => SpoolError::Storage(e),
@@ -744,6 +815,13 @@ impl Spool {
             })?;
         self.used.fetch_add(size, Ordering::AcqRel);
         self.count.fetch_add(1, Ordering::AcqRel);
+        if let Some(old) = replaced {
+            sub(&self.used, parse_meta(&old).map_or(0, |(size, _)| size));
+            sub(&self.count, 1);
+        }
+        if let Some((old, _)) = supersedes {
+            ignore_missing(std::fs::remove_file(self.record_path(old)))?;
+        }
         tracing::warn!(pos, uid = %record.uid, session = %record.session, seq = record.seq,
             "adopted a spooled chunk the index had lost");
         found.adopted += 1;
@@ -797,7 +875,7 @@ mod tests {
         let mut seqs = Vec::new();
         while let (Some((pos, r)), 0) = spool.next_from(from).unwrap() {
             seqs.push(r.seq);
-            spool.remove(pos, &r).unwrap();
+            spool.remove(pos, &r).await.unwrap();
             from = pos + 1;
         }
         assert_eq!(seqs, [0, 1, 2]);
@@ -857,7 +935,7 @@ mod tests {
         let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
             panic!("empty")
         };
-        spool.remove(pos, &r).unwrap();
+        spool.remove(pos, &r).await.unwrap();
         assert!(matches!(
             spool.commit(&record(99, &[0; 200])).await,
             Ok(Committed::Stored)
@@ -878,7 +956,7 @@ mod tests {
             let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
                 panic!("empty")
             };
-            spool.remove(pos, &r).unwrap();
+            spool.remove(pos, &r).await.unwrap();
             spool.flush().await.unwrap();
             (spool.used_bytes(), spool.len())
         };
@@ -1050,6 +1128,57 @@ mod tests {
         assert_eq!(spool.reconcile().unwrap(), Reconciled::default());
         assert_eq!(record_files(dir.path()).len(), 1);
         assert_eq!(drained(&spool), [0]);
+    }
+
+    #[tokio::test]
+    async fn a_rebuilt_index_never_reuses_a_position_of_a_spooled_file() {
+        let dir = tempfile::tempdir().unwrap();
+        six_records(dir.path()).await;
+        let before = record_files(dir.path());
+        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap());
+        spool.commit(&record(6, b"new!")).await.unwrap();
+        for f in &before {
+            assert!(f.exists(), "{} was overwritten or lost", f.display());
+        }
+        assert_eq!(spool.reconcile().unwrap().adopted, 6);
+        assert_eq!(drained(&spool), [0, 1, 2, 3, 4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn a_superseded_piece_that_comes_back_never_wins_over_the_longer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("stale");
+        let short_pos = {
+            let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
+            spool.commit(&record(0, b"ab")).await.unwrap();
+            let (Some((pos, _)), _) = spool.next_from(0).unwrap() else {
+                panic!("empty")
+            };
+            std::fs::copy(spool.record_path(pos), &stale).unwrap();
+            assert_eq!(
+                spool.commit(&record(0, b"abcdef")).await.unwrap(),
+                Committed::Extended
+            );
+            pos
+        };
+        // A crash (or an unsynced unlink) brings the shorter piece's file back.
+        std::fs::rename(
+            &stale,
+            dir.path()
+                .join("records")
+                .join(format!("{short_pos:020}.rec")),
+        )
+        .unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+        let found = spool.reconcile().unwrap();
+        assert_eq!(found.adopted, 0, "{found:?}");
+        let (Some((_, r)), _) = spool.next_from(0).unwrap() else {
+            panic!("empty")
+        };
+        assert_eq!(&r.pcm[..], b"abcdef");
+        assert_eq!(spool.len(), 1);
+        assert_eq!(record_files(dir.path()).len(), 1, "the stale piece is gone");
     }
 
     #[tokio::test]
