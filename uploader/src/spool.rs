@@ -469,28 +469,7 @@ impl Spool {
         // The directory entry is durable before the index names it: an index entry never
         // points at a file a crash could take back.
         self.sync_records_dir()?;
-        let meta = meta_value(record, need);
-        let replaced = (&self.chunks, &self.index)
-            .transaction(|(chunks, index)| {
-                chunks.insert(&position_key(pos), meta.as_slice())?;
-                index.insert(id, &index_value(pos, record.crc32c, need))?;
-                let replaced = match supersedes {
-                    Some((old, _)) => chunks.remove(&position_key(old))?,
-                    None => None,
-                };
-                Ok::<_, ConflictableTransactionError<Infallible>>(replaced)
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => SpoolError::Storage(e),
-                TransactionError::Abort(never) => match never {},
-            })?;
-        self.used.fetch_add(need, Ordering::AcqRel);
-        self.count.fetch_add(1, Ordering::AcqRel);
-        if let Some(old) = replaced {
-            let size = parse_meta(&old).map_or(0, |(size, _)| size);
-            sub(&self.used, size);
-            sub(&self.count, 1);
-        }
+        self.install(pos, id, record, need, supersedes.map(|(old, _)| old))?;
         if let Some((old, _)) = supersedes {
             // Only now, with the index naming the longer piece, does the shorter one's file go,
             // durably: it can never come back to be uploaded over the longer one. (A crash
@@ -503,6 +482,41 @@ impl Spool {
         } else {
             Committed::Stored
         })
+    }
+
+    /// Names the record at `pos` in the index (in one sled transaction: a commit's metadata and
+    /// index entries appear together), dropping the metadata entry of the piece it supersedes,
+    /// and updates the counters. Called with the writer lock held.
+    fn install(
+        &self,
+        pos: u64,
+        id: &[u8],
+        record: &Record,
+        size: u64,
+        supersedes: Option<u64>,
+    ) -> Result<(), SpoolError> {
+        let meta = meta_value(record, size);
+        let replaced = (&self.chunks, &self.index)
+            .transaction(|(chunks, index)| {
+                chunks.insert(&position_key(pos), meta.as_slice())?;
+                index.insert(id, &index_value(pos, record.crc32c, size))?;
+                let replaced = match supersedes {
+                    Some(old) => chunks.remove(&position_key(old))?,
+                    None => None,
+                };
+                Ok::<_, ConflictableTransactionError<Infallible>>(replaced)
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => SpoolError::Storage(e),
+                TransactionError::Abort(never) => match never {},
+            })?;
+        self.used.fetch_add(size, Ordering::AcqRel);
+        self.count.fetch_add(1, Ordering::AcqRel);
+        if let Some(old) = replaced {
+            sub(&self.used, parse_meta(&old).map_or(0, |(size, _)| size));
+            sub(&self.count, 1);
+        }
+        Ok(())
     }
 
     /// Reads and checks the record file at `pos` against its metadata.
@@ -812,27 +826,7 @@ impl Spool {
             }
         }
         let size = bytes.len() as u64;
-        let meta = meta_value(&record, size);
-        let replaced = (&self.chunks, &self.index)
-            .transaction(|(chunks, index)| {
-                chunks.insert(&position_key(pos), meta.as_slice())?;
-                index.insert(id.as_slice(), &index_value(pos, record.crc32c, size))?;
-                let replaced = match supersedes {
-                    Some((old, _)) => chunks.remove(&position_key(old))?,
-                    None => None,
-                };
-                Ok::<_, ConflictableTransactionError<Infallible>>(replaced)
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => SpoolError::Storage(e),
-                TransactionError::Abort(never) => match never {},
-            })?;
-        self.used.fetch_add(size, Ordering::AcqRel);
-        self.count.fetch_add(1, Ordering::AcqRel);
-        if let Some(old) = replaced {
-            sub(&self.used, parse_meta(&old).map_or(0, |(size, _)| size));
-            sub(&self.count, 1);
-        }
+        self.install(pos, &id, &record, size, supersedes.map(|(old, _)| old))?;
         if let Some((old, _)) = supersedes {
             ignore_missing(std::fs::remove_file(self.record_path(old)))?;
         }
