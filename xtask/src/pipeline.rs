@@ -180,6 +180,13 @@ impl Pipeline {
         Ok(http_get(self.uploader_http, "/metrics").await?.1)
     }
 
+    /// The keys of the objects under `prefix` in the pipeline's bucket, in order.
+    pub async fn object_keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let s3 = self.s3().await;
+        let keys = crate::sim::keys_under(&s3, &self.bucket, prefix).await?;
+        Ok(keys.into_iter().collect())
+    }
+
     /// An S3 client for the embedded store.
     pub async fn s3(&self) -> aws_sdk_s3::Client {
         crate::s3::client(&self.s3_endpoint).await

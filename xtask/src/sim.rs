@@ -289,19 +289,7 @@ pub async fn verify_device(
             (k, first, end)
         );
         let body = get_when_present(s3, bucket, &ack.key, deadline).await?;
-        let wav = hound::WavReader::new(std::io::Cursor::new(&body))
-            .with_context(|| format!("{} is not a WAV file", ack.key))?;
-        let ws = wav.spec();
-        ensure!(
-            (ws.channels, ws.sample_rate, ws.bits_per_sample) == (1, spec.sample_rate, 16),
-            "{}: WAV header says {ws:?}",
-            ack.key
-        );
-        let pcm: Vec<u8> = wav
-            .into_samples::<i16>()
-            .map(|s| s.map(i16::to_le_bytes))
-            .collect::<Result<Vec<_>, _>>()?
-            .concat();
+        let pcm = wav_pcm(&body, spec.sample_rate).with_context(|| ack.key.clone())?;
         let want = spec.source.bytes(first * 2, ((end - first) * 2) as usize);
         if pcm != want {
             bail!(
@@ -318,13 +306,7 @@ pub async fn verify_device(
         .and_then(|a| a.key.rsplit_once('/'))
         .map(|(p, _)| format!("{p}/"))
         .unwrap_or_default();
-    let listed = s3
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(&prefix)
-        .send()
-        .await?;
-    let count = listed.contents().len();
+    let count = keys_under(s3, bucket, &prefix).await?.len();
     ensure!(
         count == expected,
         "{prefix}: {count} objects, expected {expected}"
@@ -442,7 +424,7 @@ pub async fn audit_resumed(
             ((ack.end_sample.saturating_sub(ack.first_sample)) * 2) as usize,
         );
         let intact = match get_when_present(s3, bucket, &ack.key, deadline).await {
-            Ok(body) => wav_pcm(&body).is_ok_and(|pcm| pcm == want),
+            Ok(body) => wav_pcm(&body, spec.sample_rate).is_ok_and(|pcm| pcm == want),
             Err(_) => false,
         };
         if !intact {
@@ -456,25 +438,40 @@ pub async fn audit_resumed(
         ));
     }
     let prefix = format!("{}/{}/", spec.uid, spec.session);
-    let listed = s3
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(&prefix)
-        .send()
-        .await?;
-    let stored: std::collections::BTreeSet<String> = listed
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_owned))
-        .collect();
+    let stored = keys_under(s3, bucket, &prefix).await?;
     audit.acked = keys.len();
     audit.objects = stored.len();
     audit.duplicated = stored.difference(&keys).count();
     Ok(audit)
 }
 
-fn wav_pcm(body: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let wav = hound::WavReader::new(std::io::Cursor::new(body))?;
+/// The object keys under `prefix`, in order.
+pub async fn keys_under(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let listed = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .send()
+        .await?;
+    Ok(listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .collect())
+}
+
+/// The PCM of a WAV object, which must be mono 16-bit at `sample_rate`.
+fn wav_pcm(body: &[u8], sample_rate: u32) -> anyhow::Result<Vec<u8>> {
+    let wav = hound::WavReader::new(std::io::Cursor::new(body)).context("not a WAV file")?;
+    let ws = wav.spec();
+    ensure!(
+        (ws.channels, ws.sample_rate, ws.bits_per_sample) == (1, sample_rate, 16),
+        "WAV header says {ws:?}"
+    );
     Ok(wav
         .into_samples::<i16>()
         .map(|s| s.map(i16::to_le_bytes))

@@ -177,20 +177,7 @@ async fn drop_oldest_keeps_the_bound_and_counts_every_chunk_it_drops() {
             metric(m, "spillway_uploader_spool_chunks") == 0.0
         })
         .await;
-        let listed = p
-            .s3()
-            .await
-            .list_objects_v2()
-            .bucket(&p.bucket)
-            .prefix("pia/evict/")
-            .send()
-            .await
-            .expect("list");
-        let keys: Vec<String> = listed
-            .contents()
-            .iter()
-            .filter_map(|o| o.key().map(str::to_owned))
-            .collect();
+        let keys = p.object_keys("pia/evict/").await.expect("list");
         // Every chunk that was not dropped is there. A dropped chunk that was already being
         // uploaded from memory may have arrived too (eviction frees the disk, it does not
         // cancel an upload under way); at most `workers` of them.

@@ -72,20 +72,7 @@ async fn uploader_metrics(p: &Pipeline) -> String {
 }
 
 async fn object_keys(p: &Pipeline, prefix: &str) -> Vec<String> {
-    let listed = p
-        .s3()
-        .await
-        .list_objects_v2()
-        .bucket(&p.bucket)
-        .prefix(prefix)
-        .send()
-        .await
-        .expect("list objects");
-    listed
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_owned))
-        .collect()
+    p.object_keys(prefix).await.expect("list objects")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
