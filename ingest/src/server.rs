@@ -174,9 +174,7 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) {
             Ok(Output::Accepted(params)) => {
                 tracing::info!(uid = %params.uid, session = %params.session,
                     sample_rate = params.sample_rate, "session accepted");
-                chunk_bytes = usize::try_from(params.chunk_samples)
-                    .unwrap_or(usize::MAX)
-                    .saturating_mul(spillway_proto::BYTES_PER_SAMPLE);
+                chunk_bytes = session.chunk_bytes().unwrap_or(0);
                 let accepted = Kind::Accepted(Accepted {
                     chunk_samples: params.chunk_samples,
                     start_sample: params.start_sample,

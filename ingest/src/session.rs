@@ -85,6 +85,14 @@ impl Session {
         }
     }
 
+    /// Bytes of one full chunk (what a budget reservation covers), once the hello is through.
+    pub fn chunk_bytes(&self) -> Option<usize> {
+        match &self.phase {
+            Phase::Streaming { chunker, .. } => Some(chunker.chunk_bytes()),
+            Phase::AwaitHello => None,
+        }
+    }
+
     /// Decodes one frame and applies it.
     pub fn on_frame(&mut self, frame: &[u8]) -> Result<Output, Refusal> {
         let msg = ClientMessage::decode(frame).map_err(|e| {

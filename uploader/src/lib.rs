@@ -110,14 +110,15 @@ pub async fn run(
             config.drain_timeout,
         );
         tokio::spawn(async move {
-            match tokio::task::spawn_blocking(move || spool.reconcile()).await {
-                Ok(Ok(found)) => {
+            let reconciled = tokio::task::spawn_blocking(move || spool.reconcile())
+                .await
+                .map_err(|e| spool::SpoolError::Task(e.to_string()))
+                .and_then(|r| r);
+            match reconciled {
+                Ok(found) => {
                     m.spool_lost_chunks.inc_by(found.lost.len() as u64);
                     m.spool_quarantined.inc_by(found.quarantined);
                     m.spool_adopted_chunks.inc_by(found.adopted);
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "checking the spool against its files failed")
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "checking the spool against its files failed")

@@ -358,6 +358,11 @@ impl Spool {
         self.records.join(format!("{pos:020}.rec"))
     }
 
+    /// Where the record file at `pos` goes when it fails its checks.
+    fn quarantine_path(&self, pos: u64) -> PathBuf {
+        self.quarantine_dir.join(format!("{pos:020}.rec"))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.writer
             .lock()
@@ -682,7 +687,7 @@ impl Spool {
         if let Some(pos) = position_of(key) {
             ignore_missing(std::fs::rename(
                 self.record_path(pos),
-                self.quarantine_dir.join(format!("{pos:020}.rec")),
+                self.quarantine_path(pos),
             ))?;
         }
         Ok(true)
@@ -802,10 +807,7 @@ impl Spool {
         let bytes = std::fs::read(path)?;
         let Some(record) = Record::decode(bytes.as_slice()).ok().filter(Record::intact) else {
             tracing::error!(pos, "unindexed spool file fails its checks; quarantined");
-            ignore_missing(std::fs::rename(
-                path,
-                self.quarantine_dir.join(format!("{pos:020}.rec")),
-            ))?;
+            ignore_missing(std::fs::rename(path, self.quarantine_path(pos)))?;
             found.quarantined += 1;
             return Ok(());
         };
