@@ -6,7 +6,12 @@ use std::time::Duration;
 
 use spillway_proto::ops::LogFormat;
 
+use crate::forward::Target;
 use crate::tls::TlsMaterial;
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    s.parse().map_err(|e: crate::forward::BadTarget| e.to_string())
+}
 
 /// Command-line flags of the `ingest` daemon.
 #[derive(Debug, Clone, clap::Parser)]
@@ -26,13 +31,21 @@ pub struct Args {
         default_value = "127.0.0.1:9464"
     )]
     pub http_listen: SocketAddr,
-    /// gRPC URL of the uploader.
+    /// Uploaders to forward chunks to, tried per session in a stable order, skipping any that
+    /// refuse: repeat the flag (or separate with commas) for several. `http://HOST:PORT` is one
+    /// uploader; `dns://NAME:PORT` is every address NAME resolves to (a Kubernetes headless
+    /// Service), re-resolved every --uploader-refresh.
     #[arg(
         long,
         env = "SPILLWAY_UPLOADER_URL",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        value_delimiter = ',',
+        value_parser = parse_target
     )]
-    pub uploader: String,
+    pub uploader: Vec<Target>,
+    /// How often dns:// uploader names are resolved again.
+    #[arg(long, env = "SPILLWAY_UPLOADER_REFRESH", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub uploader_refresh: Duration,
     /// TLS certificate chain (PEM). Without --tls-cert/--tls-key a self-signed certificate is made.
     #[arg(long, env = "SPILLWAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -80,7 +93,9 @@ pub struct Args {
 /// Validated configuration that [`crate::run`] takes.
 #[derive(Debug)]
 pub struct Config {
-    pub uploader: String,
+    /// Where the uploaders are (at least one).
+    pub uploaders: Vec<Target>,
+    pub uploader_refresh: Duration,
     pub tls: TlsMaterial,
     pub chunk_seconds: u32,
     pub idle_timeout: Duration,
@@ -107,8 +122,10 @@ pub enum ConfigError {
     MaxBufferedBytes { max: usize, need: usize },
     #[error("--idle-timeout must be at least 1s")]
     IdleTimeout,
-    #[error("--uploader must be an http:// or https:// URL, got {0:?}")]
-    UploaderUrl(String),
+    #[error("at least one --uploader is needed")]
+    NoUploader,
+    #[error("--uploader-refresh must be at least 100ms")]
+    UploaderRefresh,
     #[error("--token must not be empty")]
     EmptyToken,
 }
@@ -117,7 +134,8 @@ impl Config {
     /// A configuration with local defaults around the given TLS material; tests start from here.
     pub fn local(uploader: String, tls: TlsMaterial) -> Self {
         Self {
-            uploader,
+            uploaders: vec![Target::Url(uploader)],
+            uploader_refresh: Duration::from_secs(5),
             tls,
             chunk_seconds: 60,
             idle_timeout: Duration::from_secs(30),
@@ -151,8 +169,11 @@ impl Config {
         if self.idle_timeout < Duration::from_secs(1) {
             return Err(ConfigError::IdleTimeout);
         }
-        if !(self.uploader.starts_with("http://") || self.uploader.starts_with("https://")) {
-            return Err(ConfigError::UploaderUrl(self.uploader.clone()));
+        if self.uploaders.is_empty() {
+            return Err(ConfigError::NoUploader);
+        }
+        if self.uploader_refresh < Duration::from_millis(100) {
+            return Err(ConfigError::UploaderRefresh);
         }
         if self.token.as_deref() == Some("") {
             return Err(ConfigError::EmptyToken);
@@ -174,7 +195,8 @@ impl Args {
             }
         };
         let config = Config {
-            uploader: self.uploader,
+            uploaders: self.uploader,
+            uploader_refresh: self.uploader_refresh,
             tls,
             chunk_seconds: self.chunk_seconds,
             idle_timeout: self.idle_timeout,

@@ -1,14 +1,27 @@
-//! Hands chunks to the uploader over gRPC, retrying transient failures with jittered backoff
-//! until the uploader commits the chunk or the session gives up (shutdown grace ran out).
+//! Hands chunks to the uploaders over gRPC. A chunk goes to its session's preferred healthy
+//! uploader ([`crate::balance`]); one that is unreachable, shutting down (`UNAVAILABLE`) or full
+//! (`RESOURCE_EXHAUSTED`) is skipped and the chunk goes to the next. Only when every uploader
+//! refuses does the forwarder back off (jittered, exponential) and try them all again, so only
+//! then does backpressure reach the devices. It keeps going until an uploader commits the chunk,
+//! one refuses it for good, or the session gives up (shutdown grace ran out).
+//!
+//! Any uploader may take any chunk: ids and object keys are deterministic, so a chunk committed
+//! by two uploaders (its ack was lost on the way back from the first) becomes one object.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use spillway_proto::uploader::uploader_client::UploaderClient;
 use spillway_proto::uploader::{ChunkId, PutChunkRequest, PutChunkResponse};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::balance::{Balancer, Cooldown};
 use crate::chunker::Chunk;
 use crate::metrics::Metrics;
 use crate::session::Params;
@@ -16,7 +29,7 @@ use crate::session::Params;
 /// Why a chunk could not be committed.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    /// The uploader refused the chunk for good (a bug or a version mismatch, never load).
+    /// An uploader refused the chunk for good (a bug or a version mismatch, never load).
     #[error("uploader refused the chunk: {0}")]
     Refused(tonic::Status),
     /// The session stopped waiting (shutdown grace ran out).
@@ -24,15 +37,76 @@ pub enum ForwardError {
     Abandoned,
 }
 
-/// A cheap-to-clone handle on the uploader.
+/// Where uploaders are: one URL, or a DNS name whose every address is an uploader (a
+/// Kubernetes headless Service), re-resolved periodically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `http://host:port` or `https://host:port`: one endpoint.
+    Url(String),
+    /// `dns://host:port`: every address the name resolves to, on that port.
+    Dns { host: String, port: u16 },
+}
+
+/// A `--uploader` value that is neither form.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--uploader must be http://HOST:PORT, https://HOST:PORT or dns://NAME:PORT (every address of NAME), got {0:?}"
+)]
+pub struct BadTarget(String);
+
+impl FromStr for Target {
+    type Err = BadTarget;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadTarget(s.to_owned());
+        if let Some(rest) = s.strip_prefix("dns://") {
+            let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+            let port = port.parse::<u16>().map_err(|_| bad())?;
+            if host.is_empty() || port == 0 || host.contains('/') {
+                return Err(bad());
+            }
+            return Ok(Self::Dns {
+                host: host.to_owned(),
+                port,
+            });
+        }
+        let uri: http::Uri = s.parse().map_err(|_| bad())?;
+        match (uri.scheme_str(), uri.host()) {
+            (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(Self::Url(s.to_owned())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Url(url) => f.write_str(url),
+            Self::Dns { host, port } => write!(f, "dns://{host}:{port}"),
+        }
+    }
+}
+
+/// A cheap-to-clone handle on the uploaders.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
-    client: UploaderClient<Channel>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    targets: Vec<Target>,
+    balancer: Mutex<Balancer<String>>,
+    clients: Mutex<HashMap<String, UploaderClient<Channel>>>,
+    /// The last good answer of each DNS target, kept while a lookup fails.
+    resolved: Mutex<HashMap<String, Vec<SocketAddr>>>,
     attempt_timeout: Duration,
+    message_limit: usize,
     metrics: Metrics,
 }
 
-/// Codes worth retrying: the uploader is away, full or slow. Anything else is a refusal.
+/// Codes worth trying elsewhere or again: the uploader is away, full or slow. Anything else is
+/// a refusal.
 fn transient(status: &tonic::Status) -> bool {
     use tonic::Code::*;
     matches!(
@@ -47,32 +121,147 @@ fn transient(status: &tonic::Status) -> bool {
     )
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Forwarder {
-    /// Connects lazily: ingest starts even when the uploader is not up yet.
+    /// Connects lazily: ingest starts even when no uploader is up yet. `dns://` targets have no
+    /// endpoint until [`Forwarder::refresh`] resolves them.
     pub fn new(
-        url: &str,
+        targets: Vec<Target>,
         chunk_seconds: u32,
         attempt_timeout: Duration,
         metrics: Metrics,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
         // The largest chunk is chunk_seconds at the highest sample rate; leave room for the
         // envelope.
-        let limit = spillway_proto::validate::max_chunk_bytes(chunk_seconds) + 64 * 1024;
-        let client = UploaderClient::new(channel)
-            .max_encoding_message_size(limit)
-            .max_decoding_message_size(limit);
-        Ok(Self {
-            client,
-            attempt_timeout,
-            metrics,
-        })
+        let message_limit = spillway_proto::validate::max_chunk_bytes(chunk_seconds) + 64 * 1024;
+        let forwarder = Self {
+            inner: Arc::new(Inner {
+                targets,
+                balancer: Mutex::new(Balancer::new(Cooldown::default())),
+                clients: Mutex::default(),
+                resolved: Mutex::default(),
+                attempt_timeout,
+                message_limit,
+                metrics,
+            }),
+        };
+        forwarder.install(forwarder.endpoints(&HashMap::new()))?;
+        Ok(forwarder)
     }
 
-    /// Puts one chunk, retrying until it is committed, refused, or `give_up` fires.
+    /// The endpoint URLs the targets name, given the DNS answers.
+    fn endpoints(&self, resolved: &HashMap<String, Vec<SocketAddr>>) -> Vec<String> {
+        let mut urls = Vec::new();
+        for target in &self.inner.targets {
+            match target {
+                Target::Url(url) => urls.push(url.clone()),
+                Target::Dns { .. } => {
+                    let addrs = resolved.get(&target.to_string()).into_iter().flatten();
+                    urls.extend(addrs.map(|a| format!("http://{a}")));
+                }
+            }
+        }
+        urls
+    }
+
+    /// Makes `urls` the endpoint set: new ones get a lazy channel, gone ones are forgotten (a
+    /// put in flight on one finishes on its own clone).
+    fn install(&self, urls: Vec<String>) -> Result<(), tonic::transport::Error> {
+        let mut clients = lock(&self.inner.clients);
+        let mut next = HashMap::new();
+        for url in &urls {
+            let client = match clients.remove(url) {
+                Some(c) => c,
+                None => {
+                    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                        .connect_timeout(Duration::from_secs(5))
+                        .tcp_nodelay(true)
+                        .connect_lazy();
+                    UploaderClient::new(channel)
+                        .max_encoding_message_size(self.inner.message_limit)
+                        .max_decoding_message_size(self.inner.message_limit)
+                }
+            };
+            next.insert(url.clone(), client);
+        }
+        *clients = next;
+        let mut balancer = lock(&self.inner.balancer);
+        balancer.set(urls);
+        self.gauge(&balancer);
+        Ok(())
+    }
+
+    fn gauge(&self, balancer: &Balancer<String>) {
+        let m = &self.inner.metrics;
+        m.uploader_endpoints
+            .set(i64::try_from(balancer.len()).unwrap_or(i64::MAX));
+        m.uploader_endpoints_healthy
+            .set(i64::try_from(balancer.healthy(Instant::now())).unwrap_or(i64::MAX));
+    }
+
+    /// Resolves every `dns://` target again and updates the endpoint set. A failed or empty
+    /// lookup keeps that target's last good answer (a DNS hiccup must not strand the chunks).
+    pub async fn refresh(&self) {
+        let mut changed = false;
+        for target in &self.inner.targets {
+            let Target::Dns { host, port } = target else {
+                continue;
+            };
+            let name = target.to_string();
+            let answer = tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .map(|addrs| {
+                    let mut addrs: Vec<SocketAddr> = addrs.collect();
+                    addrs.sort();
+                    addrs.dedup();
+                    addrs
+                });
+            let mut resolved = lock(&self.inner.resolved);
+            match answer {
+                Ok(addrs) if !addrs.is_empty() => {
+                    if resolved.get(&name) != Some(&addrs) {
+                        tracing::info!(target = %name, endpoints = ?addrs, "uploader endpoints changed");
+                        resolved.insert(name, addrs);
+                        changed = true;
+                    }
+                }
+                Ok(_) => {
+                    self.inner.metrics.uploader_resolve_failures.inc();
+                    tracing::warn!(target = %name, kept = ?resolved.get(&name),
+                        "uploader name resolved to no address; keeping the last answer");
+                }
+                Err(e) => {
+                    self.inner.metrics.uploader_resolve_failures.inc();
+                    tracing::warn!(target = %name, error = %e, kept = ?resolved.get(&name),
+                        "resolving the uploader name failed; keeping the last answer");
+                }
+            }
+        }
+        if changed {
+            let urls = self.endpoints(&lock(&self.inner.resolved));
+            if let Err(e) = self.install(urls) {
+                tracing::error!(error = %e, "an uploader address is not a valid endpoint");
+            }
+        } else {
+            self.gauge(&lock(&self.inner.balancer));
+        }
+    }
+
+    /// Re-resolves the `dns://` targets every `every` until `stop`.
+    pub async fn keep_refreshed(self, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => self.refresh().await,
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Puts one chunk, trying the uploaders in its session's order, until one commits it, one
+    /// refuses it for good, or `give_up` fires.
     pub async fn put(
         &self,
         params: &Params,
@@ -91,29 +280,101 @@ impl Forwarder {
             crc32c: crc32c::crc32c(&chunk.pcm),
             pcm: chunk.pcm.clone(),
         };
-        let attempt = || {
-            let mut client = self.client.clone();
-            let mut req = tonic::Request::new(request.clone());
-            req.set_timeout(self.attempt_timeout);
-            async move { client.put_chunk(req).await.map(tonic::Response::into_inner) }
-        };
-        let backoff = ExponentialBuilder::default()
+        let affinity = format!("{}/{}", params.uid, params.session);
+        let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(5))
             .with_jitter()
-            .without_max_times();
-        let retrying = attempt
-            .retry(backoff)
-            .when(transient)
-            .notify(|status, delay| {
-                self.metrics.forward_retries.inc();
+            .without_max_times()
+            .build();
+        let m = &self.inner.metrics;
+        loop {
+            let order = lock(&self.inner.balancer).order(&affinity, Instant::now());
+            let tried = order.len();
+            for (i, url) in order.into_iter().enumerate() {
+                let Some(mut client) = lock(&self.inner.clients).get(&url).cloned() else {
+                    continue;
+                };
+                let mut req = tonic::Request::new(request.clone());
+                req.set_timeout(self.inner.attempt_timeout);
+                let outcome = tokio::select! {
+                    r = client.put_chunk(req) => r,
+                    () = give_up.cancelled() => return Err(ForwardError::Abandoned),
+                };
+                match outcome {
+                    Ok(response) => {
+                        let mut balancer = lock(&self.inner.balancer);
+                        balancer.succeeded(&url);
+                        self.gauge(&balancer);
+                        return Ok(response.into_inner());
+                    }
+                    Err(status) if !transient(&status) => {
+                        return Err(ForwardError::Refused(status));
+                    }
+                    Err(status) => {
+                        m.forward_retries.inc();
+                        let cooldown = {
+                            let mut balancer = lock(&self.inner.balancer);
+                            let c = balancer.refused(&url, Instant::now());
+                            self.gauge(&balancer);
+                            c
+                        };
+                        let next = i + 1 < tried;
+                        if next {
+                            m.forward_failovers.inc();
+                        }
+                        tracing::warn!(uid = %params.uid, session = %params.session,
+                            seq = chunk.seq, uploader = %url, code = ?status.code(),
+                            message = status.message(), ?cooldown, failover = next,
+                            "PutChunk failed");
+                    }
+                }
+            }
+            if tried == 0 {
                 tracing::warn!(uid = %params.uid, session = %params.session, seq = chunk.seq,
-                code = ?status.code(), message = status.message(), retry_in = ?delay,
-                "PutChunk failed; retrying");
-            });
-        tokio::select! {
-            r = retrying => r.map_err(ForwardError::Refused),
-            () = give_up.cancelled() => Err(ForwardError::Abandoned),
+                    targets = ?self.inner.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "no uploader endpoint known yet; waiting");
+            }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = give_up.cancelled() => return Err(ForwardError::Abandoned),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploader_targets_parse_or_say_why_not() {
+        assert_eq!(
+            "http://127.0.0.1:50051".parse::<Target>().ok(),
+            Some(Target::Url("http://127.0.0.1:50051".into()))
+        );
+        assert_eq!(
+            "dns://spillway-uploader:50051".parse::<Target>().ok(),
+            Some(Target::Dns {
+                host: "spillway-uploader".into(),
+                port: 50051
+            })
+        );
+        for bad in [
+            "spillway-uploader:50051",
+            "dns://spillway-uploader",
+            "dns://:50051",
+            "dns://x:0",
+            "dns://x:99999",
+            "grpc://x:1",
+            "http://",
+        ] {
+            let e = bad.parse::<Target>().err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("dns://NAME:PORT")),
+                "{bad}: {e:?}"
+            );
         }
     }
 }

@@ -3,8 +3,9 @@
 //! durably committed it.
 //!
 //! Data path: [`server`] (QUIC bytes) → [`session`] (protocol rules, transport-free) →
-//! [`chunker`] (exact chunks, sans-IO) → [`forward`] (gRPC `PutChunk`, retried) → `Ack` back.
+//! [`chunker`] (exact chunks, sans-IO) → [`forward`] (gRPC `PutChunk` to a healthy uploader chosen by [`balance`]) → `Ack` back.
 
+pub mod balance;
 pub mod budget;
 pub mod chunker;
 pub mod client;
@@ -64,12 +65,19 @@ pub async fn run(
     .context("starting the QUIC endpoint")?;
 
     let forwarder = forward::Forwarder::new(
-        &config.uploader,
+        config.uploaders.clone(),
         config.chunk_seconds,
         config.forward_timeout,
         metrics.clone(),
     )
-    .with_context(|| format!("uploader URL {:?}", config.uploader))?;
+    .context("an --uploader URL is not a valid endpoint")?;
+    forwarder.refresh().await;
+    let refresh_stop = CancellationToken::new();
+    tokio::spawn(
+        forwarder
+            .clone()
+            .keep_refreshed(config.uploader_refresh, refresh_stop.clone()),
+    );
 
     let ready = Readiness::default();
     let ops_stop = CancellationToken::new();
@@ -108,7 +116,8 @@ pub async fn run(
     });
     ready.set(true);
     tracing::info!(quic = %ops::describe(quic_addr), http = %ops::describe(http_addr),
-        uploader = %config.uploader, chunk_seconds = config.chunk_seconds, "ingest started");
+        uploaders = ?config.uploaders.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        chunk_seconds = config.chunk_seconds, "ingest started");
 
     loop {
         tokio::select! {
@@ -127,6 +136,7 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     abandon.cancel();
+    refresh_stop.cancel();
     endpoint.close(0u32.into(), b"shutdown");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     ops_stop.cancel();

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub chunks_acked: Counter,
     pub acked_bytes: Counter,
     pub forward_retries: Counter,
+    pub forward_failovers: Counter,
+    pub uploader_endpoints: Gauge,
+    pub uploader_endpoints_healthy: Gauge,
+    pub uploader_resolve_failures: Counter,
     pub budget_bytes: Gauge,
     pub buffered_bytes: Gauge,
     pub budget_waits: Counter,
@@ -89,6 +93,26 @@ impl Metrics {
             "forward_retries",
             "PutChunk attempts that failed and were retried",
             m.forward_retries.clone(),
+        );
+        r.register(
+            "forward_failovers",
+            "PutChunk attempts refused by one uploader and sent on to the next",
+            m.forward_failovers.clone(),
+        );
+        r.register(
+            "uploader_endpoints",
+            "Uploader endpoints known (the --uploader URLs and every address of each dns:// name)",
+            m.uploader_endpoints.clone(),
+        );
+        r.register(
+            "uploader_endpoints_healthy",
+            "Uploader endpoints not cooling down after a refusal; 0 means backpressure reaches the devices",
+            m.uploader_endpoints_healthy.clone(),
+        );
+        r.register(
+            "uploader_resolve_failures",
+            "Lookups of a dns:// uploader name that failed or found no address (the last answer is kept)",
+            m.uploader_resolve_failures.clone(),
         );
         r.register(
             "budget_bytes",
