@@ -142,6 +142,7 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr();
     let readiness = tokio::spawn(track_readiness(
         Arc::clone(&spool),
+        metrics.clone(),
         config.spool_high_watermark,
         ready.clone(),
         shutdown.clone(),
@@ -175,15 +176,18 @@ pub async fn run(
 }
 
 /// Keeps `/readyz` true only while the uploader is serving and its spool is at or below the
-/// high watermark, so a load balancer steers new work elsewhere before the spool is full.
+/// high watermark, so a load balancer steers new work elsewhere before the spool is full. Also
+/// refreshes the spool gauges, so the oldest chunk's age grows while nothing moves.
 async fn track_readiness(
     spool: Arc<spool::Spool>,
+    metrics: metrics::Metrics,
     watermark: f64,
     ready: Readiness,
     shutdown: CancellationToken,
 ) {
     let mut was = None;
     loop {
+        metrics.spool(&spool);
         let below = spool.fill_ratio() <= watermark;
         let now = below && !shutdown.is_cancelled();
         ready.set(now);

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub spool_set_aside: Counter,
     pub spool_dropped_bytes: Counter,
     pub spool_fill_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub spool_oldest_chunk_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub upload_retries: Counter,
     pub upload_max_attempts: Gauge,
     pub uploads: Family<ResultLabel, Counter>,
@@ -55,6 +56,7 @@ impl Metrics {
             spool_set_aside: Counter::default(),
             spool_dropped_bytes: Counter::default(),
             spool_fill_ratio: Gauge::default(),
+            spool_oldest_chunk_age: Gauge::default(),
             upload_retries: Counter::default(),
             upload_max_attempts: Gauge::default(),
             uploads: Family::default(),
@@ -125,6 +127,11 @@ impl Metrics {
             m.spool_fill_ratio.clone(),
         );
         r.register(
+            "spool_oldest_chunk_age_seconds",
+            "Seconds the oldest spooled chunk has waited for the store (0 when the spool is empty)",
+            m.spool_oldest_chunk_age.clone(),
+        );
+        r.register(
             "upload_retries",
             "Failed PutObject attempts that will be retried (always: nothing is dropped for failing)",
             m.upload_retries.clone(),
@@ -174,5 +181,12 @@ impl Metrics {
         self.spool_chunks
             .set(i64::try_from(spool.len()).unwrap_or(i64::MAX));
         self.spool_fill_ratio.set(spool.fill_ratio());
+        match spool.oldest_age(std::time::SystemTime::now()) {
+            Ok(age) => {
+                self.spool_oldest_chunk_age
+                    .set(age.unwrap_or_default().as_secs_f64());
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the oldest spooled chunk's age failed"),
+        }
     }
 }

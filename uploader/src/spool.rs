@@ -36,7 +36,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
@@ -80,6 +80,13 @@ impl Record {
     pub fn offset(&self) -> u64 {
         self.first_sample
             .saturating_sub(self.seq.saturating_mul(self.chunk_samples))
+    }
+
+    /// True when this piece ends before its chunk does (a session's last piece, or one flushed
+    /// on idle or shutdown): a longer piece of the same chunk may exist.
+    pub fn stops_short(&self) -> bool {
+        let samples = self.pcm.len() as u64 / 2;
+        self.offset().saturating_add(samples) < self.chunk_samples
     }
 
     /// True when the PCM still matches the checksum it was committed with.
@@ -352,6 +359,20 @@ impl Spool {
 
     pub fn max_bytes(&self) -> u64 {
         self.limits.max_bytes
+    }
+
+    /// How long the oldest spooled chunk has waited for the store: since its record file was
+    /// written (so the age survives restarts). `None` when the spool is empty.
+    pub fn oldest_age(&self, now: std::time::SystemTime) -> Result<Option<Duration>, SpoolError> {
+        let Some(pos) = self.chunks.first()?.and_then(|(k, _)| position_of(&k)) else {
+            return Ok(None);
+        };
+        match std::fs::metadata(self.record_path(pos)).and_then(|m| m.modified()) {
+            Ok(written) => Ok(Some(now.duration_since(written).unwrap_or_default())),
+            // Uploaded (or quarantined) meanwhile: the next reading sees the next oldest.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn record_path(&self, pos: u64) -> PathBuf {
@@ -890,6 +911,36 @@ mod tests {
         }
         assert_eq!(seqs, [0, 1, 2]);
         assert_eq!((spool.len(), spool.used_bytes()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn the_oldest_chunks_age_counts_from_its_commit_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        {
+            let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
+            assert_eq!(spool.oldest_age(now).unwrap(), None, "empty");
+            for seq in [0, 1] {
+                spool.commit(&record(seq, &[1; 100])).await.unwrap();
+            }
+        }
+        // Pretend the first chunk was committed 90 s ago, before a restart.
+        let first = dir.path().join("records").join(format!("{:020}.rec", 0));
+        std::fs::File::options()
+            .append(true)
+            .open(&first)
+            .unwrap()
+            .set_modified(now - Duration::from_secs(90))
+            .unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
+        let age = spool.oldest_age(now).unwrap().unwrap();
+        assert!(age >= Duration::from_secs(90) && age < Duration::from_secs(95), "{age:?}");
+        let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
+            panic!("no record")
+        };
+        spool.remove(pos, &r).await.unwrap();
+        let age = spool.oldest_age(now).unwrap().unwrap();
+        assert!(age < Duration::from_secs(5), "the next oldest is fresh: {age:?}");
     }
 
     #[tokio::test]
