@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::object::KeyTemplate;
 use crate::spool::{Record, Spool};
-use crate::store::Store;
+use crate::store::{Put, Store};
 
 /// Everything an upload needs.
 pub struct Drain {
@@ -194,7 +194,7 @@ impl Drain {
                 return;
             };
             match result {
-                Ok(()) => {
+                Ok(put) => {
                     let was_failing = {
                         let mut breaker = self.breaker_lock();
                         let was = breaker.state() != spillway_breaker::State::Closed
@@ -210,13 +210,22 @@ impl Drain {
                     self.metrics
                         .upload_seconds
                         .observe(started.elapsed().as_secs_f64());
+                    let result = match put {
+                        Put::Stored => {
+                            self.metrics
+                                .upload_bytes
+                                .inc_by(record.pcm.len() as u64 + 44);
+                            "ok"
+                        }
+                        Put::AlreadyLonger => {
+                            tracing::info!(%key, "the store already holds a longer piece of this chunk; not overwriting it");
+                            "already_longer"
+                        }
+                    };
                     self.metrics
                         .uploads
-                        .get_or_create(&ResultLabel { result: "ok" })
+                        .get_or_create(&ResultLabel { result })
                         .inc();
-                    self.metrics
-                        .upload_bytes
-                        .inc_by(record.pcm.len() as u64 + 44);
                     if let Err(e) = self.spool.remove(pos, record).await {
                         // The object is stored; a leftover record is only uploaded again.
                         tracing::error!(%key, error = %e, "deleting an uploaded chunk from the spool failed");

@@ -105,9 +105,27 @@ impl Store {
 
     /// Uploads one chunk as a WAV object at `key`, with a CRC32C of the whole body that the
     /// store verifies, and metadata describing the audio.
-    pub async fn put(&self, key: &str, record: &Record) -> Result<(), UploadError> {
+    ///
+    /// A piece that stops short of its chunk's end (a session's last, or one flushed on idle or
+    /// shutdown) may meet a longer piece of the same chunk that another uploader took (ingest
+    /// retried it elsewhere after a lost ack, then the device resent the whole chunk). The
+    /// longer piece holds every sample of the shorter one, so the shorter is uploaded only when
+    /// the store holds no object at `key` at least as long: it never overwrites audio.
+    pub async fn put(&self, key: &str, record: &Record) -> Result<Put, UploadError> {
         let body = crate::object::wav(&record.pcm, record.sample_rate)
             .map_err(|e| UploadError(format!("building WAV: {e}")))?;
+        if record.stops_short() {
+            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+                Ok(head) => {
+                    let stored = head.content_length().unwrap_or(0);
+                    if u64::try_from(stored).is_ok_and(|n| n >= body.len() as u64) {
+                        return Ok(Put::AlreadyLonger);
+                    }
+                }
+                Err(SdkError::ServiceError(e)) if e.err().is_not_found() => {}
+                Err(e) => return Err(UploadError(DisplayErrorContext(&e).to_string())),
+            }
+        }
         let checksum =
             base64::engine::general_purpose::STANDARD.encode(crc32c::crc32c(&body).to_be_bytes());
         self.client
@@ -124,6 +142,15 @@ impl Store {
             .send()
             .await
             .map_err(|e| UploadError(DisplayErrorContext(&e).to_string()))?;
-        Ok(())
+        Ok(Put::Stored)
     }
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// The object was written.
+    Stored,
+    /// The store already held a piece of this chunk at least as long (see [`Store::put`]).
+    AlreadyLonger,
 }
