@@ -233,6 +233,7 @@ fn open_spool(
     };
     let failure = match attempt(limits.clone()) {
         Ok(Ok(spool)) => return Ok(spool),
+        Ok(Err(e @ spool::SpoolError::InUse(_))) => return Err(e.into()),
         Ok(Err(e)) => e.to_string(),
         Err(_) => "sled panicked while recovering it".to_owned(),
     };

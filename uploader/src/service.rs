@@ -141,9 +141,10 @@ impl Uploader for Service {
                     ("spool_full", Status::resource_exhausted(e.to_string()))
                 }
                 SpoolError::Conflict { .. } => ("conflict", Status::already_exists(e.to_string())),
-                SpoolError::Storage(_) | SpoolError::Io(_) | SpoolError::Task(_) => {
-                    ("storage", Status::unavailable(e.to_string()))
-                }
+                SpoolError::Storage(_)
+                | SpoolError::Io(_)
+                | SpoolError::Task(_)
+                | SpoolError::InUse(_) => ("storage", Status::unavailable(e.to_string())),
             };
             self.metrics.rejected(reason);
             tracing::warn!(reason, %key, error = %e, "PutChunk not committed");

@@ -184,6 +184,10 @@ pub enum SpoolError {
     Io(#[from] std::io::Error),
     #[error("spool task failed: {0}")]
     Task(String),
+    #[error(
+        "the spool in {0} is in use by another process (an uploader, or `uploader drain`); one spool has one owner"
+    )]
+    InUse(PathBuf),
 }
 
 /// The spool. Index operations are synchronous; file writes and the flush run off the
@@ -204,6 +208,9 @@ pub struct Spool {
     tmp_seq: AtomicU64,
     /// No position below this is handed out (changed only under the writer lock).
     next_pos: AtomicU64,
+    /// The exclusive lock on `dir/lock`, held for the spool's life (declared last: released
+    /// after sled has closed).
+    _owner: std::fs::File,
 }
 
 /// What [`Spool::reconcile`] found.
@@ -295,6 +302,21 @@ impl Spool {
     /// alone, never reading the audio: start-up time does not grow with the backlog's bytes.
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, SpoolError> {
         let started = Instant::now();
+        std::fs::create_dir_all(dir)?;
+        // Our own lock, taken before sled's: a second owner is told so plainly, and a spool in
+        // use is never mistaken for a damaged one.
+        let owner = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        match owner.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::InUse(dir.to_owned()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
         let records = dir.join("records");
         let quarantine_dir = dir.join("quarantine");
         std::fs::create_dir_all(&records)?;
@@ -342,6 +364,7 @@ impl Spool {
             committed: Notify::new(),
             tmp_seq: AtomicU64::new(0),
             next_pos: AtomicU64::new(floor),
+            _owner: owner,
         })
     }
 
@@ -913,6 +936,16 @@ mod tests {
         assert_eq!((spool.len(), spool.used_bytes()), (0, 0));
     }
 
+    #[test]
+    fn a_spool_has_one_owner_and_a_second_is_refused_without_touching_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+        let second = Spool::open(dir.path(), Limits::reject(1 << 20));
+        assert!(matches!(second, Err(SpoolError::InUse(_))), "{second:?}");
+        drop(first);
+        Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
+    }
+
     #[tokio::test]
     async fn the_oldest_chunks_age_counts_from_its_commit_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -934,13 +967,19 @@ mod tests {
             .unwrap();
         let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap());
         let age = spool.oldest_age(now).unwrap().unwrap();
-        assert!(age >= Duration::from_secs(90) && age < Duration::from_secs(95), "{age:?}");
+        assert!(
+            age >= Duration::from_secs(90) && age < Duration::from_secs(95),
+            "{age:?}"
+        );
         let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
             panic!("no record")
         };
         spool.remove(pos, &r).await.unwrap();
         let age = spool.oldest_age(now).unwrap().unwrap();
-        assert!(age < Duration::from_secs(5), "the next oldest is fresh: {age:?}");
+        assert!(
+            age < Duration::from_secs(5),
+            "the next oldest is fresh: {age:?}"
+        );
     }
 
     #[tokio::test]

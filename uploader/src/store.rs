@@ -115,7 +115,14 @@ impl Store {
         let body = crate::object::wav(&record.pcm, record.sample_rate)
             .map_err(|e| UploadError(format!("building WAV: {e}")))?;
         if record.stops_short() {
-            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
                 Ok(head) => {
                     let stored = head.content_length().unwrap_or(0);
                     if u64::try_from(stored).is_ok_and(|n| n >= body.len() as u64) {
