@@ -217,10 +217,7 @@ mod tests {
         let mut b = balancer(3);
         let t0 = Instant::now();
         let sessions: Vec<String> = (0..1000).map(|s| format!("s{s}")).collect();
-        let before: Vec<String> = sessions
-            .iter()
-            .map(|s| b.order(s, t0)[0].clone())
-            .collect();
+        let before: Vec<String> = sessions.iter().map(|s| b.order(s, t0)[0].clone()).collect();
         let sick = "http://10.0.0.1:50051".to_owned();
         b.refused(&sick, t0);
         let mut keys: Vec<String> = (0..4).map(|i| format!("http://10.0.0.{i}:50051")).collect();

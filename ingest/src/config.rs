@@ -10,7 +10,8 @@ use crate::forward::Target;
 use crate::tls::TlsMaterial;
 
 fn parse_target(s: &str) -> Result<Target, String> {
-    s.parse().map_err(|e: crate::forward::BadTarget| e.to_string())
+    s.parse()
+        .map_err(|e: crate::forward::BadTarget| e.to_string())
 }
 
 /// Command-line flags of the `ingest` daemon.

@@ -9,14 +9,33 @@ use spillway_proto::ops::LogFormat;
 use crate::object::KeyTemplate;
 use crate::spool::WhenFull;
 
-/// Command-line flags of the `uploader` daemon.
+/// The `uploader` command line: the daemon's flags, or a subcommand.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "uploader",
     version,
-    about = "Spillway uploader: commits chunks to a disk spool before acknowledging, then drains it to S3"
+    about = "Spillway uploader: commits chunks to a disk spool before acknowledging, then drains it to S3",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+/// What the `uploader` binary does besides serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Upload everything in a spool directory (one a scaled-down uploader left behind) and
+    /// exit: 0 once the spool is empty, 2 when --drain-timeout passed first (what is left stays
+    /// spooled). Takes the daemon's flags; the listen addresses are not used.
+    Drain(Flags),
+}
+
+/// Flags of the `uploader` daemon (and of `uploader drain`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Flags {
     /// TCP address of the gRPC service ingest calls.
     #[arg(
         long,
@@ -83,7 +102,7 @@ pub struct Args {
     #[arg(long, env = "SPILLWAY_UPLOAD_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub upload_timeout: Duration,
     /// On SIGTERM, how long to keep uploading before exiting; what is left stays spooled and
-    /// is drained at the next start.
+    /// is drained at the next start. For `uploader drain`, how long it may take in all.
     #[arg(long, env = "SPILLWAY_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
     /// Log format.
@@ -195,7 +214,7 @@ impl Config {
     }
 }
 
-impl Args {
+impl Flags {
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let config = Config {
             key_template: self.key_template.parse()?,

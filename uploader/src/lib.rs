@@ -21,7 +21,7 @@ use spillway_proto::ops::{self, Readiness};
 use spillway_proto::uploader::uploader_server::UploaderServer;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Args, Config, StaticCredentials};
+pub use config::{Args, Command, Config, Flags, StaticCredentials};
 
 /// Sockets the daemon serves on, bound by the caller (tests bind port 0).
 #[derive(Debug)]
@@ -45,26 +45,7 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
 
-    let spool = {
-        let dir = config.spool_dir.clone();
-        let on_drop = {
-            let m = metrics.clone();
-            Arc::new(move |d: &spool::Dropped| {
-                m.spool_dropped_chunks.inc();
-                m.spool_dropped_bytes.inc_by(d.bytes);
-            })
-        };
-        let limits = spool::Limits {
-            max_bytes: config.spool_max_bytes,
-            when_full: config.when_full,
-            on_drop,
-        };
-        let m = metrics.clone();
-        tokio::task::spawn_blocking(move || open_spool(&dir, limits, &m))
-            .await
-            .context("opening the spool")??
-    };
-    let spool = Arc::new(spool);
+    let spool = spool_of(&config, &metrics).await?;
     metrics
         .spool_max_bytes
         .set(i64::try_from(config.spool_max_bytes).unwrap_or(i64::MAX));
@@ -87,18 +68,7 @@ pub async fn run(
     ));
 
     let drain_stop = CancellationToken::new();
-    let drain = drain::Drain {
-        spool: Arc::clone(&spool),
-        store,
-        workers: config.workers,
-        template: config.key_template.clone(),
-        prefix: config.key_prefix.clone(),
-        breaker: Arc::new(Mutex::new(spillway_breaker::Breaker::new(config.breaker))),
-        metrics: metrics.clone(),
-        attempts: Mutex::default(),
-        keys: Mutex::default(),
-        recovered: tokio::sync::Notify::new(),
-    };
+    let drain = drain_of(&config, &spool, store, &metrics);
     let drain_task = {
         // The index is made to agree with the record files (after a crash or damage) before
         // the drain starts, in the background: the service takes chunks meanwhile, and start-up
@@ -110,20 +80,7 @@ pub async fn run(
             config.drain_timeout,
         );
         tokio::spawn(async move {
-            let reconciled = tokio::task::spawn_blocking(move || spool.reconcile())
-                .await
-                .map_err(|e| spool::SpoolError::Task(e.to_string()))
-                .and_then(|r| r);
-            match reconciled {
-                Ok(found) => {
-                    m.spool_lost_chunks.inc_by(found.lost.len() as u64);
-                    m.spool_quarantined.inc_by(found.quarantined);
-                    m.spool_adopted_chunks.inc_by(found.adopted);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "checking the spool against its files failed")
-                }
-            }
+            reconcile(spool, &m).await;
             drain.run(stop, timeout).await;
         })
     };
@@ -161,6 +118,7 @@ pub async fn run(
         .await;
     ready.set(false);
     readiness.abort();
+    let _ = readiness.await;
     tracing::info!(spooled = spool.len(), drain_timeout = ?config.drain_timeout,
         "uploader shutting down: no new chunks; draining the spool");
     drain_stop.cancel();
@@ -173,6 +131,137 @@ pub async fn run(
     served.context("gRPC server")?;
     tracing::info!(spooled = spool.len(), "uploader stopped");
     Ok(())
+}
+
+/// Opens the spool `config` names, counting evictions in `metrics`.
+async fn spool_of(
+    config: &Config,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<Arc<spool::Spool>> {
+    let dir = config.spool_dir.clone();
+    let on_drop = {
+        let m = metrics.clone();
+        Arc::new(move |d: &spool::Dropped| {
+            m.spool_dropped_chunks.inc();
+            m.spool_dropped_bytes.inc_by(d.bytes);
+        })
+    };
+    let limits = spool::Limits {
+        max_bytes: config.spool_max_bytes,
+        when_full: config.when_full,
+        on_drop,
+    };
+    let m = metrics.clone();
+    let spool = tokio::task::spawn_blocking(move || open_spool(&dir, limits, &m))
+        .await
+        .context("opening the spool")??;
+    Ok(Arc::new(spool))
+}
+
+/// Makes the index agree with the record files (after a crash or damage) and counts what it
+/// found.
+async fn reconcile(spool: Arc<spool::Spool>, m: &metrics::Metrics) {
+    let reconciled = tokio::task::spawn_blocking(move || spool.reconcile())
+        .await
+        .map_err(|e| spool::SpoolError::Task(e.to_string()))
+        .and_then(|r| r);
+    match reconciled {
+        Ok(found) => {
+            m.spool_lost_chunks.inc_by(found.lost.len() as u64);
+            m.spool_quarantined.inc_by(found.quarantined);
+            m.spool_adopted_chunks.inc_by(found.adopted);
+        }
+        Err(e) => tracing::error!(error = %e, "checking the spool against its files failed"),
+    }
+}
+
+fn drain_of(
+    config: &Config,
+    spool: &Arc<spool::Spool>,
+    store: store::Store,
+    metrics: &metrics::Metrics,
+) -> drain::Drain {
+    drain::Drain {
+        spool: Arc::clone(spool),
+        store,
+        workers: config.workers,
+        template: config.key_template.clone(),
+        prefix: config.key_prefix.clone(),
+        breaker: Arc::new(Mutex::new(spillway_breaker::Breaker::new(config.breaker))),
+        metrics: metrics.clone(),
+        attempts: Mutex::default(),
+        keys: Mutex::default(),
+        recovered: tokio::sync::Notify::new(),
+    }
+}
+
+/// What [`drain_spool`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Chunks uploaded (or found already stored).
+    pub uploaded: u64,
+    /// Chunks still spooled (the timeout passed, or it was interrupted).
+    pub left: u64,
+    /// Bytes still spooled.
+    pub left_bytes: u64,
+}
+
+/// `uploader drain`: uploads everything in the spool at `config.spool_dir` and returns once it
+/// is empty, `config.drain_timeout` has passed, or `interrupt` fires; what is left stays
+/// spooled. Logs progress every `progress_every`. Takes no chunks and serves nothing.
+pub async fn drain_spool(
+    config: Config,
+    progress_every: std::time::Duration,
+    interrupt: CancellationToken,
+) -> anyhow::Result<DrainReport> {
+    config.validate()?;
+    let metrics = metrics::Metrics::register(&mut Registry::default());
+    let spool = spool_of(&config, &metrics).await?;
+    let store = store::Store::new(&config).await;
+    let endpoint = config.s3_endpoint.as_deref().unwrap_or("AWS S3");
+    store.check_bucket(config.create_bucket, endpoint).await?;
+    reconcile(Arc::clone(&spool), &metrics).await;
+    let (chunks, bytes) = (spool.len(), spool.used_bytes());
+    tracing::info!(dir = %config.spool_dir.display(), chunks, bytes, bucket = %config.bucket,
+        endpoint, timeout = ?config.drain_timeout, "draining the spool");
+    let started = std::time::Instant::now();
+    let progress = tokio::spawn({
+        let spool = Arc::clone(&spool);
+        async move {
+            loop {
+                tokio::time::sleep(progress_every).await;
+                let done = bytes.saturating_sub(spool.used_bytes());
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3) / 1e6;
+                tracing::info!(
+                    left = spool.len(),
+                    left_bytes = spool.used_bytes(),
+                    uploaded = chunks.saturating_sub(spool.len()),
+                    mb_per_s = format!("{rate:.1}"),
+                    "draining"
+                );
+            }
+        }
+    });
+    let stop = CancellationToken::new();
+    stop.cancel();
+    let drain = drain_of(&config, &spool, store, &metrics);
+    tokio::select! {
+        () = drain.run(stop, config.drain_timeout) => {}
+        () = interrupt.cancelled() => {
+            tracing::warn!(left = spool.len(), "interrupted: what is left stays spooled");
+            spool.flush().await.context("flushing the spool")?;
+        }
+    }
+    progress.abort();
+    let _ = progress.await;
+    let report = DrainReport {
+        uploaded: chunks.saturating_sub(spool.len()),
+        left: spool.len(),
+        left_bytes: spool.used_bytes(),
+    };
+    tracing::info!(uploaded = report.uploaded, left = report.left, elapsed = ?started.elapsed(),
+        "drain finished");
+    Ok(report)
 }
 
 /// Keeps `/readyz` true only while the uploader is serving and its spool is at or below the

@@ -214,7 +214,7 @@ impl Pipeline {
 
     /// Starts the object store again on the same address, with the same files.
     pub async fn start_store(&mut self) -> anyhow::Result<()> {
-        let listener = tokio::net::TcpListener::bind(self.s3_addr).await?;
+        let listener = bind_tcp_again(self.s3_addr).await?;
         self.s3_stop = CancellationToken::new();
         let (root, stop) = (self.s3_root.clone(), self.s3_stop.clone());
         self.s3 = Some(tokio::spawn(async move {
@@ -228,8 +228,8 @@ impl Pipeline {
     pub async fn restart_uploader(&mut self) -> anyhow::Result<()> {
         self.uploader_stop.cancel();
         (&mut self.uploader).await??;
-        let grpc = tokio::net::TcpListener::bind(self.uploader_grpc).await?;
-        let http = tokio::net::TcpListener::bind(self.uploader_http).await?;
+        let grpc = bind_tcp_again(self.uploader_grpc).await?;
+        let http = bind_tcp_again(self.uploader_http).await?;
         self.uploader_stop = CancellationToken::new();
         let config = uploader_config(self.spool_dir.clone(), &self.s3_endpoint, &self.opts);
         self.uploader = tokio::spawn(spillway_uploader::run(
@@ -242,13 +242,21 @@ impl Pipeline {
             .context("restarted uploader never became ready")
     }
 
+    /// Stops the uploader for good (it drains for up to the drain timeout, then exits with
+    /// whatever is left spooled), leaving its spool to another owner.
+    pub async fn stop_uploader(&mut self) -> anyhow::Result<()> {
+        self.uploader_stop.cancel();
+        let stopped = std::mem::replace(&mut self.uploader, tokio::spawn(async { Ok(()) }));
+        stopped.await?
+    }
+
     /// Stops ingest gracefully (it flushes every session's partial chunk and tells devices it is
     /// shutting down) and starts a new one on the same address with the same certificate.
     pub async fn restart_ingest(&mut self) -> anyhow::Result<()> {
         self.ingest_stop.cancel();
         (&mut self.ingest).await??;
         let quic = bind_udp_again(self.ingest_quic).await?;
-        let http = tokio::net::TcpListener::bind(self.ingest_http).await?;
+        let http = bind_tcp_again(self.ingest_http).await?;
         self.ingest_stop = CancellationToken::new();
         let config = ingest_config(
             self.uploader_grpc,
@@ -343,12 +351,30 @@ fn ingest_config(
 
 /// Binds a UDP address a stopped endpoint just released (its socket may linger a moment).
 async fn bind_udp_again(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    bind_again(addr, || std::net::UdpSocket::bind(addr)).await
+}
+
+/// Binds a TCP address a stopped daemon just released. Under parallel tests another socket may
+/// hold the port for a moment (an outgoing connection given it as its ephemeral port).
+async fn bind_tcp_again(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    bind_again(addr, || {
+        let std = std::net::TcpListener::bind(addr)?;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std)
+    })
+    .await
+}
+
+async fn bind_again<T>(
+    addr: SocketAddr,
+    bind: impl Fn() -> std::io::Result<T>,
+) -> anyhow::Result<T> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match std::net::UdpSocket::bind(addr) {
+        match bind() {
             Ok(s) => return Ok(s),
             Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::debug!(%addr, error = %e, "UDP address still in use; retrying");
+                tracing::debug!(%addr, error = %e, "address still in use; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => return Err(e).with_context(|| format!("binding {addr} again")),

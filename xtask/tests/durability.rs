@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use spillway_uploader::spool::WhenFull;
-use xtask::pipeline::{Options, Pipeline, http_get, metric};
+use tokio_util::sync::CancellationToken;
+use xtask::pipeline::{Options, Pipeline, http_get, metric, uploader_config};
 use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -267,6 +268,68 @@ async fn chunks_left_spooled_at_shutdown_are_uploaded_after_the_restart() {
             verify_device(&s3, &p.bucket, &report, Duration::from_secs(60))
                 .await
                 .expect("the backlog reached the store"),
+            6
+        );
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploader_drain_empties_an_orphaned_spool_and_says_what_it_could_not() {
+    tokio::time::timeout(LIMIT, async {
+        let opts = Options {
+            drain_timeout: Duration::from_millis(500),
+            ..small()
+        };
+        let mut p = Pipeline::start(opts.clone()).await.expect("pipeline");
+        p.stop_store().await.expect("store down");
+        let report = streaming(&p, DeviceSpec::synthetic("orphan", "s", 8_000, 5.5, 17))
+            .await
+            .expect("device task");
+        assert_eq!(report.acks.len(), 6, "spooled while the store was down");
+        let (spool_dir, endpoint) = (p.spool_dir.clone(), p.s3_endpoint.clone());
+        let config = |timeout| {
+            let mut c = uploader_config(spool_dir.clone(), &endpoint, &opts);
+            c.drain_timeout = timeout;
+            c
+        };
+        let drain = |timeout| {
+            spillway_uploader::drain_spool(
+                config(timeout),
+                Duration::from_millis(200),
+                CancellationToken::new(),
+            )
+        };
+
+        let in_use = drain(Duration::from_secs(1))
+            .await
+            .expect_err("spool in use");
+        assert!(
+            format!("{in_use:#}").contains("in use by another process"),
+            "{in_use:#}"
+        );
+
+        p.stop_uploader()
+            .await
+            .expect("uploader stops, leaving its spool");
+        let stuck = drain(Duration::from_secs(1)).await.expect("drain runs");
+        assert_eq!(
+            (stuck.uploaded, stuck.left),
+            (0, 6),
+            "store down: all left, said so"
+        );
+        assert!(stuck.left_bytes > 0);
+
+        p.start_store().await.expect("store up");
+        let done = drain(Duration::from_secs(30)).await.expect("drain runs");
+        assert_eq!((done.uploaded, done.left, done.left_bytes), (6, 0, 0));
+        let s3 = p.s3().await;
+        assert_eq!(
+            verify_device(&s3, &p.bucket, &report, Duration::from_secs(5))
+                .await
+                .expect("every acknowledged chunk stored"),
             6
         );
         p.stop().await.expect("clean stop");
