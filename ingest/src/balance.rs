@@ -104,7 +104,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
                 _ => healthy.push((score, &slot.key)),
             }
         }
-        healthy.sort_by(|a, b| b.0.cmp(&a.0));
+        healthy.sort_by_key(|h| std::cmp::Reverse(h.0));
         cooling.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         healthy
             .into_iter()

@@ -381,3 +381,100 @@ async fn bind_again<T>(
         }
     }
 }
+
+/// An uploader on its own Tokio runtime, so that [`IsolatedUploader::kill`] ends everything it
+/// runs at once (its listeners, every connection, every upload), as a crash would, while the
+/// test's own runtime goes on. Its spool and ports are kept for [`IsolatedUploader::restart`].
+pub struct IsolatedUploader {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub config: spillway_uploader::Config,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl IsolatedUploader {
+    /// Starts an uploader on fresh loopback ports and waits until it is ready.
+    pub async fn start(config: spillway_uploader::Config) -> anyhow::Result<Self> {
+        let grpc = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let http = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let mut u = Self {
+            grpc: grpc.local_addr()?,
+            http: http.local_addr()?,
+            config,
+            runtime: None,
+        };
+        u.launch(grpc, http).await?;
+        Ok(u)
+    }
+
+    async fn launch(
+        &mut self,
+        grpc: std::net::TcpListener,
+        http: std::net::TcpListener,
+    ) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let config = self.config.clone();
+        runtime.spawn(async move {
+            for l in [&grpc, &http] {
+                l.set_nonblocking(true)?;
+            }
+            let listeners = spillway_uploader::Listeners {
+                grpc: tokio::net::TcpListener::from_std(grpc)?,
+                http: tokio::net::TcpListener::from_std(http)?,
+            };
+            spillway_uploader::run(config, listeners, CancellationToken::new()).await
+        });
+        self.runtime = Some(runtime);
+        wait_ready(self.http)
+            .await
+            .context("uploader never became ready")
+    }
+
+    /// Ends the uploader at once: no drain, no goodbye; connections are torn down.
+    pub fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Starts it again where it was: same ports, same spool.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let grpc = bind_again(self.grpc, || std::net::TcpListener::bind(self.grpc)).await?;
+        let http = bind_again(self.http, || std::net::TcpListener::bind(self.http)).await?;
+        // The killed runtime's threads release the spool as they wind down.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match spillway_uploader::spool::Spool::open(
+                &self.config.spool_dir,
+                spillway_uploader::spool::Limits::reject(self.config.spool_max_bytes),
+            ) {
+                Err(spillway_uploader::spool::SpoolError::InUse(_))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => break,
+            }
+        }
+        self.launch(grpc, http).await
+    }
+}
+
+impl Drop for IsolatedUploader {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl std::fmt::Debug for IsolatedUploader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IsolatedUploader")
+            .field("grpc", &self.grpc)
+            .field("alive", &self.runtime.is_some())
+            .finish()
+    }
+}
