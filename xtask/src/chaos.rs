@@ -62,6 +62,7 @@ const CHUNK_BYTES: u64 = 32_000;
 struct Scenario {
     name: &'static str,
     note: &'static str,
+    uploaders: usize,
     uploader_args: Vec<String>,
     ingest_args: Vec<String>,
     run: Action,
@@ -78,6 +79,7 @@ enum Action {
     DeafDevice,
     DamagedSpool { flip: bool },
     SigtermDuringLoad,
+    UploaderLost,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -89,6 +91,7 @@ fn scenarios() -> Vec<Scenario> {
     drop_oldest.extend(["--when-full".to_owned(), "drop-oldest".to_owned()]);
     vec![
         Scenario {
+            uploaders: 1,
             name: "kill -9 uploader x3",
             note: "recovery: uploader restart until ready (spool open)",
             uploader_args: vec![],
@@ -96,6 +99,15 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::KillUploader { times: 3 },
         },
         Scenario {
+            uploaders: 3,
+            name: "kill -9 1 of 3 uploaders, for the outage",
+            note: "store failing so every spool holds acked chunks; the killed one is restarted after the outage and drains; recovery: kill until ingest acks again via the others",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::UploaderLost,
+        },
+        Scenario {
+            uploaders: 1,
             name: "kill -9 ingest",
             note: "recovery: ingest restart until the first new ack",
             uploader_args: vec![],
@@ -103,6 +115,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::KillIngest,
         },
         Scenario {
+            uploaders: 1,
             name: "store stopped, restarted",
             note: "recovery: store back until the spool is empty",
             uploader_args: vec![],
@@ -110,6 +123,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::StoreDown,
         },
         Scenario {
+            uploaders: 1,
             name: "store answers 503 SlowDown",
             note: "recovery: store healthy until the spool is empty",
             uploader_args: vec![],
@@ -117,6 +131,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::StoreErrors,
         },
         Scenario {
+            uploaders: 1,
             name: "spool full, --when-full reject",
             note: "store down until the spool is full; recovery: store back until drained",
             uploader_args: small_spool,
@@ -124,6 +139,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::SpoolFull,
         },
         Scenario {
+            uploaders: 1,
             name: "spool full, --when-full drop-oldest",
             note: "drops are the policy, each counted; recovery: store back until drained",
             uploader_args: drop_oldest,
@@ -131,6 +147,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::SpoolFull,
         },
         Scenario {
+            uploaders: 1,
             name: "flood of 200 silent connections",
             note: "recovery: until ingest closed them all",
             uploader_args: vec![],
@@ -138,6 +155,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::ConnectionFlood,
         },
         Scenario {
+            uploaders: 1,
             name: "a device that stops reading",
             note: "it sends 5 s, then neither reads nor sends; recovery: until ingest flushed and closed it",
             uploader_args: vec![],
@@ -145,6 +163,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::DeafDevice,
         },
         Scenario {
+            uploaders: 1,
             name: "spool truncated at start-up",
             note: "uploader killed with a backlog, last 200 bytes of the index's log cut: record files adopted",
             uploader_args: vec![],
@@ -152,6 +171,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::DamagedSpool { flip: false },
         },
         Scenario {
+            uploaders: 1,
             name: "spool bit-flipped at start-up",
             note: "uploader killed with a backlog, one byte of the oldest record file flipped: that chunk quarantined",
             uploader_args: vec![],
@@ -159,6 +179,7 @@ fn scenarios() -> Vec<Scenario> {
             run: Action::DamagedSpool { flip: true },
         },
         Scenario {
+            uploaders: 1,
             name: "SIGTERM ingest and uploader",
             note: "graceful restarts mid-load; recovery: both back until ready",
             uploader_args: vec![],
@@ -195,6 +216,8 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             bin: bin.clone(),
             chunk_seconds: CHUNK_SECONDS,
             workers: 8,
+            uploaders: s.uploaders,
+            ingests: 1,
             uploader_args: s.uploader_args.clone(),
             ingest_args: s.ingest_args.clone(),
         };
@@ -304,8 +327,8 @@ fn devices(
             // Ten times real time: 40 s of audio in about 4 s.
             spec.speed = 10.0;
             spec.mean_frame_bytes = 1_600;
-            let mut config =
-                spillway_ingest::client::ResumeConfig::local(c.ingest_quic, c.cert.clone());
+            let ingest = c.ingests[d % c.ingests.len()].quic;
+            let mut config = spillway_ingest::client::ResumeConfig::local(ingest, c.cert.clone());
             config.idle_timeout = Duration::from_secs(2);
             config.max_backoff = Duration::from_secs(1);
             config.give_up_after = Some(Duration::from_secs(180));
@@ -332,29 +355,37 @@ async fn scenario(
     };
     let load = devices(&c, n_devices, seconds);
     let spool_empty = |c: &Cluster| {
-        let addr = c.uploader_http;
-        async move { metric(&metrics_of(addr).await, "spillway_uploader_spool_chunks") == 0.0 }
+        let addrs: Vec<_> = c.uploaders.iter().map(|u| u.http).collect();
+        async move {
+            for addr in addrs {
+                let (status, body) = http_get(addr, "/metrics").await.unwrap_or_default();
+                if status != 200 || metric(&body, "spillway_uploader_spool_chunks") != 0.0 {
+                    return false;
+                }
+            }
+            true
+        }
     };
     match s.run {
         Action::KillUploader { times } => {
             let mut worst = Duration::ZERO;
             for _ in 0..times {
                 tokio::time::sleep(Duration::from_millis(1_000)).await;
-                c.kill(Daemon::Uploader).await?;
+                c.kill(Daemon::Uploader(0)).await?;
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let t = Instant::now();
-                c.start_daemon(Daemon::Uploader).await?;
+                c.start_daemon(Daemon::Uploader(0)).await?;
                 worst = worst.max(t.elapsed());
             }
             row.recovery = Some(worst);
         }
         Action::KillIngest => {
             tokio::time::sleep(Duration::from_millis(1_500)).await;
-            c.kill(Daemon::Ingest).await?;
+            c.kill(Daemon::Ingest(0)).await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             let t = Instant::now();
-            c.start_daemon(Daemon::Ingest).await?;
-            let addr = c.ingest_http;
+            c.start_daemon(Daemon::Ingest(0)).await?;
+            let addr = c.ingests[0].http;
             until(Duration::from_secs(60), async || {
                 metric(
                     &metrics_of(addr).await,
@@ -385,7 +416,7 @@ async fn scenario(
         }
         Action::SpoolFull => {
             c.kill(Daemon::Store).await?;
-            let addr = c.uploader_http;
+            let addr = c.uploaders[0].http;
             until(Duration::from_secs(60), async || {
                 let m = metrics_of(addr).await;
                 metric(&m, "spillway_uploader_spool_fill_ratio") > 0.9
@@ -395,7 +426,7 @@ async fn scenario(
             c.start_daemon(Daemon::Store).await?;
             let t = Instant::now();
             row.recovery = after_devices(&c, load, &mut row, t, spool_empty).await?;
-            let m = metrics_of(c.uploader_http).await;
+            let m = metrics_of(c.uploaders[0].http).await;
             row.counted_drops = metric(&m, "spillway_uploader_spool_dropped_chunks_total") as usize;
             return finish(c, row).await;
         }
@@ -403,11 +434,15 @@ async fn scenario(
             let mut flood = Vec::new();
             for _ in 0..200 {
                 flood.push(
-                    spillway_ingest::client::Device::connect(c.ingest_quic, "localhost", &c.cert)
-                        .await?,
+                    spillway_ingest::client::Device::connect(
+                        c.ingests[0].quic,
+                        "localhost",
+                        &c.cert,
+                    )
+                    .await?,
                 );
             }
-            let addr = c.ingest_http;
+            let addr = c.ingests[0].http;
             row.recovery = until(Duration::from_secs(30), async || {
                 metric(
                     &metrics_of(addr).await,
@@ -425,7 +460,7 @@ async fn scenario(
             // Speaks the protocol, then never reads what ingest sends and goes silent without
             // finishing: ingest must flush its audio, end the session and not be held by it.
             let deaf =
-                spillway_ingest::client::Device::connect(c.ingest_quic, "localhost", &c.cert)
+                spillway_ingest::client::Device::connect(c.ingests[0].quic, "localhost", &c.cert)
                     .await?;
             let (mut tx, _never_read) = deaf.open().await?;
             let spec = DeviceSpec::synthetic("deaf", "chaos", RATE, 5.0, 999);
@@ -435,7 +470,7 @@ async fn scenario(
             ))
             .await?;
             let t = Instant::now();
-            let addr = c.ingest_http;
+            let addr = c.ingests[0].http;
             row.recovery = until(Duration::from_secs(30), async || {
                 let m = metrics_of(addr).await;
                 metric(&m, "spillway_ingest_sessions_ended_total{reason=\"idle\"}") >= 1.0
@@ -452,27 +487,59 @@ async fn scenario(
             c.kill(Daemon::Store).await?;
             // Let a backlog build up, then kill the uploader and damage its spool.
             tokio::time::sleep(Duration::from_millis(2_500)).await;
-            c.kill(Daemon::Uploader).await?;
-            damage_spool(&c.spool_dir(), flip)?;
+            c.kill(Daemon::Uploader(0)).await?;
+            damage_spool(&c.spool_dir(0), flip)?;
             let t = Instant::now();
-            c.start_daemon(Daemon::Uploader).await?;
+            c.start_daemon(Daemon::Uploader(0)).await?;
             row.recovery = Some(t.elapsed());
             c.start_daemon(Daemon::Store).await?;
             let t = Instant::now();
             after_devices(&c, load, &mut row, t, spool_empty).await?;
-            let m = metrics_of(c.uploader_http).await;
+            let m = metrics_of(c.uploaders[0].http).await;
             row.counted_drops = (metric(&m, "spillway_uploader_spool_quarantined_total")
                 + metric(&m, "spillway_uploader_spool_lost_chunks_total"))
                 as usize;
             return finish(c, row).await;
         }
+        Action::UploaderLost => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let flag = crate::s3::fault_flag(&c.s3_root());
+            std::fs::write(&flag, b"")?;
+            let victim = c.uploaders[1].http;
+            let held = until(Duration::from_secs(30), async || {
+                metric(&metrics_of(victim).await, "spillway_uploader_spool_chunks") >= 2.0
+            })
+            .await;
+            if held.is_none() {
+                row.problems
+                    .push("uploader 1 never held acknowledged chunks".into());
+            }
+            c.kill(Daemon::Uploader(1)).await?;
+            std::fs::remove_file(&flag)?;
+            let t = Instant::now();
+            let ingest = c.ingests[0].http;
+            let acked = |m: &str| metric(m, "spillway_ingest_chunks_acked_total");
+            let before = acked(&metrics_of(ingest).await);
+            row.recovery = until(Duration::from_secs(60), async || {
+                acked(&metrics_of(ingest).await) >= before + n_devices as f64
+            })
+            .await
+            .map(|_| t.elapsed());
+            // The load goes on through the two others for the whole outage.
+            tokio::time::sleep(outage.saturating_sub(t.elapsed())).await;
+            let m = metrics_of(ingest).await;
+            if metric(&m, "spillway_ingest_forward_failovers_total") < 1.0 {
+                row.problems.push("ingest never failed over".into());
+            }
+            c.start_daemon(Daemon::Uploader(1)).await?;
+        }
         Action::SigtermDuringLoad => {
             tokio::time::sleep(Duration::from_millis(1_500)).await;
             let t = Instant::now();
-            c.terminate(Daemon::Ingest).await?;
-            c.start_daemon(Daemon::Ingest).await?;
-            c.terminate(Daemon::Uploader).await?;
-            c.start_daemon(Daemon::Uploader).await?;
+            c.terminate(Daemon::Ingest(0)).await?;
+            c.start_daemon(Daemon::Ingest(0)).await?;
+            c.terminate(Daemon::Uploader(0)).await?;
+            c.start_daemon(Daemon::Uploader(0)).await?;
             row.recovery = Some(t.elapsed());
         }
     }

@@ -26,14 +26,14 @@ pub fn free_udp() -> anyhow::Result<SocketAddr> {
 
 /// A daemon process, killed if dropped while still running.
 pub struct Proc {
-    name: &'static str,
+    name: String,
     child: Child,
     log: PathBuf,
 }
 
 impl Proc {
     pub fn spawn(
-        name: &'static str,
+        name: &str,
         program: &Path,
         args: &[String],
         envs: &[(&str, &str)],
@@ -55,7 +55,11 @@ impl Proc {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
-        Ok(Self { name, child, log })
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
     }
 
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
@@ -162,26 +166,46 @@ pub fn build_daemons(release: bool) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// One of the three processes.
+/// One of the cluster's processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Daemon {
     Store,
-    Uploader,
-    Ingest,
+    /// The uploader with this index.
+    Uploader(usize),
+    /// The ingest with this index.
+    Ingest(usize),
 }
 
 /// How to run a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    /// State directory (created): store files, spool, logs, certificate.
+    /// State directory (created): store files, spools, logs, certificate.
     pub dir: PathBuf,
     /// Directory holding the built `xtask`, `uploader` and `ingest` binaries.
     pub bin: PathBuf,
     pub chunk_seconds: u32,
     pub workers: usize,
-    /// Extra flags for the uploader and for ingest.
+    /// How many uploaders (each with its own spool) and ingests (each forwarding to every
+    /// uploader) to run.
+    pub uploaders: usize,
+    pub ingests: usize,
+    /// Extra flags for every uploader and every ingest.
     pub uploader_args: Vec<String>,
     pub ingest_args: Vec<String>,
+}
+
+/// An uploader's fixed addresses and, while it runs, its process.
+pub struct UploaderNode {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    proc: Option<Proc>,
+}
+
+/// An ingest's fixed addresses and, while it runs, its process.
+pub struct IngestNode {
+    pub quic: SocketAddr,
+    pub http: SocketAddr,
+    proc: Option<Proc>,
 }
 
 /// A running cluster on fixed loopback ports.
@@ -191,40 +215,54 @@ pub struct Cluster {
     pub logs: PathBuf,
     pub s3_addr: SocketAddr,
     pub s3_endpoint: String,
-    pub uploader_grpc: SocketAddr,
-    pub uploader_http: SocketAddr,
-    pub ingest_quic: SocketAddr,
-    pub ingest_http: SocketAddr,
+    pub uploaders: Vec<UploaderNode>,
+    pub ingests: Vec<IngestNode>,
     pub cert_path: PathBuf,
     /// Ingest's self-signed certificate (DER), for devices to trust.
     pub cert: Vec<u8>,
     s3: Option<Proc>,
-    uploader: Option<Proc>,
-    ingest: Option<Proc>,
 }
 
 impl Cluster {
-    /// Starts the store, the uploader and ingest, each ready before the next.
+    /// Starts the store, the uploaders and the ingests, each ready before the next.
     pub async fn start(opts: ClusterOptions) -> anyhow::Result<Self> {
+        ensure!(
+            opts.uploaders >= 1 && opts.ingests >= 1,
+            "a cluster needs at least one uploader and one ingest"
+        );
         let logs = opts.dir.join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
         let dir = std::fs::canonicalize(&opts.dir)?;
         let s3_addr = free_tcp()?;
+        let uploaders = (0..opts.uploaders)
+            .map(|_| {
+                Ok(UploaderNode {
+                    grpc: free_tcp()?,
+                    http: free_tcp()?,
+                    proc: None,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let ingests = (0..opts.ingests)
+            .map(|_| {
+                Ok(IngestNode {
+                    quic: free_udp()?,
+                    http: free_tcp()?,
+                    proc: None,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
         let mut cluster = Self {
             logs: dir.join("logs"),
             cert_path: dir.join("ingest-cert.der"),
             dir,
             s3_addr,
             s3_endpoint: format!("http://{s3_addr}"),
-            uploader_grpc: free_tcp()?,
-            uploader_http: free_tcp()?,
-            ingest_quic: free_udp()?,
-            ingest_http: free_tcp()?,
+            uploaders,
+            ingests,
             cert: Vec::new(),
             opts,
             s3: None,
-            uploader: None,
-            ingest: None,
         };
         // One certificate for the cluster's life, so a restarted ingest is still trusted.
         let (cert_pem, key_pem) = spillway_ingest::tls::self_signed_pem()?;
@@ -237,30 +275,47 @@ impl Cluster {
         let tls = spillway_ingest::tls::TlsMaterial::from_pem_files(&cert_file, &key_file)?;
         tls.write_cert_der(&cluster.cert_path)?;
         cluster.cert = tls.leaf_der().to_vec();
-        for d in [Daemon::Store, Daemon::Uploader, Daemon::Ingest] {
-            cluster.start_daemon(d).await?;
+        cluster.start_daemon(Daemon::Store).await?;
+        for i in 0..cluster.uploaders.len() {
+            cluster.start_daemon(Daemon::Uploader(i)).await?;
+        }
+        for i in 0..cluster.ingests.len() {
+            cluster.start_daemon(Daemon::Ingest(i)).await?;
         }
         Ok(cluster)
     }
 
-    pub fn spool_dir(&self) -> PathBuf {
-        self.dir.join("spool")
+    /// The spool directory of uploader `i`.
+    pub fn spool_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("spool-{i}"))
     }
 
     pub fn s3_root(&self) -> PathBuf {
         self.dir.join("s3")
     }
 
-    fn slot(&mut self, d: Daemon) -> &mut Option<Proc> {
-        match d {
+    fn slot(&mut self, d: Daemon) -> anyhow::Result<&mut Option<Proc>> {
+        Ok(match d {
             Daemon::Store => &mut self.s3,
-            Daemon::Uploader => &mut self.uploader,
-            Daemon::Ingest => &mut self.ingest,
-        }
+            Daemon::Uploader(i) => {
+                &mut self
+                    .uploaders
+                    .get_mut(i)
+                    .with_context(|| format!("no uploader {i}"))?
+                    .proc
+            }
+            Daemon::Ingest(i) => {
+                &mut self
+                    .ingests
+                    .get_mut(i)
+                    .with_context(|| format!("no ingest {i}"))?
+                    .proc
+            }
+        })
     }
 
     /// Starts one daemon where it ran before (same ports, same state) and waits until it is
-    /// ready. The uploader is ready only once its spool is open: how long that takes is what
+    /// ready. An uploader is ready only once its spool is open: how long that takes is what
     /// `chaos` reports as its restart time.
     pub async fn start_daemon(&mut self, d: Daemon) -> anyhow::Result<()> {
         let dir = &self.dir;
@@ -282,7 +337,11 @@ impl Cluster {
                 wait_tcp(self.s3_addr, &mut p).await?;
                 p
             }
-            Daemon::Uploader => {
+            Daemon::Uploader(i) => {
+                let node = self
+                    .uploaders
+                    .get(i)
+                    .with_context(|| format!("no uploader {i}"))?;
                 let creds = [
                     ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
                     ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
@@ -290,11 +349,11 @@ impl Cluster {
                 ];
                 let mut args = vec![
                     "--listen".into(),
-                    self.uploader_grpc.to_string(),
+                    node.grpc.to_string(),
                     "--http-listen".into(),
-                    self.uploader_http.to_string(),
+                    node.http.to_string(),
                     "--spool-dir".into(),
-                    dir.join("spool").display().to_string(),
+                    self.spool_dir(i).display().to_string(),
                     "--s3-endpoint".into(),
                     self.s3_endpoint.clone(),
                     "--bucket".into(),
@@ -306,24 +365,27 @@ impl Cluster {
                     self.opts.chunk_seconds.to_string(),
                 ];
                 args.extend(self.opts.uploader_args.iter().cloned());
+                let http = node.http;
                 let mut p = Proc::spawn(
-                    "uploader",
+                    &name("uploader", i, self.uploaders.len()),
                     &self.opts.bin.join("uploader"),
                     &args,
                     &creds,
                     &self.logs,
                 )?;
-                ready(self.uploader_http, &mut p).await?;
+                ready(http, &mut p).await?;
                 p
             }
-            Daemon::Ingest => {
+            Daemon::Ingest(i) => {
+                let node = self
+                    .ingests
+                    .get(i)
+                    .with_context(|| format!("no ingest {i}"))?;
                 let mut args = vec![
                     "--listen".into(),
-                    self.ingest_quic.to_string(),
+                    node.quic.to_string(),
                     "--http-listen".into(),
-                    self.ingest_http.to_string(),
-                    "--uploader".into(),
-                    format!("http://{}", self.uploader_grpc),
+                    node.http.to_string(),
                     "--tls-cert".into(),
                     self.dir.join("ingest-cert.pem").display().to_string(),
                     "--tls-key".into(),
@@ -331,25 +393,30 @@ impl Cluster {
                     "--chunk-seconds".into(),
                     self.opts.chunk_seconds.to_string(),
                 ];
+                for u in &self.uploaders {
+                    args.push("--uploader".into());
+                    args.push(format!("http://{}", u.grpc));
+                }
                 args.extend(self.opts.ingest_args.iter().cloned());
+                let http = node.http;
                 let mut p = Proc::spawn(
-                    "ingest",
+                    &name("ingest", i, self.ingests.len()),
                     &self.opts.bin.join("ingest"),
                     &args,
                     &[],
                     &self.logs,
                 )?;
-                ready(self.ingest_http, &mut p).await?;
+                ready(http, &mut p).await?;
                 p
             }
         };
-        *self.slot(d) = Some(proc);
+        *self.slot(d)? = Some(proc);
         Ok(())
     }
 
     /// SIGKILL: no flush, no goodbye.
     pub async fn kill(&mut self, d: Daemon) -> anyhow::Result<()> {
-        if let Some(mut p) = self.slot(d).take() {
+        if let Some(mut p) = self.slot(d)?.take() {
             p.child.start_kill()?;
             p.child.wait().await?;
         }
@@ -358,22 +425,31 @@ impl Cluster {
 
     /// SIGTERM, then a clean exit is required.
     pub async fn terminate(&mut self, d: Daemon) -> anyhow::Result<()> {
-        match self.slot(d).take() {
+        match self.slot(d)?.take() {
             Some(p) => p.stop().await,
             None => Ok(()),
         }
     }
 
-    /// Stops ingest, the uploader and the store, in that order; returns the first error.
+    /// Stops the ingests, the uploaders and the store, in that order; returns the first error.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        let stopped = [
-            self.terminate(Daemon::Ingest).await,
-            self.terminate(Daemon::Uploader).await,
-            self.terminate(Daemon::Store).await,
-        ];
-        for r in stopped {
-            r?;
+        let mut stopped = Vec::new();
+        for i in 0..self.ingests.len() {
+            stopped.push(self.terminate(Daemon::Ingest(i)).await);
         }
-        Ok(())
+        for i in 0..self.uploaders.len() {
+            stopped.push(self.terminate(Daemon::Uploader(i)).await);
+        }
+        stopped.push(self.terminate(Daemon::Store).await);
+        stopped.into_iter().collect()
+    }
+}
+
+/// A process's name (and log file): `uploader`, or `uploader-2` when there are several.
+fn name(kind: &str, i: usize, of: usize) -> String {
+    if of == 1 {
+        kind.to_owned()
+    } else {
+        format!("{kind}-{i}")
     }
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask up`: the embedded S3 server, the uploader and ingest as three processes on
+//! `cargo xtask up`: the embedded S3 server, the uploaders and the ingests as processes on
 //! loopback, optionally with simulated devices, optionally verifying every object and exiting.
 
 use std::net::SocketAddr;
@@ -31,9 +31,15 @@ pub struct UpArgs {
     /// Chunk length ingest cuts.
     #[arg(long, default_value_t = 60)]
     pub chunk_seconds: u32,
-    /// Upload workers.
+    /// Upload workers of each uploader.
     #[arg(long, default_value_t = 16)]
     pub workers: usize,
+    /// Uploaders to run, each with its own spool; every ingest forwards to all of them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub uploaders: u16,
+    /// Ingests to run; devices are spread over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub ingests: u16,
     /// After the devices finish, check every object against what was sent, then stop and exit
     /// (non-zero on any difference). Starts from an empty state directory.
     #[arg(long)]
@@ -65,43 +71,47 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         bin,
         chunk_seconds: args.chunk_seconds,
         workers: args.workers,
+        uploaders: usize::from(args.uploaders),
+        ingests: usize::from(args.ingests),
         uploader_args: Vec::new(),
         ingest_args: Vec::new(),
     })
     .await?;
-    let (iquic, ihttp, ugrpc, uhttp) = (
-        cluster.ingest_quic,
-        cluster.ingest_http,
-        cluster.uploader_grpc,
-        cluster.uploader_http,
-    );
+    let ingests: Vec<SocketAddr> = cluster.ingests.iter().map(|i| i.quic).collect();
     let s3_endpoint = cluster.s3_endpoint.clone();
     let cert = cluster.cert.clone();
-    let cert_path = cluster.cert_path.clone();
     let dir = cluster.dir.clone();
 
     println!("Spillway is up:");
+    for (i, node) in cluster.ingests.iter().enumerate() {
+        println!(
+            "  ingest {i}    quic://{}  (ALPN spillway/1, certificate {})  ops http://{}/metrics",
+            node.quic,
+            cluster.cert_path.display(),
+            node.http
+        );
+    }
+    for (i, node) in cluster.uploaders.iter().enumerate() {
+        println!(
+            "  uploader {i}  grpc://{}  ops http://{}/metrics  spool {}",
+            node.grpc,
+            node.http,
+            cluster.spool_dir(i).display()
+        );
+    }
     println!(
-        "  ingest    quic://{iquic}  (ALPN spillway/1, certificate {})  ops http://{ihttp}/metrics",
-        cert_path.display()
-    );
-    println!(
-        "  uploader  grpc://{ugrpc}  ops http://{uhttp}/metrics  spool {}",
-        dir.join("spool").display()
-    );
-    println!(
-        "  s3        {s3_endpoint}  bucket {BUCKET}  (access key {}, files in {})",
+        "  s3          {s3_endpoint}  bucket {BUCKET}  (access key {}, files in {})",
         crate::s3::ACCESS_KEY,
         dir.join("s3").display()
     );
-    println!("  logs      {}", cluster.logs.display());
+    println!("  logs        {}", cluster.logs.display());
 
     let result = if args.devices == 0 {
         println!("Press Ctrl-C to stop.");
         tokio::signal::ctrl_c().await?;
         Ok(())
     } else {
-        simulate(&args, iquic, &cert, &s3_endpoint).await
+        simulate(&args, &ingests, &cert, &s3_endpoint).await
     };
     println!("stopping");
     let stopped = cluster.stop().await;
@@ -111,7 +121,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
 async fn simulate(
     args: &UpArgs,
-    ingest: SocketAddr,
+    ingests: &[SocketAddr],
     cert: &[u8],
     s3_endpoint: &str,
 ) -> anyhow::Result<()> {
@@ -158,6 +168,7 @@ async fn simulate(
             source: source_for(d as u64 + 1),
             seed: d as u64,
         };
+        let ingest = ingests[d % ingests.len()];
         let (cert, progress) = (cert.to_vec(), progress.clone());
         tasks.spawn(async move {
             let device =
