@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use spillway_proto::ops::LogFormat;
 
+use crate::adaptive::{Bounds, Workers};
 use crate::object::KeyTemplate;
 use crate::spool::WhenFull;
 
@@ -65,9 +66,16 @@ pub struct Flags {
     /// steers new work to other uploaders (0 < x <= 1).
     #[arg(long, env = "SPILLWAY_SPOOL_HIGH_WATERMARK", default_value_t = 0.9)]
     pub spool_high_watermark: f64,
-    /// Concurrent uploads to the object store.
-    #[arg(long, env = "SPILLWAY_WORKERS", default_value_t = 16)]
-    pub workers: usize,
+    /// Concurrent uploads to the object store: a number (1..=1024), or `auto` to adjust it to
+    /// the store's latency and errors between --workers-min and --workers-max.
+    #[arg(long, env = "SPILLWAY_WORKERS", default_value = "16", value_parser = parse_workers)]
+    pub workers: WorkersFlag,
+    /// Fewest concurrent uploads `--workers auto` goes down to.
+    #[arg(long, env = "SPILLWAY_WORKERS_MIN", default_value_t = 1)]
+    pub workers_min: usize,
+    /// Most concurrent uploads `--workers auto` goes up to (and most chunks in memory).
+    #[arg(long, env = "SPILLWAY_WORKERS_MAX", default_value_t = 256)]
+    pub workers_max: usize,
     /// Longest chunk accepted, in seconds; gRPC message limits derive from it.
     #[arg(long, env = "SPILLWAY_MAX_CHUNK_SECONDS", default_value_t = 60)]
     pub max_chunk_seconds: u32,
@@ -110,6 +118,28 @@ pub struct Flags {
     pub log_format: LogFormat,
 }
 
+/// The value of `--workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkersFlag {
+    Fixed(usize),
+    Auto,
+}
+
+/// Most concurrent uploads, fixed or adaptive.
+pub const MAX_WORKERS: usize = 1024;
+
+fn parse_workers(s: &str) -> Result<WorkersFlag, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(WorkersFlag::Auto);
+    }
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(WorkersFlag::Fixed(n)),
+        _ => Err(format!(
+            "expected a number of concurrent uploads from 1 to {MAX_WORKERS}, or `auto`"
+        )),
+    }
+}
+
 /// Static credentials, for tests and local runs; production uses the standard AWS chain.
 #[derive(Debug, Clone)]
 pub struct StaticCredentials {
@@ -124,7 +154,12 @@ pub struct Config {
     pub spool_max_bytes: u64,
     pub when_full: WhenFull,
     pub spool_high_watermark: f64,
+    /// Concurrent uploads when `adaptive` is `None`. With `--workers auto` it holds the maximum
+    /// (the most uploads, and chunks in memory, at once) and the drain does not use it.
     pub workers: usize,
+    /// `--workers auto`: the drain adjusts its concurrency between these bounds
+    /// (`--workers-min`, `--workers-max`). `None`: `workers` uploads at once.
+    pub adaptive: Option<Bounds>,
     pub max_chunk_seconds: u32,
     pub bucket: String,
     pub create_bucket: bool,
@@ -141,8 +176,12 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--workers must be 1..=1024, got {0}")]
+    #[error("--workers must be 1..=1024 or auto, got {0}")]
     Workers(usize),
+    #[error("--workers-min must be at least 1, got {0}")]
+    WorkersMin(usize),
+    #[error("--workers-max must be from --workers-min ({min}) to 1024, got {max}")]
+    WorkersMax { min: usize, max: usize },
     #[error("--max-chunk-seconds must be 1..=600, got {0}")]
     MaxChunkSeconds(u32),
     #[error("--spool-max-bytes ({max}) must hold at least one largest chunk ({need} bytes)")]
@@ -168,6 +207,7 @@ impl Config {
             when_full: WhenFull::Reject,
             spool_high_watermark: 0.9,
             workers: 16,
+            adaptive: None,
             max_chunk_seconds: 60,
             bucket,
             create_bucket: true,
@@ -182,9 +222,25 @@ impl Config {
         }
     }
 
+    /// How the drain sizes its pool of uploads.
+    pub fn worker_pool(&self) -> Workers {
+        match self.adaptive {
+            Some(bounds) => Workers::Auto(bounds),
+            None => Workers::Fixed(self.workers),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=1024).contains(&self.workers) {
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
             return Err(ConfigError::Workers(self.workers));
+        }
+        if let Some(Bounds { min, max }) = self.adaptive {
+            if min == 0 {
+                return Err(ConfigError::WorkersMin(min));
+            }
+            if !(min..=MAX_WORKERS).contains(&max) {
+                return Err(ConfigError::WorkersMax { min, max });
+            }
         }
         if !(1..=600).contains(&self.max_chunk_seconds) {
             return Err(ConfigError::MaxChunkSeconds(self.max_chunk_seconds));
@@ -216,13 +272,24 @@ impl Config {
 
 impl Flags {
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        let (workers, adaptive) = match self.workers {
+            WorkersFlag::Fixed(n) => (n, None),
+            WorkersFlag::Auto => {
+                let bounds = Bounds {
+                    min: self.workers_min,
+                    max: self.workers_max,
+                };
+                (self.workers_max.clamp(1, MAX_WORKERS), Some(bounds))
+            }
+        };
         let config = Config {
             key_template: self.key_template.parse()?,
             spool_dir: self.spool_dir,
             spool_max_bytes: self.spool_max_bytes,
             when_full: self.when_full,
             spool_high_watermark: self.spool_high_watermark,
-            workers: self.workers,
+            workers,
+            adaptive,
             max_chunk_seconds: self.max_chunk_seconds,
             bucket: self.bucket,
             create_bucket: self.create_bucket,
@@ -248,5 +315,74 @@ fn breaker_config(failures: u32, open: Duration, max_open: Duration) -> spillway
         failure_threshold: failures,
         open_for: open,
         max_open_for: max_open,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, String> {
+        let argv = std::iter::once("uploader").chain(args.iter().copied());
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        args.flags.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn workers_is_a_number_or_auto_with_bounds() {
+        let c = config(&[]).unwrap();
+        assert_eq!((c.workers, c.adaptive), (16, None), "16 fixed by default");
+        assert_eq!(c.worker_pool(), Workers::Fixed(16));
+        let c = config(&["--workers", "8", "--workers-max", "4"]).unwrap();
+        assert_eq!(
+            c.worker_pool(),
+            Workers::Fixed(8),
+            "bounds apply to auto only"
+        );
+        let c = config(&["--workers", "auto"]).unwrap();
+        assert_eq!(c.adaptive, Some(Bounds { min: 1, max: 256 }));
+        assert_eq!(c.workers, 256, "the most uploads at once");
+        let c = config(&["--workers=AUTO", "--workers-min=8", "--workers-max=64"]).unwrap();
+        assert_eq!(c.worker_pool(), Workers::Auto(Bounds { min: 8, max: 64 }));
+        let c = config(&["--workers=auto", "--workers-min=1024", "--workers-max=1024"]).unwrap();
+        assert_eq!(
+            c.adaptive,
+            Some(Bounds {
+                min: 1024,
+                max: 1024
+            })
+        );
+    }
+
+    #[test]
+    fn bad_workers_are_refused_plainly() {
+        for bad in ["0", "1025", "many", "-3", ""] {
+            let e = config(&[&format!("--workers={bad}")]).unwrap_err();
+            assert!(e.contains("from 1 to 1024, or `auto`"), "{bad:?}: {e}");
+        }
+        let e = config(&["--workers", "auto", "--workers-min", "0"]).unwrap_err();
+        assert_eq!(e, "--workers-min must be at least 1, got 0");
+        let e = config(&["--workers=auto", "--workers-min=10", "--workers-max=5"]).unwrap_err();
+        assert_eq!(
+            e,
+            "--workers-max must be from --workers-min (10) to 1024, got 5"
+        );
+        let e = config(&["--workers=auto", "--workers-max=2000"]).unwrap_err();
+        assert_eq!(
+            e,
+            "--workers-max must be from --workers-min (1) to 1024, got 2000"
+        );
+        let mut c = Config::local("s".into(), "http://x".into(), "bucket".into());
+        c.workers = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Workers(0))));
+        c.workers = 4;
+        c.adaptive = Some(Bounds { min: 3, max: 2 });
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::WorkersMax { min: 3, max: 2 })
+        ));
     }
 }

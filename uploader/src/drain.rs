@@ -2,10 +2,11 @@
 //!
 //! A dispatcher walks the spool forward from a cursor (positions only grow, so new chunks are
 //! always ahead of it) and hands each record to an upload task once a worker slot is free; at
-//! most `workers` records are in memory. An upload retries its chunk until the store confirms
-//! it (jittered exponential backoff, behind one circuit breaker for the store) and only then
-//! deletes it from the spool. Nothing is ever dropped for failing: acknowledged audio leaves the
-//! spool only by reaching the store.
+//! most `workers` records are in memory. With `--workers auto` the number of slots follows an
+//! [`adaptive::Controller`] fed with every `PutObject` attempt (at most `--workers-max`). An
+//! upload retries its chunk until the store confirms it (jittered exponential backoff, behind
+//! one circuit breaker for the store) and only then deletes it from the spool. Nothing is ever
+//! dropped for failing: acknowledged audio leaves the spool only by reaching the store.
 //!
 //! On shutdown the dispatcher keeps going until the spool is empty or the drain timeout has
 //! passed, whichever is first; uploads still in flight then are abandoned, and their chunks
@@ -17,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use spillway_breaker::{Breaker, Decision};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::adaptive::{self, Outcome, Workers};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::object::KeyTemplate;
 use crate::spool::{Record, Spool};
@@ -30,7 +32,8 @@ use crate::store::{Put, Store};
 pub struct Drain {
     pub spool: Arc<Spool>,
     pub store: Store,
-    pub workers: usize,
+    /// How many uploads at once: fixed, or adjusted between bounds.
+    pub workers: Workers,
     pub template: KeyTemplate,
     pub prefix: String,
     pub breaker: Arc<Mutex<Breaker>>,
@@ -50,7 +53,7 @@ impl Drain {
     /// has passed.
     pub async fn run(self, stop: CancellationToken, drain_timeout: Duration) {
         let this = Arc::new(self);
-        let slots = Arc::new(Semaphore::new(this.workers));
+        let pool = Arc::new(Pool::new(this.workers, this.metrics.clone()));
         let uploads = TaskTracker::new();
         let abort = CancellationToken::new();
         {
@@ -64,8 +67,11 @@ impl Drain {
         }
         let mut cursor = 0u64;
         loop {
-            let permit = tokio::select! {
-                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            let slot = tokio::select! {
+                p = Arc::clone(&pool.slots).acquire_owned() => match p {
+                    Ok(p) => Slot::new(p, &pool),
+                    Err(_) => break,
+                },
                 () = abort.cancelled() => break,
             };
             let next = match this.spool.next_from(cursor) {
@@ -80,7 +86,7 @@ impl Drain {
             };
             this.metrics.spool(&this.spool);
             let Some((pos, record)) = next else {
-                drop(permit);
+                drop(slot);
                 if stop.is_cancelled() {
                     // Nothing new can arrive (the service stopped first): wait for the uploads
                     // in flight, then look again; a failed upload keeps its record spooled.
@@ -107,10 +113,10 @@ impl Drain {
                 continue;
             };
             cursor = pos + 1;
-            let (this, abort) = (Arc::clone(&this), abort.clone());
+            let (this, pool, abort) = (Arc::clone(&this), Arc::clone(&pool), abort.clone());
             uploads.spawn(async move {
-                this.upload(pos, record, &abort).await;
-                drop(permit);
+                this.upload(pos, record, &pool, &abort).await;
+                drop(slot);
             });
         }
         uploads.close();
@@ -127,11 +133,11 @@ impl Drain {
         }
     }
 
-    async fn upload(&self, pos: u64, record: Record, abort: &CancellationToken) {
+    async fn upload(&self, pos: u64, record: Record, pool: &Pool, abort: &CancellationToken) {
         let key = self.template.key_of(&self.prefix, &record);
         let key_lock = self.key_lock(&key);
         let guard = key_lock.lock().await;
-        self.upload_locked(pos, &record, &key, abort).await;
+        self.upload_locked(pos, &record, &key, pool, abort).await;
         drop(guard);
         drop(key_lock);
         let mut keys = self
@@ -151,7 +157,14 @@ impl Drain {
         Arc::clone(keys.entry(key.to_owned()).or_default())
     }
 
-    async fn upload_locked(&self, pos: u64, record: &Record, key: &str, abort: &CancellationToken) {
+    async fn upload_locked(
+        &self,
+        pos: u64,
+        record: &Record,
+        key: &str,
+        pool: &Pool,
+        abort: &CancellationToken,
+    ) {
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(30))
@@ -193,6 +206,15 @@ impl Drain {
                 self.note_attempt(pos, None);
                 return;
             };
+            // Every attempt the store answered (or failed) is a sample for `--workers auto`;
+            // the waits for the breaker before it are not.
+            let outcome = if result.is_ok() {
+                Outcome::Ok
+            } else {
+                Outcome::Failed
+            };
+            let ended = Instant::now();
+            pool.sample(ended, ended.saturating_duration_since(started), outcome);
             match result {
                 Ok(put) => {
                     let was_failing = {
@@ -288,5 +310,313 @@ impl Drain {
     fn publish_breaker(&self) {
         let state = self.breaker_lock().state();
         self.metrics.breaker_state.set(state.as_gauge());
+    }
+}
+
+/// The upload slots: a semaphore holding the concurrency limit's permits. With `--workers auto`
+/// a [`adaptive::Controller`] moves the limit; a rise adds permits, a fall takes back the idle
+/// ones at once and the rest as uploads finish (a debt), so it never waits.
+struct Pool {
+    slots: Arc<Semaphore>,
+    state: Mutex<PoolState>,
+    metrics: Metrics,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    /// `None`: a fixed number of slots.
+    controller: Option<adaptive::Controller>,
+    limit: usize,
+    /// Slots held: by uploads, and by the dispatcher while it looks for the next record.
+    in_use: usize,
+    /// Permits still to take back from uploads as they finish (the limit fell while they ran).
+    debt: usize,
+    /// The limit last logged, and when.
+    logged: (usize, Option<Instant>),
+}
+
+impl Pool {
+    fn new(workers: Workers, metrics: Metrics) -> Self {
+        let limit = workers.initial();
+        let controller = match workers {
+            Workers::Fixed(_) => None,
+            Workers::Auto(bounds) => Some(adaptive::Controller::new(bounds, limit)),
+        };
+        metrics
+            .upload_concurrency_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        if let Workers::Auto(bounds) = workers {
+            tracing::info!(
+                limit,
+                min = bounds.min,
+                max = bounds.max,
+                "upload concurrency adapts to the object store (--workers auto)"
+            );
+        }
+        Self {
+            slots: Arc::new(Semaphore::new(limit)),
+            state: Mutex::new(PoolState {
+                controller,
+                limit,
+                in_use: 0,
+                debt: 0,
+                logged: (limit, None),
+            }),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Feeds one `PutObject` attempt to the controller (if any) and applies the limit it gives.
+    fn sample(&self, now: Instant, rtt: Duration, outcome: Outcome) {
+        let mut state = self.lock();
+        let in_use = state.in_use;
+        let Some(controller) = state.controller.as_mut() else {
+            return;
+        };
+        let windows = controller.windows();
+        let limit = controller.on_sample(now, rtt, outcome, in_use);
+        let closed = controller.windows() != windows;
+        let window = controller.last_window().copied();
+        let previous = state.limit;
+        if limit != previous {
+            self.resize(&mut state, limit);
+        }
+        // Falls are logged as they happen; rises at most once a second (slow start would
+        // otherwise log every round trip).
+        let (logged, at) = state.logged;
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        if limit < previous {
+            let reason = match window.map(|w| w.verdict) {
+                Some(adaptive::Verdict::Failed) => "failures",
+                _ => "latency",
+            };
+            tracing::info!(
+                limit,
+                previous,
+                reason,
+                window_rtt_ms = ms(window.and_then(|w| w.mean_rtt)),
+                baseline_rtt_ms = ms(window.and_then(|w| w.baseline)),
+                failures = window.map_or(0, |w| w.failures),
+                "upload concurrency lowered"
+            );
+            state.logged = (limit, Some(now));
+        } else if closed
+            && limit == previous
+            && window.is_some_and(|w| w.verdict == adaptive::Verdict::Slow)
+        {
+            tracing::info!(
+                limit,
+                window_rtt_ms = ms(window.and_then(|w| w.mean_rtt)),
+                "the object store is slow even at --workers-min: its latency is the new baseline"
+            );
+        } else if limit != logged
+            && at.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1))
+        {
+            tracing::info!(
+                limit,
+                previous = logged,
+                baseline_rtt_ms = ms(window.and_then(|w| w.baseline)),
+                "upload concurrency raised"
+            );
+            state.logged = (limit, Some(now));
+        }
+    }
+
+    /// Moves the number of slots to `limit` without waiting: a rise first cancels debt, then
+    /// adds permits; a fall takes the idle permits now and owes the rest.
+    fn resize(&self, state: &mut PoolState, limit: usize) {
+        if limit > state.limit {
+            let more = limit - state.limit;
+            let cancelled = more.min(state.debt);
+            state.debt -= cancelled;
+            self.slots.add_permits(more - cancelled);
+        } else {
+            let fewer = state.limit - limit;
+            let taken = self.slots.forget_permits(fewer);
+            state.debt += fewer - taken;
+        }
+        state.limit = limit;
+        self.metrics
+            .upload_concurrency_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+}
+
+/// One held slot; giving it back pays the pool's debt first.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<Pool>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, pool: &Arc<Pool>) -> Self {
+        pool.lock().in_use += 1;
+        Self {
+            permit: Some(permit),
+            pool: Arc::clone(pool),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        state.in_use = state.in_use.saturating_sub(1);
+        if let Some(permit) = self.permit.take()
+            && state.debt > 0
+        {
+            state.debt -= 1;
+            permit.forget();
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::adaptive::Bounds;
+
+    fn pool(workers: Workers) -> (Arc<Pool>, Metrics) {
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        (Arc::new(Pool::new(workers, metrics.clone())), metrics)
+    }
+
+    fn take(pool: &Arc<Pool>) -> Option<Slot> {
+        let permit = Arc::clone(&pool.slots).try_acquire_owned().ok()?;
+        Some(Slot::new(permit, pool))
+    }
+
+    #[test]
+    fn a_fixed_pool_has_its_slots_and_ignores_samples() {
+        let (pool, metrics) = pool(Workers::Fixed(3));
+        assert_eq!(metrics.upload_concurrency_limit.get(), 3);
+        let held: Vec<Slot> = (0..3).map(|_| take(&pool).unwrap()).collect();
+        assert!(take(&pool).is_none());
+        let t0 = Instant::now();
+        for i in 0..100 {
+            pool.sample(
+                t0 + Duration::from_millis(i),
+                Duration::from_millis(1),
+                Outcome::Failed,
+            );
+        }
+        assert_eq!(pool.lock().limit, 3);
+        drop(held);
+        assert_eq!(pool.slots.available_permits(), 3);
+    }
+
+    #[test]
+    fn shrinking_takes_idle_permits_at_once_and_the_rest_as_slots_come_back() {
+        let (pool, metrics) = pool(Workers::Auto(Bounds { min: 1, max: 64 }));
+        assert_eq!(pool.lock().limit, 4, "auto starts at 4");
+        assert_eq!(metrics.upload_concurrency_limit.get(), 4);
+        let mut held: Vec<Slot> = (0..3).map(|_| take(&pool).unwrap()).collect();
+        // From 4 to 1: the idle permit now, two owed.
+        resize(&pool, 1);
+        assert_eq!(pool.lock().debt, 2);
+        assert_eq!(metrics.upload_concurrency_limit.get(), 1);
+        assert!(take(&pool).is_none());
+        held.pop();
+        assert!(take(&pool).is_none(), "the first slot back paid debt");
+        held.pop();
+        assert!(take(&pool).is_none(), "so did the second");
+        assert_eq!(pool.lock().debt, 0);
+        held.pop();
+        held.push(take(&pool).unwrap());
+        assert!(take(&pool).is_none(), "one slot now");
+        // A rise adds permits; with debt, it cancels the debt first.
+        resize(&pool, 3);
+        held.push(take(&pool).unwrap());
+        held.push(take(&pool).unwrap());
+        assert!(take(&pool).is_none());
+        resize(&pool, 1);
+        assert_eq!(pool.lock().debt, 2);
+        resize(&pool, 2);
+        assert_eq!(pool.lock().debt, 1);
+        assert!(take(&pool).is_none());
+        held.clear();
+        assert_eq!(pool.slots.available_permits(), 2);
+        assert_eq!(pool.lock().in_use, 0);
+    }
+
+    fn resize(pool: &Pool, limit: usize) {
+        let mut state = pool.lock();
+        pool.resize(&mut state, limit);
+    }
+
+    #[test]
+    fn samples_move_the_limit_and_the_gauge() {
+        let (pool, metrics) = pool(Workers::Auto(Bounds { min: 2, max: 16 }));
+        let mut held: Vec<Slot> = Vec::new();
+        let ms = Duration::from_millis;
+        let mut now = Instant::now();
+        // A backlog (every free slot is taken at once) and 10 ms answers: slow start doubles
+        // to 16, the maximum.
+        for _ in 0..40 {
+            held.extend(std::iter::from_fn(|| take(&pool)));
+            now += ms(3);
+            pool.sample(now, ms(10), Outcome::Ok);
+        }
+        assert_eq!(pool.lock().limit, 16);
+        assert_eq!(metrics.upload_concurrency_limit.get(), 16);
+        assert_eq!(held.len(), 16);
+        // Failures: the limit falls, and the permits held are owed back.
+        for _ in 0..40 {
+            now += ms(3);
+            pool.sample(now, ms(1), Outcome::Failed);
+        }
+        let (limit, debt) = {
+            let state = pool.lock();
+            (state.limit, state.debt)
+        };
+        assert!((2..16).contains(&limit), "{limit}");
+        assert_eq!(
+            metrics.upload_concurrency_limit.get(),
+            i64::try_from(limit).unwrap()
+        );
+        assert_eq!(held.len(), limit + debt, "held = limit + debt");
+        held.clear();
+        assert_eq!(pool.slots.available_permits(), limit);
+        assert_eq!(pool.lock().debt, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn on_auto_the_real_concurrency_grows_against_a_store_that_only_adds_latency() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (pool, metrics) = pool(Workers::Auto(Bounds { min: 1, max: 128 }));
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let t0 = Instant::now();
+        // The dispatcher's loop, with uploads that take 30 ms: 4 → 128 is five doublings, about
+        // 0.2 s; a loaded machine gets ten times that.
+        while t0.elapsed() < Duration::from_secs(3) && most.load(Ordering::Relaxed) < 128 {
+            let permit = Arc::clone(&pool.slots).acquire_owned().await.unwrap();
+            let slot = Slot::new(permit, &pool);
+            let (pool, running, most) =
+                (Arc::clone(&pool), Arc::clone(&running), Arc::clone(&most));
+            tokio::spawn(async move {
+                let now = running.fetch_add(1, Ordering::Relaxed) + 1;
+                most.fetch_max(now, Ordering::Relaxed);
+                let started = Instant::now();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                running.fetch_sub(1, Ordering::Relaxed);
+                let ended = Instant::now();
+                pool.sample(ended, ended - started, Outcome::Ok);
+                drop(slot);
+            });
+        }
+        assert_eq!(
+            most.load(Ordering::Relaxed),
+            128,
+            "after {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(metrics.upload_concurrency_limit.get(), 128);
     }
 }

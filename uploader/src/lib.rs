@@ -5,6 +5,7 @@
 //! → [`drain`] (oldest first, `workers` at once, breaker + backoff) → [`store`] (`PutObject`
 //! of a WAV built by [`object`], CRC32C verified by the store) → spool delete.
 
+pub mod adaptive;
 pub mod config;
 pub mod drain;
 pub mod metrics;
@@ -105,7 +106,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     tracing::info!(grpc = %ops::describe(grpc_addr), http = %ops::describe(http_addr),
-        bucket = %config.bucket, endpoint, workers = config.workers, "uploader started");
+        bucket = %config.bucket, endpoint, workers = %config.worker_pool(), "uploader started");
     let served = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             service::count_transport_refusals(metrics.clone()),
@@ -184,7 +185,7 @@ fn drain_of(
     drain::Drain {
         spool: Arc::clone(spool),
         store,
-        workers: config.workers,
+        workers: config.worker_pool(),
         template: config.key_template.clone(),
         prefix: config.key_prefix.clone(),
         breaker: Arc::new(Mutex::new(spillway_breaker::Breaker::new(config.breaker))),

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub upload_bytes: Counter,
     pub upload_seconds: Histogram,
     pub uploads_in_flight: Gauge,
+    pub upload_concurrency_limit: Gauge,
     pub breaker_state: Gauge,
 }
 
@@ -63,6 +64,7 @@ impl Metrics {
             upload_bytes: Counter::default(),
             upload_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             uploads_in_flight: Gauge::default(),
+            upload_concurrency_limit: Gauge::default(),
             breaker_state: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("spillway_uploader");
@@ -160,6 +162,11 @@ impl Metrics {
             "uploads_in_flight",
             "Uploads under way",
             m.uploads_in_flight.clone(),
+        );
+        r.register(
+            "upload_concurrency_limit",
+            "Uploads allowed at once: --workers N, or the limit --workers auto has reached",
+            m.upload_concurrency_limit.clone(),
         );
         r.register(
             "breaker_state",
