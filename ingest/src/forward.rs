@@ -179,6 +179,8 @@ impl Forwarder {
                     let channel = tonic::transport::Endpoint::from_shared(url.clone())?
                         .connect_timeout(Duration::from_secs(5))
                         .tcp_nodelay(true)
+                        .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
+                        .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
                         .connect_lazy();
                     UploaderClient::new(channel)
                         .max_encoding_message_size(self.inner.message_limit)

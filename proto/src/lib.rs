@@ -29,3 +29,12 @@ pub const ALPN: &[u8] = b"spillway/1";
 
 /// Bytes per sample: PCM signed 16-bit, mono.
 pub const BYTES_PER_SAMPLE: usize = 2;
+
+/// HTTP/2 flow-control windows of the ingest → uploader channel, both ends. A chunk is one
+/// message of up to a few MB; with HTTP/2's default 64 KiB windows each one crawls through
+/// dozens of WINDOW_UPDATE round trips. A stream window holds a 60 s chunk at 48 kHz; the
+/// connection window a few of them in flight at once. Memory they allow is bounded by the
+/// number of connections (one per ingest and uploader pair).
+pub const GRPC_STREAM_WINDOW: u32 = 8 << 20;
+/// See [`GRPC_STREAM_WINDOW`].
+pub const GRPC_CONNECTION_WINDOW: u32 = 32 << 20;

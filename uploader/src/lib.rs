@@ -108,6 +108,8 @@ pub async fn run(
     tracing::info!(grpc = %ops::describe(grpc_addr), http = %ops::describe(http_addr),
         bucket = %config.bucket, endpoint, workers = %config.worker_pool(), "uploader started");
     let served = tonic::transport::Server::builder()
+        .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
+        .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
         .layer(tower::util::MapResponseLayer::new(
             service::count_transport_refusals(metrics.clone()),
         ))

@@ -36,6 +36,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -204,6 +205,8 @@ pub struct Spool {
     used: AtomicU64,
     count: AtomicU64,
     writer: std::sync::Mutex<()>,
+    /// Commits waiting for a leader to write them (group commit, see [`Spool::commit`]).
+    queue: std::sync::Mutex<Vec<Pending>>,
     committed: Notify,
     tmp_seq: AtomicU64,
     /// No position below this is handed out (changed only under the writer lock).
@@ -211,6 +214,30 @@ pub struct Spool {
     /// The exclusive lock on `dir/lock`, held for the spool's life (declared last: released
     /// after sled has closed).
     _owner: std::fs::File,
+}
+
+/// A put waiting in the group-commit queue.
+#[derive(Debug)]
+struct Pending {
+    record: Record,
+    id: Vec<u8>,
+    tmp: PathBuf,
+    need: u64,
+    done: SyncSender<Result<Committed, SpoolError>>,
+}
+
+/// The first half of a commit: decided already, or linked at a position awaiting its index
+/// entries.
+enum Linked {
+    Done(Committed),
+    At {
+        pos: u64,
+        supersedes: Option<(u64, u64)>,
+    },
+}
+
+fn lock_ignoring_poison<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What [`Spool::reconcile`] found.
@@ -361,6 +388,7 @@ impl Spool {
             used: AtomicU64::new(used),
             count: AtomicU64::new(count),
             writer: std::sync::Mutex::new(()),
+            queue: std::sync::Mutex::default(),
             committed: Notify::new(),
             tmp_seq: AtomicU64::new(0),
             next_pos: AtomicU64::new(floor),
@@ -420,7 +448,10 @@ impl Spool {
         let outcome = tokio::task::spawn_blocking(move || this.insert(&rec))
             .await
             .map_err(|e| SpoolError::Task(e.to_string()))??;
-        self.db.flush_async().await?;
+        if outcome == Committed::Duplicate {
+            // The original's index entry may still be in sled's memory only.
+            self.db.flush_async().await?;
+        }
         if outcome != Committed::Duplicate {
             self.committed.notify_one();
         }
@@ -452,33 +483,158 @@ impl Spool {
         }
         let value = record.encode_to_vec();
         let need = value.len() as u64;
-        // The slow part, the file and its sync, happens before the lock: concurrent puts
+        // The slow part, the file and its sync, happens before any lock: concurrent puts
         // write their files in parallel.
         let tmp = self.write_tmp(&value)?;
-        let result = self.insert_locked(record, &id, &tmp, need);
-        if !matches!(result, Ok(Committed::Stored | Committed::Extended)) {
-            let _ = std::fs::remove_file(&tmp);
+        let (done, outcome) = std::sync::mpsc::sync_channel(1);
+        lock_ignoring_poison(&self.queue).push(Pending {
+            record: record.clone(),
+            id,
+            tmp,
+            need,
+            done,
+        });
+        // Group commit: whoever takes the writer lock commits every put queued so far, with
+        // one directory sync and one index flush for all of them. A put whose leader already
+        // took it finds its outcome waiting.
+        loop {
+            if let Ok(outcome) = outcome.try_recv() {
+                return outcome;
+            }
+            let writer = self.lock();
+            if let Ok(outcome) = outcome.try_recv() {
+                return outcome;
+            }
+            let batch = self.take_batch();
+            let answers = self.commit_batch(batch);
+            drop(writer);
+            // Durable only once the index is flushed; the next batch proceeds meanwhile.
+            let flushed = if answers.iter().any(|(_, r)| r.is_ok()) {
+                self.db.flush().map(drop).map_err(SpoolError::from)
+            } else {
+                Ok(())
+            };
+            for (done, result) in answers {
+                let result = match (&flushed, result) {
+                    (Err(e), Ok(_)) => Err(SpoolError::Io(std::io::Error::other(format!(
+                        "flushing the spool index: {e}"
+                    )))),
+                    (_, r) => r,
+                };
+                let _ = done.send(result);
+            }
         }
-        result
     }
 
-    fn insert_locked(
+    /// The queued puts, but never two with one id: a later one waits for the next batch, so it
+    /// sees the first one's index entry.
+    fn take_batch(&self) -> Vec<Pending> {
+        let mut queue = lock_ignoring_poison(&self.queue);
+        let mut batch: Vec<Pending> = Vec::with_capacity(queue.len());
+        let mut later = Vec::new();
+        for p in queue.drain(..) {
+            if batch.iter().any(|b| b.id == p.id) {
+                later.push(p);
+            } else {
+                batch.push(p);
+            }
+        }
+        *queue = later;
+        batch
+    }
+
+    /// Commits a batch under the writer lock: each put is checked, bounded, given its position
+    /// and linked; then one directory sync makes every link durable; then the index entries go
+    /// in, in position order. Returns each put's outcome (the caller flushes the index).
+    #[allow(clippy::type_complexity)]
+    fn commit_batch(
+        &self,
+        batch: Vec<Pending>,
+    ) -> Vec<(
+        SyncSender<Result<Committed, SpoolError>>,
+        Result<Committed, SpoolError>,
+    )> {
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut linked = Vec::new();
+        for p in batch {
+            match self.link(&p.record, &p.id, &p.tmp, p.need) {
+                Ok(Linked::Done(c)) => {
+                    let _ = std::fs::remove_file(&p.tmp);
+                    answers.push((p.done, Ok(c)));
+                }
+                Ok(Linked::At { pos, supersedes }) => linked.push((p, pos, supersedes)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&p.tmp);
+                    answers.push((p.done, Err(e)));
+                }
+            }
+        }
+        if linked.is_empty() {
+            return answers;
+        }
+        // The directory entries are durable before the index names them: an index entry never
+        // points at a file a crash could take back.
+        if let Err(e) = self.sync_records_dir() {
+            for (p, _, _) in linked {
+                // Their bytes were reserved by `link`; the files stay as orphans for reconcile.
+                sub(&self.used, p.need);
+                sub(&self.count, 1);
+                answers.push((
+                    p.done,
+                    Err(SpoolError::Io(std::io::Error::other(e.to_string()))),
+                ));
+            }
+            return answers;
+        }
+        let mut superseded_any = false;
+        for (p, pos, supersedes) in linked {
+            let result = self
+                .install(
+                    pos,
+                    &p.id,
+                    &p.record,
+                    p.need,
+                    supersedes.map(|(old, _)| old),
+                    true,
+                )
+                .and_then(|()| match supersedes {
+                    Some((old, _)) => {
+                        // Only now, with the index naming the longer piece, does the shorter
+                        // one's file go (durably, below): it can never come back to be uploaded
+                        // over the longer one. (A crash before this leaves it an orphan, which
+                        // reconcile compares and discards.)
+                        superseded_any = true;
+                        ignore_missing(std::fs::remove_file(self.record_path(old)))?;
+                        Ok(Committed::Extended)
+                    }
+                    None => Ok(Committed::Stored),
+                });
+            answers.push((p.done, result));
+        }
+        if superseded_any && let Err(e) = self.sync_records_dir() {
+            tracing::warn!(error = %e, "syncing the spool directory after removing superseded pieces failed; reconcile discards any that come back");
+        }
+        answers
+    }
+
+    /// The first half of a commit, under the writer lock (held by [`Spool::commit_batch`]'s
+    /// caller). One writer at a time, for two reasons: the bound is checked and reserved
+    /// atomically, so concurrent puts cannot overshoot it; and positions become visible in the
+    /// order they were generated, so the drain's forward-only cursor can never pass a position
+    /// whose record appears later. Reserves the record's bytes and links its file at its
+    /// position.
+    fn link(
         &self,
         record: &Record,
         id: &[u8],
         tmp: &Path,
         need: u64,
-    ) -> Result<Committed, SpoolError> {
-        // One writer at a time, for two reasons: the bound is checked and reserved atomically,
-        // so concurrent puts cannot overshoot it; and positions become visible in the order
-        // they were generated, so the drain's forward-only cursor can never pass a position
-        // whose record appears later.
-        let _writer = self.lock();
+    ) -> Result<Linked, SpoolError> {
         let mut supersedes = None;
         if let Some(existing) = self.index.get(id)? {
             let (old_pos, _, old_size) = parse_index(&existing).unwrap_or((u64::MAX, 0, 0));
             match self.compare(&existing, record)? {
-                Existing::Same | Existing::Covers => return Ok(Committed::Duplicate),
+                Existing::Same | Existing::Covers => return Ok(Linked::Done(Committed::Duplicate)),
                 Existing::Differs(existing) => {
                     return Err(SpoolError::Conflict {
                         existing,
@@ -515,22 +671,10 @@ impl Spool {
         // of overwriting a spooled chunk.
         std::fs::hard_link(tmp, self.record_path(pos))?;
         let _ = std::fs::remove_file(tmp);
-        // The directory entry is durable before the index names it: an index entry never
-        // points at a file a crash could take back.
-        self.sync_records_dir()?;
-        self.install(pos, id, record, need, supersedes.map(|(old, _)| old))?;
-        if let Some((old, _)) = supersedes {
-            // Only now, with the index naming the longer piece, does the shorter one's file go,
-            // durably: it can never come back to be uploaded over the longer one. (A crash
-            // before this leaves it an orphan, which reconcile compares and discards.)
-            ignore_missing(std::fs::remove_file(self.record_path(old)))?;
-            self.sync_records_dir()?;
-        }
-        Ok(if supersedes.is_some() {
-            Committed::Extended
-        } else {
-            Committed::Stored
-        })
+        // Reserved now, so the next put of the batch sees these bytes taken.
+        self.used.fetch_add(need, Ordering::AcqRel);
+        self.count.fetch_add(1, Ordering::AcqRel);
+        Ok(Linked::At { pos, supersedes })
     }
 
     /// Names the record at `pos` in the index (in one sled transaction: a commit's metadata and
@@ -543,6 +687,7 @@ impl Spool {
         record: &Record,
         size: u64,
         supersedes: Option<u64>,
+        reserved: bool,
     ) -> Result<(), SpoolError> {
         let meta = meta_value(record, size);
         let replaced = (&self.chunks, &self.index)
@@ -558,9 +703,21 @@ impl Spool {
             .map_err(|e| match e {
                 TransactionError::Storage(e) => SpoolError::Storage(e),
                 TransactionError::Abort(never) => match never {},
-            })?;
-        self.used.fetch_add(size, Ordering::AcqRel);
-        self.count.fetch_add(1, Ordering::AcqRel);
+            });
+        let replaced = match replaced {
+            Ok(r) => r,
+            Err(e) => {
+                if reserved {
+                    sub(&self.used, size);
+                    sub(&self.count, 1);
+                }
+                return Err(e);
+            }
+        };
+        if !reserved {
+            self.used.fetch_add(size, Ordering::AcqRel);
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
         if let Some(old) = replaced {
             sub(&self.used, parse_meta(&old).map_or(0, |(size, _)| size));
             sub(&self.count, 1);
@@ -872,7 +1029,14 @@ impl Spool {
             }
         }
         let size = bytes.len() as u64;
-        self.install(pos, &id, &record, size, supersedes.map(|(old, _)| old))?;
+        self.install(
+            pos,
+            &id,
+            &record,
+            size,
+            supersedes.map(|(old, _)| old),
+            false,
+        )?;
         if let Some((old, _)) = supersedes {
             ignore_missing(std::fs::remove_file(self.record_path(old)))?;
         }
