@@ -251,7 +251,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             args.devices,
             outage.as_secs()
         );
-        write_between_markers(path, &text)?;
+        crate::report::write_between_markers(path, BEGIN, END, &text)?;
     }
     let failed: Vec<_> = rows
         .iter()
@@ -630,17 +630,3 @@ fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
 
 const BEGIN: &str = "<!-- chaos:begin (written by cargo xtask chaos --record) -->";
 const END: &str = "<!-- chaos:end -->";
-
-/// Writes `text` between the markers of `path`, keeping what surrounds them (the analysis
-/// written by hand); a file without markers is created or replaced whole.
-fn write_between_markers(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    let text = format!("{}\n", text.trim_end());
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if b < e => {
-            format!("{}{BEGIN}\n{text}{}", &old[..b], &old[e..])
-        }
-        _ => format!("{BEGIN}\n{text}{END}\n"),
-    };
-    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
-}

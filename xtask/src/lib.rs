@@ -6,10 +6,13 @@
 //! - [`chaos`]: `cargo xtask chaos`, failure scenarios against a cluster, audited.
 //! - [`cluster`]: the daemons as separate processes on fixed loopback ports.
 //! - [`up`]: `cargo xtask up`, a cluster with simulated devices.
+//! - [`deploy_check`]: `cargo xtask deploy-check`, the Kubernetes manifests validated offline.
 
 pub mod chaos;
 pub mod cluster;
+pub mod deploy_check;
 pub mod pipeline;
+pub mod report;
 pub mod s3;
 pub mod sim;
 pub mod up;

@@ -17,6 +17,9 @@ enum Cmd {
     /// Kill, starve and damage a running cluster under load; audit that nothing acknowledged
     /// was lost or duplicated.
     Chaos(xtask::chaos::ChaosArgs),
+    /// Validate deploy/ offline: render the overlays, check them against the binaries' flags,
+    /// ports and metrics, and against the Kubernetes schemas.
+    DeployCheck(xtask::deploy_check::DeployCheckArgs),
     /// Serve the embedded S3-compatible store (what `up` starts as its first process).
     S3 {
         /// Directory holding one folder per bucket.
@@ -24,6 +27,9 @@ enum Cmd {
         root: PathBuf,
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
+        /// Answer every request this much later (e.g. 30ms), as a remote store would.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        latency: std::time::Duration,
     },
 }
 
@@ -33,7 +39,12 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Up(args) => xtask::up::up(args).await,
         Cmd::Chaos(args) => xtask::chaos::chaos(args).await,
-        Cmd::S3 { root, listen } => {
+        Cmd::DeployCheck(args) => xtask::deploy_check::deploy_check(args),
+        Cmd::S3 {
+            root,
+            listen,
+            latency,
+        } => {
             spillway_proto::ops::init_tracing(spillway_proto::ops::LogFormat::Text);
             let listener = tokio::net::TcpListener::bind(listen).await?;
             let stop = tokio_util::sync::CancellationToken::new();
@@ -44,8 +55,8 @@ async fn main() -> anyhow::Result<()> {
                     stop.cancel();
                 }
             });
-            tracing::info!(%listen, root = %root.display(), "S3 server listening");
-            xtask::s3::serve(&root, listener, stop).await
+            tracing::info!(%listen, root = %root.display(), ?latency, "S3 server listening");
+            xtask::s3::serve_with_latency(&root, listener, stop, latency).await
         }
     }
 }

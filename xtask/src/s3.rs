@@ -31,6 +31,7 @@ pub fn fault_flag(root: &Path) -> std::path::PathBuf {
 struct Faulty {
     inner: s3s::service::S3Service,
     flag: Arc<std::path::PathBuf>,
+    latency: std::time::Duration,
 }
 
 type Answer = std::pin::Pin<
@@ -54,7 +55,17 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Faulty {
             );
             return Box::pin(async move { Ok(response) });
         }
-        hyper::service::Service::call(&self.inner, req)
+        let answer = hyper::service::Service::call(&self.inner, req);
+        let latency = self.latency;
+        if latency.is_zero() {
+            return answer;
+        }
+        // As a remote store's round trip: the request is handled, the answer comes later.
+        Box::pin(async move {
+            let r = answer.await;
+            tokio::time::sleep(latency).await;
+            r
+        })
     }
 }
 
@@ -63,6 +74,17 @@ pub async fn serve(
     root: &Path,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_with_latency(root, listener, shutdown, std::time::Duration::ZERO).await
+}
+
+/// [`serve`], answering every request `latency` late (as object storage across a network
+/// does: `cargo xtask bench` sweeps upload workers against it).
+pub async fn serve_with_latency(
+    root: &Path,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    latency: std::time::Duration,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let fs = s3s_fs::FileSystem::new(root)
@@ -73,6 +95,7 @@ pub async fn serve(
         Faulty {
             inner: b.build(),
             flag: Arc::new(fault_flag(root)),
+            latency,
         }
     };
     let http = ConnBuilder::new(TokioExecutor::new());
