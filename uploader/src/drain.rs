@@ -55,6 +55,10 @@ impl Drain {
         let this = Arc::new(self);
         let pool = Arc::new(Pool::new(this.workers, this.metrics.clone()));
         let uploads = TaskTracker::new();
+        // Uploads not yet finished, and a wake-up as each finishes: a stopping drain ends the
+        // moment the last one is done (a task still counts in the tracker while it returns).
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let finished = Arc::new(tokio::sync::Notify::new());
         let abort = CancellationToken::new();
         {
             // Once stopping, the deadline for everything, in-flight uploads included.
@@ -90,15 +94,17 @@ impl Drain {
                 if stop.is_cancelled() {
                     // Nothing new can arrive (the service stopped first): wait for the uploads
                     // in flight, then look again; a failed upload keeps its record spooled.
-                    if uploads.is_empty() && this.spool.is_empty() {
+                    let idle = in_flight.load(std::sync::atomic::Ordering::Acquire) == 0;
+                    if idle && this.spool.is_empty() {
                         tracing::info!("spool drained");
                         break;
                     }
                     tokio::select! {
+                        () = finished.notified() => {}
                         () = tokio::time::sleep(Duration::from_millis(100)) => {}
                         () = abort.cancelled() => break,
                     }
-                    if uploads.is_empty() {
+                    if in_flight.load(std::sync::atomic::Ordering::Acquire) == 0 {
                         // Every upload finished: anything left is behind the cursor (an
                         // upload that gave up at shutdown never happens here) or new; rescan.
                         cursor = 0;
@@ -114,9 +120,13 @@ impl Drain {
             };
             cursor = pos + 1;
             let (this, pool, abort) = (Arc::clone(&this), Arc::clone(&pool), abort.clone());
+            let (finished, in_flight) = (Arc::clone(&finished), Arc::clone(&in_flight));
+            in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             uploads.spawn(async move {
                 this.upload(pos, record, &pool, &abort).await;
                 drop(slot);
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                finished.notify_one();
             });
         }
         uploads.close();
