@@ -6,8 +6,10 @@
 //! - [`chaos`]: `cargo xtask chaos`, failure scenarios against a cluster, audited.
 //! - [`cluster`]: the daemons as separate processes on fixed loopback ports.
 //! - [`up`]: `cargo xtask up`, a cluster with simulated devices.
+//! - [`bench`]: `cargo xtask bench`, figures against same-run baselines.
 //! - [`deploy_check`]: `cargo xtask deploy-check`, the Kubernetes manifests validated offline.
 
+pub mod bench;
 pub mod chaos;
 pub mod cluster;
 pub mod deploy_check;

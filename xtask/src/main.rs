@@ -17,9 +17,21 @@ enum Cmd {
     /// Kill, starve and damage a running cluster under load; audit that nothing acknowledged
     /// was lost or duplicated.
     Chaos(xtask::chaos::ChaosArgs),
+    /// Measure Spillway against baselines run on the same machine in the same run; write
+    /// target/bench/results.json (and, with --record, BENCHMARKS.md).
+    Bench(xtask::bench::BenchArgs),
     /// Validate deploy/ offline: render the overlays, check them against the binaries' flags,
     /// ports and metrics, and against the Kubernetes schemas.
     DeployCheck(xtask::deploy_check::DeployCheckArgs),
+    /// A QUIC server that reads every stream to its end and discards it (the bench's baseline).
+    QuicSink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Serve the embedded S3-compatible store (what `up` starts as its first process).
     S3 {
         /// Directory holding one folder per bucket.
@@ -39,7 +51,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Up(args) => xtask::up::up(args).await,
         Cmd::Chaos(args) => xtask::chaos::chaos(args).await,
+        Cmd::Bench(args) => xtask::bench::bench(args).await,
         Cmd::DeployCheck(args) => xtask::deploy_check::deploy_check(args),
+        Cmd::QuicSink { listen, cert, key } => {
+            xtask::bench::ingest::quic_sink(listen, &cert, &key).await
+        }
         Cmd::S3 {
             root,
             listen,

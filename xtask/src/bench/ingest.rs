@@ -1,0 +1,574 @@
+//! Ingest: throughput against raw QUIC (row 4), real-time devices the whole pipeline sustains
+//! (row 4b), ingest's memory (row 5) and ack latency (row 6).
+//!
+//! Ingest runs as its release binary. For row 4 it forwards to an uploader in this process that
+//! acknowledges without storing (so the figure is ingest's own), and the baseline is
+//! `xtask quic-sink`, a quinn server that reads every stream to its end and discards it, fed the
+//! same bytes by the same client code. Rows 4b-6 run the real pipeline: store (tmpfs), uploader
+//! (spool on the disk under test), ingest.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use spillway_ingest::client::Device;
+use spillway_proto::device::server_message::Kind;
+use spillway_proto::device::{Encoding, Hello};
+use spillway_proto::uploader::uploader_server::{Uploader, UploaderServer};
+use spillway_proto::uploader::{PutChunkRequest, PutChunkResponse};
+use tokio_util::sync::CancellationToken;
+
+use super::{Env, MB, MIB, Results, Row, StoreProc, percentile, rss};
+use crate::cluster::{Proc, free_tcp, free_udp, ready, wait_tcp};
+
+/// 16 kHz, 16-bit mono.
+const BYTES_PER_SECOND: u64 = 32_000;
+
+/// An uploader that acknowledges every chunk and keeps nothing.
+struct Discard;
+
+#[tonic::async_trait]
+impl Uploader for Discard {
+    async fn put_chunk(
+        &self,
+        _request: tonic::Request<PutChunkRequest>,
+    ) -> Result<tonic::Response<PutChunkResponse>, tonic::Status> {
+        Ok(tonic::Response::new(PutChunkResponse {
+            key: String::new(),
+            newly_stored: true,
+        }))
+    }
+}
+
+async fn discard_uploader(stop: CancellationToken) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let limit = spillway_proto::validate::max_chunk_bytes(60) + 64 * 1024;
+    let service = UploaderServer::new(Discard)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stop.cancelled_owned(),
+            ),
+    );
+    Ok(addr)
+}
+
+/// `xtask quic-sink`: accepts QUIC connections with ingest's TLS and ALPN, reads every stream to
+/// its end, discards it, and finishes its side. The baseline of row 4.
+pub async fn quic_sink(
+    listen: SocketAddr,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<()> {
+    let tls = spillway_ingest::tls::TlsMaterial::from_pem_files(cert, key)?;
+    let config = spillway_ingest::tls::server_config(&tls)?;
+    let endpoint = quinn::Endpoint::server(config, listen)?;
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(Some(_)) = recv.read(&mut buf).await {}
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Certificate and key files for ingest and the sink, and the DER devices trust.
+struct Tls {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    der: Vec<u8>,
+}
+
+fn tls(env: &Env) -> anyhow::Result<Tls> {
+    let (cert_pem, key_pem) = spillway_ingest::tls::self_signed_pem()?;
+    let (cert, key) = (
+        env.dir.join("ingest-cert.pem"),
+        env.dir.join("ingest-key.pem"),
+    );
+    std::fs::write(&cert, cert_pem)?;
+    std::fs::write(&key, key_pem)?;
+    let der = spillway_ingest::tls::TlsMaterial::from_pem_files(&cert, &key)?
+        .leaf_der()
+        .to_vec();
+    Ok(Tls { cert, key, der })
+}
+
+/// Starts ingest forwarding to `uploader`; returns it with its QUIC and HTTP addresses.
+async fn ingest(
+    env: &Env,
+    tls: &Tls,
+    uploader: SocketAddr,
+    chunk_seconds: u32,
+    name: &str,
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    let (quic, http) = (free_udp()?, free_tcp()?);
+    let mut p = Proc::spawn(
+        name,
+        &env.bin.join("ingest"),
+        &[
+            "--listen".into(),
+            quic.to_string(),
+            "--http-listen".into(),
+            http.to_string(),
+            "--uploader".into(),
+            format!("http://{uploader}"),
+            "--tls-cert".into(),
+            tls.cert.display().to_string(),
+            "--tls-key".into(),
+            tls.key.display().to_string(),
+            "--chunk-seconds".into(),
+            chunk_seconds.to_string(),
+            "--max-sessions".into(),
+            "10000".into(),
+            "--max-buffered-bytes".into(),
+            (8u64 << 30).to_string(),
+        ],
+        &[],
+        &env.logs,
+    )?;
+    ready(http, &mut p).await?;
+    Ok((p, quic, http))
+}
+
+fn hello(uid: &str) -> Hello {
+    Hello {
+        uid: uid.into(),
+        session: "bench".into(),
+        sample_rate: 16_000,
+        encoding: Encoding::PcmS16le as i32,
+        channels: 1,
+        token: String::new(),
+        resume_from: 0,
+    }
+}
+
+/// `devices` sessions each sending `bytes` as fast as they can, in 16 KiB frames, to `server`;
+/// returns the wall time until every server finished its side (ingest: every chunk acked; the
+/// sink: everything read).
+async fn blast(
+    server: SocketAddr,
+    cert: &[u8],
+    devices: usize,
+    bytes: u64,
+) -> anyhow::Result<Duration> {
+    let payload = Bytes::from(super::store::base_pcm().slice(..16 * 1024).to_vec());
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for d in 0..devices {
+        let (cert, payload) = (cert.to_vec(), payload.clone());
+        tasks.spawn(async move {
+            let device = Device::connect(server, "localhost", &cert).await?;
+            let (mut tx, rx) = device.open().await?;
+            tx.hello(hello(&format!("blast-{d}"))).await?;
+            let mut sent = 0;
+            while sent < bytes {
+                let n = (bytes - sent).min(payload.len() as u64) as usize;
+                tx.audio(payload.slice(..n)).await?;
+                sent += n as u64;
+            }
+            tx.finish()?;
+            rx.collect().await?;
+            device.close().await;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(started.elapsed())
+}
+
+/// What one step of real-time devices saw.
+#[derive(Debug, Default)]
+struct Step {
+    devices: usize,
+    /// Ack latencies: from the last byte of a chunk written to its ack read.
+    latencies: Vec<Duration>,
+    expected_acks: usize,
+    worst_lag: Duration,
+    errors: usize,
+    ingest_peak: u64,
+    ingest_idle: u64,
+    max_held: u64,
+}
+
+impl Step {
+    fn sustained(&self) -> bool {
+        self.errors == 0
+            && self.latencies.len() == self.expected_acks
+            && self.worst_lag <= Duration::from_secs(1)
+            && self
+                .latencies
+                .last()
+                .is_none_or(|l| *l <= Duration::from_secs(1))
+    }
+}
+
+/// `devices` real-time 16 kHz devices through the whole pipeline, starts spread over one chunk,
+/// each streaming `chunks` chunks in 200 ms frames.
+async fn realtime(
+    env: &Env,
+    tls: &Tls,
+    uploader: SocketAddr,
+    chunk_seconds: u32,
+    devices: usize,
+    chunks: u64,
+) -> anyhow::Result<Step> {
+    let (proc, quic, _http) = ingest(
+        env,
+        tls,
+        uploader,
+        chunk_seconds,
+        &format!("ingest-rt-{devices}"),
+    )
+    .await?;
+    let pid = proc.id().context("ingest pid")?;
+    let (_, idle) = rss(pid)?;
+    let chunk_bytes = u64::from(chunk_seconds) * BYTES_PER_SECOND;
+    let frame = Bytes::from(super::store::base_pcm().slice(..6_400).to_vec());
+    let frame_every = Duration::from_millis(200);
+    // Bytes sent and acknowledged by all devices: what ingest must hold is the difference.
+    let sent = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let max_held = Arc::new(AtomicU64::new(0));
+    let monitor = {
+        let (sent, acked, max_held) =
+            (Arc::clone(&sent), Arc::clone(&acked), Arc::clone(&max_held));
+        tokio::spawn(async move {
+            loop {
+                let held = sent
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(acked.load(Ordering::Relaxed));
+                max_held.fetch_max(held, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let t0 = Instant::now() + Duration::from_secs(1);
+    let spread = Duration::from_secs(u64::from(chunk_seconds));
+    let mut tasks = tokio::task::JoinSet::new();
+    for d in 0..devices {
+        let (cert, frame, sent, acked) = (
+            tls.der.clone(),
+            frame.clone(),
+            Arc::clone(&sent),
+            Arc::clone(&acked),
+        );
+        let start = t0 + spread.mul_f64(d as f64 / devices as f64);
+        tasks.spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            let device = Device::connect(quic, "localhost", &cert).await?;
+            let (mut tx, mut rx) = device.open().await?;
+            tx.hello(hello(&format!("rt-{d:05}"))).await?;
+            let total = chunk_bytes * chunks;
+            let ends: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+            let reader = {
+                let (ends, acked) = (Arc::clone(&ends), Arc::clone(&acked));
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut errors = 0;
+                    while let Some(m) = rx.next().await? {
+                        match m.kind {
+                            Some(Kind::Ack(a)) => {
+                                let now = Instant::now();
+                                acked.fetch_add(
+                                    (a.end_sample - a.first_sample) * 2,
+                                    Ordering::Relaxed,
+                                );
+                                let end = ends
+                                    .lock()
+                                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                                    .get(a.seq as usize)
+                                    .copied();
+                                if let Some(end) = end {
+                                    latencies.push(now.saturating_duration_since(end));
+                                }
+                            }
+                            Some(Kind::Error(_)) => errors += 1,
+                            _ => {}
+                        }
+                    }
+                    anyhow::Ok((latencies, errors))
+                })
+            };
+            let begun = Instant::now();
+            let mut written = 0u64;
+            let mut worst_lag = Duration::ZERO;
+            let mut n = 0u32;
+            while written < total {
+                let due = begun + frame_every * n;
+                let now = Instant::now();
+                if now < due {
+                    tokio::time::sleep_until(due.into()).await;
+                } else {
+                    worst_lag = worst_lag.max(now - due);
+                }
+                written += frame.len() as u64;
+                if written.is_multiple_of(chunk_bytes) {
+                    // Stamped as the chunk's last byte leaves (before the ack can come back).
+                    ends.lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .push(Instant::now());
+                }
+                tx.audio(frame.clone()).await?;
+                sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                n += 1;
+            }
+            tx.finish()?;
+            let (latencies, errors) = reader.await??;
+            device.close().await;
+            anyhow::Ok((latencies, errors, worst_lag))
+        });
+    }
+    let mut step = Step {
+        devices,
+        expected_acks: devices * chunks as usize,
+        ingest_idle: idle,
+        ..Step::default()
+    };
+    while let Some(r) = tasks.join_next().await {
+        match r? {
+            Ok((latencies, errors, lag)) => {
+                step.latencies.extend(latencies);
+                step.errors += errors;
+                step.worst_lag = step.worst_lag.max(lag);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "a real-time device failed");
+                step.errors += 1;
+            }
+        }
+    }
+    monitor.abort();
+    step.latencies.sort();
+    step.max_held = max_held.load(Ordering::Relaxed);
+    step.ingest_peak = rss(pid)?.0;
+    proc.stop().await?;
+    Ok(step)
+}
+
+pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
+    let tls = tls(env)?;
+
+    eprintln!("== ingest: vs raw QUIC");
+    let stop = CancellationToken::new();
+    let discard = discard_uploader(stop.clone()).await?;
+    let (devices, chunks) = if env.quick { (4, 4) } else { (16, 30) };
+    let bytes = chunks * 60 * BYTES_PER_SECOND;
+    let total = (devices as u64 * bytes) as f64;
+    let (proc, quic, _) = ingest(env, &tls, discard, 60, "ingest-blast").await?;
+    let ours = total / blast(quic, &tls.der, devices, bytes).await?.as_secs_f64() / MB;
+    proc.stop().await?;
+    let sink_addr = free_udp()?;
+    let mut sink = Proc::spawn(
+        "quic-sink",
+        &env.bin.join("xtask"),
+        &[
+            "quic-sink".into(),
+            "--listen".into(),
+            sink_addr.to_string(),
+            "--cert".into(),
+            tls.cert.display().to_string(),
+            "--key".into(),
+            tls.key.display().to_string(),
+        ],
+        &[],
+        &env.logs,
+    )?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sink.check_alive()?;
+    let raw = total
+        / blast(sink_addr, &tls.der, devices, bytes)
+            .await?
+            .as_secs_f64()
+        / MB;
+    sink.stop().await.ok();
+    stop.cancel();
+    eprintln!("   ingest {ours:.0} MB/s, raw quinn {raw:.0} MB/s");
+    results.rows.push(
+        Row::ratio_at_least(
+            "4",
+            &format!(
+                "ingest (QUIC, chunking, gRPC forward) vs raw quinn streams, {devices} devices"
+            ),
+            "MB/s",
+            ours,
+            raw,
+            0.7,
+        )
+        .note(format!(
+            "{:.0} MB per device as fast as possible; the uploader acknowledges without storing",
+            bytes as f64 / MB
+        )),
+    );
+
+    eprintln!("== ingest: real-time 16 kHz devices through the whole pipeline");
+    let store = StoreProc::start(env, "realtime", Duration::ZERO).await?;
+    let spool = env.dir.join("spool-realtime");
+    let (grpc, http) = (free_tcp()?, free_tcp()?);
+    let mut uploader = Proc::spawn(
+        "uploader-realtime",
+        &env.bin.join("uploader"),
+        &[
+            "--listen".into(),
+            grpc.to_string(),
+            "--http-listen".into(),
+            http.to_string(),
+            "--spool-dir".into(),
+            spool.display().to_string(),
+            "--spool-max-bytes".into(),
+            (16u64 << 30).to_string(),
+            "--s3-endpoint".into(),
+            store.endpoint.clone(),
+            "--bucket".into(),
+            crate::cluster::BUCKET.into(),
+            "--create-bucket".into(),
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+        &env.logs,
+    )?;
+    ready(http, &mut uploader).await?;
+    wait_tcp(grpc, &mut uploader).await?;
+    let (chunk_seconds, steps): (u32, &[usize]) = if env.quick {
+        (2, &[20, 40])
+    } else {
+        (10, &[250, 500, 1000, 2000, 4000])
+    };
+    let mut done: Vec<Step> = Vec::new();
+    for &n in steps {
+        let step = realtime(env, &tls, grpc, chunk_seconds, n, 2).await?;
+        eprintln!(
+            "   {n} devices: {} of {} acks, p50 {:?}, p99 {:?}, max {:?}, worst send lag {:?}, {} errors, ingest peak RSS {:.0} MiB",
+            step.latencies.len(),
+            step.expected_acks,
+            percentile(&step.latencies, 50.0),
+            percentile(&step.latencies, 99.0),
+            step.latencies.last().copied().unwrap_or_default(),
+            step.worst_lag,
+            step.errors,
+            step.ingest_peak as f64 / MIB
+        );
+        let ok = step.sustained();
+        done.push(step);
+        if !ok {
+            break;
+        }
+        store.clear()?;
+    }
+    uploader.stop().await?;
+    drop(store);
+    std::fs::remove_dir_all(&spool).ok();
+
+    let max = done
+        .iter()
+        .filter(|s| s.sustained())
+        .map(|s| s.devices)
+        .max()
+        .unwrap_or(0);
+    let ceiling = results
+        .disk_mb_s
+        .map(|mb| mb * MB / BYTES_PER_SECOND as f64);
+    let tried = done
+        .iter()
+        .map(|s| s.devices.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let top = steps.iter().max().copied().unwrap_or(0);
+    let row = match ceiling {
+        Some(c) => Row::ratio_at_least(
+            "4b",
+            "real-time 16 kHz devices sustained (every ack within 1 s) vs the disk-bound ceiling",
+            "devices",
+            max as f64,
+            c,
+            0.7,
+        ),
+        None => Row::figure(
+            "4b",
+            "real-time 16 kHz devices sustained",
+            "devices",
+            max as f64,
+            "run the spool group for the ceiling",
+            true,
+        ),
+    };
+    let limited = if max == top {
+        format!("; {top} is the most tried: not the limit")
+    } else {
+        String::new()
+    };
+    results.rows.push(row.note(format!(
+        "steps {tried}; {chunk_seconds} s chunks; ceiling = row 3's append+fdatasync MB/s ÷ 32 KB/s{limited}; devices run in the bench process on the same cores"
+    )));
+
+    // Memory: the step with 1,000 devices (or the nearest one run).
+    if let Some(step) = done.iter().min_by_key(|s| s.devices.abs_diff(1000)) {
+        let grown = step.ingest_peak.saturating_sub(step.ingest_idle) as f64;
+        let ratio = grown / step.max_held.max(1) as f64;
+        results.rows.push(
+            Row::figure(
+                "5",
+                &format!(
+                    "ingest peak RSS growth ÷ audio held, {} sessions",
+                    step.devices
+                ),
+                "×",
+                ratio,
+                "≤ 1.25 (+ idle < 64 MiB)",
+                ratio <= 1.25 && (step.ingest_idle as f64) < 64.0 * MIB,
+            )
+            .note(format!(
+                "peak {:.0} MiB, idle {:.0} MiB, most audio unacknowledged at once {:.0} MiB",
+                step.ingest_peak as f64 / MIB,
+                step.ingest_idle as f64 / MIB,
+                step.max_held as f64 / MIB
+            )),
+        );
+    }
+
+    // Latency at half the maximum sustained load.
+    let half = max / 2;
+    if let Some(step) = done
+        .iter()
+        .filter(|s| s.sustained() && s.devices <= half.max(1))
+        .max_by_key(|s| s.devices)
+    {
+        let p99 = percentile(&step.latencies, 99.0);
+        results.rows.push(
+            Row::figure(
+                "6",
+                &format!("ack latency p99 at {} devices (≤ half the maximum)", step.devices),
+                "ms",
+                p99.as_secs_f64() * 1e3,
+                "p99 ≤ 50 ms",
+                p99 <= Duration::from_millis(50),
+            )
+            .note(format!(
+                "p50 {:.1} ms, max {:.1} ms, {} acks; from a chunk's last byte written to its ack read",
+                percentile(&step.latencies, 50.0).as_secs_f64() * 1e3,
+                step.latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+                step.latencies.len()
+            )),
+        );
+    }
+    Ok(())
+}

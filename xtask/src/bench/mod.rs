@@ -1,0 +1,375 @@
+//! `cargo xtask bench`: Spillway's figures, each next to a baseline measured in the same run on
+//! the same machine, so the ratio holds on a noisy 2-core VM where absolute numbers do not.
+//!
+//! Everything runs on loopback against the embedded S3 server (its files on tmpfs, so the local
+//! disk serves the spool alone), with the release binaries as separate processes. `--quick` is a
+//! smoke run (CI keeps the harness from rotting; it asserts nothing about speed). Results go to
+//! `<target>/bench/results.json` and, with `--record`, into BENCHMARKS.md.
+//!
+//! - [`store`]: the drain against raw `PutObject` (rows 1, 2, adaptive workers).
+//! - [`spool`]: `PutChunk` commits against append + `fdatasync`, uploader memory, recovery.
+//! - [`ingest`]: ingest against raw QUIC, real-time devices, ingest memory, ack latency.
+
+pub mod ingest;
+pub mod plot;
+pub mod spool;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use serde::Serialize;
+
+use crate::cluster::{Proc, free_tcp, wait_tcp};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// A smoke run: small sizes, few points, about two minutes. Its figures mean little.
+    #[arg(long)]
+    pub quick: bool,
+    /// Run only the groups whose name contains this: store, spool, ingest.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Also write the table into this Markdown file (between bench markers).
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// State directory for spools and logs: on the disk under test.
+    #[arg(long, default_value = ".spillway/bench")]
+    pub dir: PathBuf,
+    /// Where the store keeps its objects: tmpfs, so the disk serves the spool alone.
+    #[arg(long, default_value = "/dev/shm/spillway-bench")]
+    pub store_dir: PathBuf,
+    /// Latency the store adds to every request in the worker sweep.
+    #[arg(long, default_value = "30ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// Set when `cargo xtask bench` runs itself again as the release build.
+    #[arg(long, hide = true)]
+    pub in_release: bool,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub id: String,
+    pub what: String,
+    pub unit: String,
+    pub spillway: f64,
+    pub baseline: Option<f64>,
+    pub ratio: Option<f64>,
+    pub goal: String,
+    /// Whether the goal was met (`None`: no goal, or not measurable in this mode).
+    pub met: Option<bool>,
+    pub note: String,
+}
+
+impl Row {
+    /// A row whose goal is `ratio >= min` (Spillway over the baseline, higher is better).
+    pub fn ratio_at_least(
+        id: &str,
+        what: &str,
+        unit: &str,
+        spillway: f64,
+        baseline: f64,
+        min: f64,
+    ) -> Self {
+        let ratio = if baseline > 0.0 {
+            spillway / baseline
+        } else {
+            0.0
+        };
+        Self {
+            id: id.into(),
+            what: what.into(),
+            unit: unit.into(),
+            spillway,
+            baseline: Some(baseline),
+            ratio: Some(ratio),
+            goal: format!("≥ {min}"),
+            met: Some(ratio >= min),
+            note: String::new(),
+        }
+    }
+
+    /// A row with a goal of its own.
+    pub fn figure(id: &str, what: &str, unit: &str, spillway: f64, goal: &str, met: bool) -> Self {
+        Self {
+            id: id.into(),
+            what: what.into(),
+            unit: unit.into(),
+            spillway,
+            baseline: None,
+            ratio: None,
+            goal: goal.into(),
+            met: Some(met),
+            note: String::new(),
+        }
+    }
+
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = note.into();
+        self
+    }
+}
+
+/// Everything a run measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub mode: String,
+    pub machine: String,
+    pub rows: Vec<Row>,
+    /// The worker sweep: (workers, Spillway MB/s, raw PutObject MB/s).
+    pub sweep: Vec<(usize, f64, f64)>,
+    /// `--workers auto` in the sweep's conditions: MB/s and the limit it settled at.
+    pub auto: Option<(f64, f64)>,
+    /// Raw append + fdatasync MB/s (row 3's baseline), the disk-bound ceiling's numerator.
+    #[serde(skip)]
+    pub disk_mb_s: Option<f64>,
+    /// Raw PutObject MB/s at 16 workers without latency (row 1's baseline).
+    #[serde(skip)]
+    pub put_mb_s: Option<f64>,
+}
+
+/// The machine and the run's environment, shared by every group.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub quick: bool,
+    /// Release binaries: `ingest`, `uploader`, `xtask`.
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+    pub logs: PathBuf,
+    pub store_dir: PathBuf,
+    pub latency: Duration,
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if !args.in_release {
+        // Measure optimized code: build the release binaries and run this command again as
+        // the release `xtask`.
+        let bin = crate::cluster::build_daemons(true)?;
+        let mut cmd = std::process::Command::new(bin.join("xtask"));
+        cmd.arg("bench").arg("--in-release");
+        cmd.args(std::env::args_os().skip(2));
+        let status = cmd.status().context("running the release xtask")?;
+        ensure!(status.success(), "the benchmark failed ({status})");
+        return Ok(());
+    }
+    let me = std::env::current_exe().context("locating the xtask binary")?;
+    let bin = me
+        .parent()
+        .context("the xtask binary has no directory")?
+        .to_owned();
+    let target = bin.parent().context("no target directory")?.to_owned();
+    for d in [&args.dir, &args.store_dir] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("clearing {}", d.display()))?;
+        }
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let dir = std::fs::canonicalize(&args.dir)?;
+    let env = Env {
+        quick: args.quick,
+        bin,
+        logs: dir.join("logs"),
+        dir,
+        store_dir: std::fs::canonicalize(&args.store_dir)?,
+        latency: args.latency,
+    };
+    std::fs::create_dir_all(&env.logs)?;
+    let out = target.join("bench");
+    std::fs::create_dir_all(&out)?;
+    let mut results = Results {
+        mode: if args.quick { "quick" } else { "full" }.into(),
+        machine: machine(),
+        ..Results::default()
+    };
+    eprintln!("machine: {}", results.machine);
+    let wanted = |group: &str| args.only.as_deref().is_none_or(|o| group.contains(o));
+    if wanted("store") {
+        store::run(&env, &mut results, &out).await?;
+    }
+    if wanted("spool") {
+        spool::run(&env, &mut results).await?;
+    }
+    if wanted("ingest") {
+        ingest::run(&env, &mut results).await?;
+    }
+    let table = render(&results.rows);
+    println!("{table}");
+    let json = out.join("results.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!("results: {}", json.display());
+    if let Some(path) = &args.record {
+        let command = format!(
+            "cargo xtask bench{}",
+            if args.quick { " --quick" } else { "" }
+        );
+        let text = format!(
+            "Produced by `{command}` on {} ({}).\n\n{table}\n",
+            results.machine,
+            chrono_free_date()
+        );
+        crate::report::write_between_markers(path, BEGIN, END, &text)?;
+        if !results.sweep.is_empty() {
+            let png = path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("docs/bench-workers.png");
+            if let Some(parent) = png.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(out.join("workers.png"), &png)
+                .with_context(|| format!("copying the plot to {}", png.display()))?;
+        }
+    }
+    std::fs::remove_dir_all(&env.store_dir).ok();
+    Ok(())
+}
+
+const BEGIN: &str = "<!-- bench:begin (written by cargo xtask bench --record) -->";
+const END: &str = "<!-- bench:end -->";
+
+fn render(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| # | measured | Spillway | baseline | ratio | goal | met | notes |\n\
+         | --- | --- | ---: | ---: | ---: | --- | --- | --- |\n",
+    );
+    let num = |v: f64| {
+        if v.abs() >= 100.0 {
+            format!("{v:.0}")
+        } else if v.abs() >= 10.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.2}")
+        }
+    };
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {} | {} {} | {} | {} | {} | {} | {} |\n",
+            r.id,
+            r.what,
+            num(r.spillway),
+            r.unit,
+            r.baseline
+                .map_or_else(|| "-".into(), |b| format!("{} {}", num(b), r.unit)),
+            r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.2}")),
+            r.goal,
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "-",
+            },
+            r.note
+        ));
+    }
+    t
+}
+
+/// Cores, memory and the disk under the state directory, as the run saw them.
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        })
+        .map_or_else(
+            || "? GiB".into(),
+            |kb| format!("{:.0} GiB", kb as f64 / 1048576.0),
+        );
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cores} cores ({model}), {mem} memory")
+}
+
+/// Today's date (UTC) without a date crate: from `date -u`, or the Unix time.
+fn chrono_free_date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The embedded store as its own process, its objects under `root`.
+pub struct StoreProc {
+    pub endpoint: String,
+    pub root: PathBuf,
+    _proc: Proc,
+}
+
+impl StoreProc {
+    pub async fn start(env: &Env, name: &str, latency: Duration) -> anyhow::Result<Self> {
+        let root = env.store_dir.join(name);
+        let addr = free_tcp()?;
+        let mut proc = Proc::spawn(
+            &format!("s3-{name}"),
+            &env.bin.join("xtask"),
+            &[
+                "s3".into(),
+                "--root".into(),
+                root.display().to_string(),
+                "--listen".into(),
+                addr.to_string(),
+                "--latency".into(),
+                format!("{}ms", latency.as_millis()),
+            ],
+            &[],
+            &env.logs,
+        )?;
+        wait_tcp(addr, &mut proc).await?;
+        Ok(Self {
+            endpoint: format!("http://{addr}"),
+            root,
+            _proc: proc,
+        })
+    }
+
+    /// Deletes every object (the bucket stays).
+    pub fn clear(&self) -> anyhow::Result<()> {
+        let bucket = self.root.join(crate::cluster::BUCKET);
+        if bucket.exists() {
+            std::fs::remove_dir_all(&bucket)?;
+            std::fs::create_dir_all(&bucket)?;
+        }
+        Ok(())
+    }
+}
+
+/// Peak and current resident memory of a process, in bytes (from /proc).
+pub fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+pub const MB: f64 = 1e6;
+pub const MIB: f64 = 1024.0 * 1024.0;
+
+/// The percentile `p` (0..=100) of `sorted` (ascending), or 0 for none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}

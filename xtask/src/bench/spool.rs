@@ -1,0 +1,288 @@
+//! The spool: `PutChunk` commits against raw append + `fdatasync` (row 3), the uploader's memory
+//! with a large backlog (row 5b), and a restart with that backlog (row 7).
+//!
+//! The uploader runs as its release binary. While the spool fills, its store is a port nobody
+//! listens on, so nothing drains and every byte committed stays spooled.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use spillway_proto::uploader::uploader_client::UploaderClient;
+use spillway_proto::uploader::{ChunkId, PutChunkRequest};
+
+use super::store::{CHUNK_BYTES, CHUNK_SAMPLES, base_pcm, chunk_pcm};
+use super::{Env, MB, MIB, Results, Row, StoreProc, rss};
+use crate::cluster::{Proc, free_tcp, ready};
+use crate::pipeline::{http_get, metric};
+
+/// Concurrent clients committing chunks, and of the baseline's appenders.
+const CLIENTS: usize = 8;
+
+/// Starts the uploader on `spool`, storing to `endpoint`.
+async fn uploader(
+    env: &Env,
+    spool: &Path,
+    endpoint: &str,
+    name: &str,
+) -> anyhow::Result<(Proc, std::net::SocketAddr, std::net::SocketAddr, Duration)> {
+    let (grpc, http) = (free_tcp()?, free_tcp()?);
+    let started = Instant::now();
+    let mut p = Proc::spawn(
+        name,
+        &env.bin.join("uploader"),
+        &[
+            "--listen".into(),
+            grpc.to_string(),
+            "--http-listen".into(),
+            http.to_string(),
+            "--spool-dir".into(),
+            spool.display().to_string(),
+            "--spool-max-bytes".into(),
+            (64u64 << 30).to_string(),
+            "--s3-endpoint".into(),
+            endpoint.into(),
+            "--bucket".into(),
+            crate::cluster::BUCKET.into(),
+            "--create-bucket".into(),
+            "--drain-timeout".into(),
+            "1s".into(),
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+        &env.logs,
+    )?;
+    ready(http, &mut p).await?;
+    Ok((p, grpc, http, started.elapsed()))
+}
+
+/// `chunks` full chunks through `PutChunk`, `CLIENTS` at a time; returns the wall time.
+async fn put_chunks(grpc: std::net::SocketAddr, chunks: u64) -> anyhow::Result<Duration> {
+    let limit = CHUNK_BYTES * 2;
+    // One connection, as ingest has to each uploader.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
+        .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
+        .connect()
+        .await?;
+    let base = base_pcm();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let mut client = UploaderClient::new(channel.clone())
+            .max_encoding_message_size(limit)
+            .max_decoding_message_size(limit);
+        let (base, next) = (base.clone(), Arc::clone(&next));
+        tasks.spawn(async move {
+            loop {
+                let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seq >= chunks {
+                    return anyhow::Ok(());
+                }
+                let pcm = chunk_pcm(&base, seq);
+                client
+                    .put_chunk(PutChunkRequest {
+                        id: Some(ChunkId {
+                            uid: "bench".into(),
+                            session: "commit".into(),
+                            seq,
+                        }),
+                        sample_rate: 16_000,
+                        chunk_samples: CHUNK_SAMPLES,
+                        first_sample: seq * CHUNK_SAMPLES,
+                        crc32c: crc32c::crc32c(&pcm),
+                        pcm,
+                    })
+                    .await
+                    .with_context(|| format!("PutChunk {seq}"))?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(started.elapsed())
+}
+
+/// The baseline: `chunks` chunks appended to one file by `CLIENTS` threads, each append
+/// followed by its own `fdatasync`; returns the wall time.
+fn append_fdatasync(path: &Path, chunks: u64) -> anyhow::Result<Duration> {
+    let file = Arc::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?,
+    );
+    let base = base_pcm();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (file, base, next) = (Arc::clone(&file), base.clone(), Arc::clone(&next));
+            std::thread::spawn(move || -> std::io::Result<()> {
+                loop {
+                    let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if seq >= chunks {
+                        return Ok(());
+                    }
+                    let pcm = chunk_pcm(&base, seq);
+                    // O_APPEND: each chunk lands whole at the end; each then syncs alone.
+                    (&*file).write_all(&pcm)?;
+                    file.sync_data()?;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("an appender panicked"))??;
+    }
+    let took = started.elapsed();
+    std::fs::remove_file(path)?;
+    Ok(took)
+}
+
+pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
+    eprintln!("== spool: PutChunk commits vs append + fdatasync");
+    let spool = env.dir.join("spool-commit");
+    // 4 GiB of chunks in the full run (the memory row's backlog); a smoke run's worth in quick.
+    let chunks: u64 = if env.quick {
+        48
+    } else {
+        (4u64 << 30).div_ceil(CHUNK_BYTES as u64)
+    };
+    let bytes = chunks as f64 * CHUNK_BYTES as f64;
+    let dead = format!("http://{}", free_tcp()?);
+    let (proc, grpc, _http, _) = uploader(env, &spool, &dead, "uploader-commit").await?;
+    let pid = proc.id().context("uploader pid")?;
+    let took = put_chunks(grpc, chunks).await?;
+    let ours = bytes / took.as_secs_f64() / MB;
+    let (peak, now) = rss(pid)?;
+    let raw = append_fdatasync(&env.dir.join("append.bin"), chunks)?;
+    let raw = bytes / raw.as_secs_f64() / MB;
+    results.disk_mb_s = Some(raw);
+    eprintln!("   commit {ours:.0} MB/s, append+fdatasync {raw:.0} MB/s");
+    results.rows.push(
+        Row::ratio_at_least(
+            "3",
+            &format!("PutChunk commit, {CLIENTS} clients vs append + fdatasync per chunk, {CLIENTS} threads"),
+            "MB/s",
+            ours,
+            raw,
+            0.8,
+        )
+        .note(format!(
+            "{chunks} chunks of 1.92 MB ({:.1} GiB); {:.0} vs {:.0} chunks/s",
+            bytes / (1u64 << 30) as f64,
+            ours * MB / CHUNK_BYTES as f64,
+            raw * MB / CHUNK_BYTES as f64
+        )),
+    );
+    results.rows.push(
+        Row::figure(
+            "5b",
+            &format!(
+                "uploader peak RSS with {:.1} GiB spooled",
+                bytes / (1u64 << 30) as f64
+            ),
+            "MiB",
+            peak as f64 / MIB,
+            "< 256 MiB",
+            (peak as f64) < 256.0 * MIB,
+        )
+        .note(format!("RSS at the end: {:.0} MiB", now as f64 / MIB)),
+    );
+    proc.stop().await?;
+
+    // Where the time goes: the same commits made in this process, without gRPC.
+    let direct = env.dir.join("spool-direct");
+    let started = Instant::now();
+    super::store::fill_spool(&direct, chunks.min(512), "direct").await?;
+    let direct_mb =
+        chunks.min(512) as f64 * CHUNK_BYTES as f64 / started.elapsed().as_secs_f64() / MB;
+    std::fs::remove_dir_all(&direct).ok();
+    eprintln!("   Spool::commit in-process {direct_mb:.0} MB/s");
+    results.rows.push(
+        Row::ratio_at_least(
+            "3a",
+            "(profile) Spool::commit in-process, 8 tasks, vs the same baseline",
+            "MB/s",
+            direct_mb,
+            raw,
+            0.8,
+        )
+        .note("row 3 without gRPC: what the spool itself costs"),
+    );
+
+    eprintln!("== spool: restart with the backlog, drain");
+    let store = StoreProc::start(env, "recovery", Duration::ZERO).await?;
+    let (proc, _grpc, http, to_ready) =
+        uploader(env, &spool, &store.endpoint, "uploader-recovery").await?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let (_, m) = http_get(http, "/metrics").await?;
+        if metric(&m, "spillway_uploader_spool_chunks") == 0.0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the backlog did not drain in 10 min"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = bytes / started.elapsed().as_secs_f64() / MB;
+    let (peak, _) = rss(proc.id().context("uploader pid")?)?;
+    proc.stop().await?;
+    drop(store);
+    std::fs::remove_dir_all(&spool).ok();
+    results.rows.push(
+        Row::figure(
+            "7",
+            &format!(
+                "uploader restart with {:.1} GiB spooled: until it accepts chunks",
+                bytes / (1u64 << 30) as f64
+            ),
+            "s",
+            to_ready.as_secs_f64(),
+            "< 2 s",
+            to_ready < Duration::from_secs(2),
+        )
+        .note("process start to /readyz 200, spool opened, index sized"),
+    );
+    match results.put_mb_s {
+        Some(put) => results.rows.push(
+            Row::ratio_at_least(
+                "7b",
+                "then its drain vs row 1's raw PutObject",
+                "MB/s",
+                drained,
+                put,
+                0.9,
+            )
+            .note(format!(
+                "16 workers; uploader peak RSS while draining {:.0} MiB",
+                peak as f64 / MIB
+            )),
+        ),
+        None => results.rows.push(
+            Row::figure(
+                "7b",
+                "then its drain",
+                "MB/s",
+                drained,
+                "row 1 not run",
+                true,
+            )
+            .note("run the store group too for the ratio"),
+        ),
+    }
+    Ok(())
+}

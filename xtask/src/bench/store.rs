@@ -1,0 +1,304 @@
+//! The drain against raw `PutObject`: rows 1 and 2 and the adaptive pool.
+//!
+//! Spillway's figure is `uploader drain` (the release binary, a process) emptying a spool of
+//! 1.92 MB chunks (60 s at 16 kHz) into the store; the baseline is a plain aws-sdk-s3
+//! `PutObject` loop in this process sending objects of the same size at the same concurrency to
+//! the same store.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use spillway_uploader::spool::{Limits, Record, Spool};
+
+use super::{Env, MB, Results, Row, StoreProc};
+
+/// Samples in one chunk: 60 s at 16 kHz.
+pub const CHUNK_SAMPLES: u64 = 960_000;
+/// Bytes of PCM in one chunk.
+pub const CHUNK_BYTES: usize = 1_920_000;
+
+/// PCM for chunk `seq`: a shared pattern made distinct per chunk (its first bytes).
+pub fn chunk_pcm(base: &Bytes, seq: u64) -> Bytes {
+    let mut v = base.to_vec();
+    v[..8].copy_from_slice(&seq.to_le_bytes());
+    Bytes::from(v)
+}
+
+/// A pattern of PCM that is not all one value.
+pub fn base_pcm() -> Bytes {
+    Bytes::from(
+        (0..CHUNK_BYTES)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// Commits `chunks` full chunks into a fresh spool at `dir`, 8 at a time; returns the bytes of
+/// PCM spooled.
+pub async fn fill_spool(dir: &Path, chunks: u64, session: &str) -> anyhow::Result<u64> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let spool = Arc::new(Spool::open(dir, Limits::reject(u64::MAX / 2))?);
+    let base = base_pcm();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (spool, base, next, session) = (
+            Arc::clone(&spool),
+            base.clone(),
+            Arc::clone(&next),
+            session.to_owned(),
+        );
+        tasks.spawn(async move {
+            loop {
+                let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seq >= chunks {
+                    return anyhow::Ok(());
+                }
+                let pcm = chunk_pcm(&base, seq);
+                let record = Record {
+                    uid: "bench".into(),
+                    session: session.clone(),
+                    seq,
+                    sample_rate: 16_000,
+                    chunk_samples: CHUNK_SAMPLES,
+                    first_sample: seq * CHUNK_SAMPLES,
+                    crc32c: crc32c::crc32c(&pcm),
+                    pcm,
+                };
+                spool.commit(&record).await?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    spool.flush().await?;
+    Ok(chunks * CHUNK_BYTES as u64)
+}
+
+/// Runs `uploader drain` on `spool` with `workers` (a number or `auto`); returns its wall time.
+pub async fn drain(
+    env: &Env,
+    spool: &Path,
+    store: &StoreProc,
+    workers: &str,
+    extra: &[&str],
+) -> anyhow::Result<Duration> {
+    let log = env.logs.join("uploader-drain.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    let started = Instant::now();
+    let status = tokio::process::Command::new(env.bin.join("uploader"))
+        .arg("drain")
+        .args(["--spool-dir", &spool.display().to_string()])
+        .args(["--s3-endpoint", &store.endpoint])
+        .args(["--bucket", crate::cluster::BUCKET, "--create-bucket"])
+        .args(["--workers", workers])
+        .args(["--drain-timeout", "10m", "--log-format", "json"])
+        .args(extra)
+        .env("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "info")
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .await
+        .context("running uploader drain")?;
+    let took = started.elapsed();
+    ensure!(
+        status.success(),
+        "uploader drain failed ({status}); see {}",
+        log.display()
+    );
+    Ok(took)
+}
+
+/// The limit `uploader drain --workers auto` last logged (from its JSON log), if any.
+fn last_auto_limit(env: &Env) -> Option<f64> {
+    let log = std::fs::read_to_string(env.logs.join("uploader-drain.log")).ok()?;
+    log.lines().rev().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        v.get("fields")?.get("limit")?.as_f64()
+    })
+}
+
+/// Sends `objects` objects of `size` bytes with `concurrency` `PutObject`s in flight; returns
+/// the wall time.
+pub async fn raw_put(
+    endpoint: &str,
+    objects: u64,
+    concurrency: usize,
+    size: usize,
+) -> anyhow::Result<Duration> {
+    let s3 = crate::s3::client(endpoint).await;
+    let _ = s3
+        .create_bucket()
+        .bucket(crate::cluster::BUCKET)
+        .send()
+        .await;
+    let body = {
+        let mut v = base_pcm().to_vec();
+        v.resize(size, 0);
+        Bytes::from(v)
+    };
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (s3, body, next) = (s3.clone(), body.clone(), Arc::clone(&next));
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= objects {
+                    return anyhow::Ok(());
+                }
+                s3.put_object()
+                    .bucket(crate::cluster::BUCKET)
+                    .key(format!("raw/{i:06}.wav"))
+                    .body(aws_sdk_s3::primitives::ByteStream::from(body.clone()))
+                    .send()
+                    .await
+                    .context("PutObject")?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(started.elapsed())
+}
+
+/// One point: Spillway's drain and the raw loop, same objects and concurrency. Returns MB/s of
+/// each.
+async fn point(
+    env: &Env,
+    store: &StoreProc,
+    spool: &Path,
+    chunks: u64,
+    workers: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let bytes = fill_spool(spool, chunks, &format!("w{workers}")).await? as f64;
+    let took = drain(env, spool, store, &workers.to_string(), &[]).await?;
+    store.clear()?;
+    let raw = raw_put(&store.endpoint, chunks, workers, CHUNK_BYTES + 44).await?;
+    store.clear()?;
+    Ok((
+        bytes / took.as_secs_f64() / MB,
+        bytes / raw.as_secs_f64() / MB,
+    ))
+}
+
+pub async fn run(env: &Env, results: &mut Results, out: &Path) -> anyhow::Result<()> {
+    let spool = env.dir.join("spool-drain");
+
+    // Row 1: no added latency, the default 16 workers.
+    eprintln!("== store: drain vs raw PutObject");
+    let store = StoreProc::start(env, "plain", Duration::ZERO).await?;
+    let chunks = if env.quick { 24 } else { 256 };
+    let (ours, raw) = point(env, &store, &spool, chunks, 16).await?;
+    results.put_mb_s = Some(raw);
+    results.rows.push(
+        Row::ratio_at_least(
+            "1",
+            "drain → store vs raw PutObject, 1.92 MB objects, 16 workers",
+            "MB/s",
+            ours,
+            raw,
+            0.9,
+        )
+        .note(format!(
+            "{chunks} objects; {:.0} vs {:.0} objects/s",
+            ours * MB / (CHUNK_BYTES as f64),
+            raw * MB / (CHUNK_BYTES as f64)
+        )),
+    );
+    drop(store);
+
+    // Row 2: the store answers `latency` late; sweep the workers.
+    let ms = env.latency.as_millis();
+    eprintln!("== store: worker sweep at {ms} ms");
+    let store = StoreProc::start(env, "slow", env.latency).await?;
+    let sweep: &[usize] = if env.quick {
+        &[1, 8, 32]
+    } else {
+        &[1, 2, 4, 8, 16, 32, 64]
+    };
+    for &w in sweep {
+        let chunks = if env.quick {
+            (w as u64 * 2).clamp(8, 32)
+        } else {
+            (w as u64 * 8).clamp(24, 320)
+        };
+        let (ours, raw) = point(env, &store, &spool, chunks, w).await?;
+        eprintln!("   workers {w:>2}: drain {ours:.0} MB/s, raw {raw:.0} MB/s");
+        results.sweep.push((w, ours, raw));
+    }
+    let best = results
+        .sweep
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .context("empty sweep")?;
+    let (w1, one, _) = results.sweep[0];
+    results.rows.push(
+        Row::ratio_at_least(
+            "2",
+            &format!("drain at {ms} ms store latency: best workers vs 1 worker"),
+            "MB/s",
+            best.1,
+            one,
+            1.0,
+        )
+        .note(format!(
+            "best at {} workers ({:.2} of raw PutObject at the same concurrency); {w1} worker: {one:.0} MB/s; curve in the plot",
+            best.0,
+            best.1 / best.2
+        )),
+    );
+
+    // Adaptive: told nothing about the latency.
+    let chunks = if env.quick { 32 } else { 320 };
+    let bytes = fill_spool(&spool, chunks, "auto").await? as f64;
+    let took = drain(
+        env,
+        &spool,
+        &store,
+        "auto",
+        &["--workers-min", "1", "--workers-max", "256"],
+    )
+    .await?;
+    store.clear()?;
+    let auto = bytes / took.as_secs_f64() / MB;
+    let limit = last_auto_limit(env).unwrap_or(f64::NAN);
+    results.auto = Some((auto, limit));
+    results.rows.push(
+        Row::ratio_at_least(
+            "2a",
+            &format!("`--workers auto` at {ms} ms vs the best fixed setting"),
+            "MB/s",
+            auto,
+            best.1,
+            0.9,
+        )
+        .note(format!(
+            "best fixed: {} workers; auto's last limit: {limit:.0}; {chunks} objects from a start at 4",
+            best.0
+        )),
+    );
+    drop(store);
+    std::fs::remove_dir_all(&spool).ok();
+
+    let png = out.join("workers.png");
+    super::plot::workers(&png, ms, &results.sweep, results.auto.map(|a| a.0))
+        .with_context(|| format!("plotting {}", png.display()))?;
+    eprintln!("   plot: {}", png.display());
+    Ok(())
+}
