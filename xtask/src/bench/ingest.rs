@@ -22,7 +22,7 @@ use spillway_proto::uploader::{PutChunkRequest, PutChunkResponse};
 use tokio_util::sync::CancellationToken;
 
 use super::{Env, MB, MIB, Results, Row, StoreProc, percentile, rss};
-use crate::cluster::{Proc, free_tcp, free_udp, ready, wait_tcp};
+use crate::cluster::{Proc, free_tcp, free_udp, ready};
 
 /// 16 kHz, 16-bit mono.
 const BYTES_PER_SECOND: u64 = 32_000;
@@ -420,34 +420,8 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     eprintln!("== ingest: real-time 16 kHz devices through the whole pipeline");
     let store = StoreProc::start(env, "realtime", Duration::ZERO).await?;
     let spool = env.dir.join("spool-realtime");
-    let (grpc, http) = (free_tcp()?, free_tcp()?);
-    let mut uploader = Proc::spawn(
-        "uploader-realtime",
-        &env.bin.join("uploader"),
-        &[
-            "--listen".into(),
-            grpc.to_string(),
-            "--http-listen".into(),
-            http.to_string(),
-            "--spool-dir".into(),
-            spool.display().to_string(),
-            "--spool-max-bytes".into(),
-            (16u64 << 30).to_string(),
-            "--s3-endpoint".into(),
-            store.endpoint.clone(),
-            "--bucket".into(),
-            crate::cluster::BUCKET.into(),
-            "--create-bucket".into(),
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ],
-        &env.logs,
-    )?;
-    ready(http, &mut uploader).await?;
-    wait_tcp(grpc, &mut uploader).await?;
+    let up = super::uploader(env, "uploader-realtime", &spool, &store.endpoint).await?;
+    let (uploader, grpc) = (up.proc, up.grpc);
     let (chunk_seconds, steps): (u32, &[usize]) = if env.quick {
         (2, &[20, 40])
     } else {
@@ -520,15 +494,18 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
         "steps {tried}; {chunk_seconds} s chunks; ceiling = row 3's append+fdatasync MB/s ÷ 32 KB/s{limited}; devices run in the bench process on the same cores"
     )));
 
-    // Memory: the step with 1,000 devices (or the nearest one run).
+    // Memory: the step with 1,000 devices (or the nearest one run). The audio ingest must hold
+    // is one chunk in progress per session (what the seeds' pusher is compared with: ~16 times
+    // its one chunk); the most audio the devices had unacknowledged at once is noted beside it.
     if let Some(step) = done.iter().min_by_key(|s| s.devices.abs_diff(1000)) {
         let grown = step.ingest_peak.saturating_sub(step.ingest_idle) as f64;
-        let ratio = grown / step.max_held.max(1) as f64;
+        let held = step.devices as f64 * (u64::from(chunk_seconds) * BYTES_PER_SECOND) as f64;
+        let ratio = grown / held;
         results.rows.push(
             Row::figure(
                 "5",
                 &format!(
-                    "ingest peak RSS growth ÷ audio held, {} sessions",
+                    "ingest peak RSS growth ÷ one chunk per session, {} sessions",
                     step.devices
                 ),
                 "×",
@@ -537,9 +514,12 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
                 ratio <= 1.25 && (step.ingest_idle as f64) < 64.0 * MIB,
             )
             .note(format!(
-                "peak {:.0} MiB, idle {:.0} MiB, most audio unacknowledged at once {:.0} MiB",
+                "peak {:.0} MiB, idle {:.0} MiB, {} chunks of {} s = {:.0} MiB; most audio unacknowledged at once {:.0} MiB",
                 step.ingest_peak as f64 / MIB,
                 step.ingest_idle as f64 / MIB,
+                step.devices,
+                chunk_seconds,
+                held / MIB,
                 step.max_held as f64 / MIB
             )),
         );

@@ -347,6 +347,61 @@ impl StoreProc {
     }
 }
 
+/// A running uploader process (release binary) on fresh loopback ports.
+pub struct UploaderProc {
+    pub proc: Proc,
+    pub grpc: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+    /// From spawning the process to `/readyz` answering 200.
+    pub to_ready: Duration,
+}
+
+/// Starts the uploader on `spool` (bounded at 64 GiB), storing to `endpoint`, and waits until it
+/// is ready.
+pub async fn uploader(
+    env: &Env,
+    name: &str,
+    spool: &Path,
+    endpoint: &str,
+) -> anyhow::Result<UploaderProc> {
+    let (grpc, http) = (free_tcp()?, free_tcp()?);
+    let started = std::time::Instant::now();
+    let mut proc = Proc::spawn(
+        name,
+        &env.bin.join("uploader"),
+        &[
+            "--listen".into(),
+            grpc.to_string(),
+            "--http-listen".into(),
+            http.to_string(),
+            "--spool-dir".into(),
+            spool.display().to_string(),
+            "--spool-max-bytes".into(),
+            (64u64 << 30).to_string(),
+            "--s3-endpoint".into(),
+            endpoint.into(),
+            "--bucket".into(),
+            crate::cluster::BUCKET.into(),
+            "--create-bucket".into(),
+            "--drain-timeout".into(),
+            "1s".into(),
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+        &env.logs,
+    )?;
+    crate::cluster::ready(http, &mut proc).await?;
+    Ok(UploaderProc {
+        proc,
+        grpc,
+        http,
+        to_ready: started.elapsed(),
+    })
+}
+
 /// Peak and current resident memory of a process, in bytes (from /proc).
 pub fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))

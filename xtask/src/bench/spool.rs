@@ -14,52 +14,12 @@ use spillway_proto::uploader::uploader_client::UploaderClient;
 use spillway_proto::uploader::{ChunkId, PutChunkRequest};
 
 use super::store::{CHUNK_BYTES, CHUNK_SAMPLES, base_pcm, chunk_pcm};
-use super::{Env, MB, MIB, Results, Row, StoreProc, rss};
-use crate::cluster::{Proc, free_tcp, ready};
+use super::{Env, MB, MIB, Results, Row, StoreProc, rss, uploader};
+use crate::cluster::free_tcp;
 use crate::pipeline::{http_get, metric};
 
 /// Concurrent clients committing chunks, and of the baseline's appenders.
 const CLIENTS: usize = 8;
-
-/// Starts the uploader on `spool`, storing to `endpoint`.
-async fn uploader(
-    env: &Env,
-    spool: &Path,
-    endpoint: &str,
-    name: &str,
-) -> anyhow::Result<(Proc, std::net::SocketAddr, std::net::SocketAddr, Duration)> {
-    let (grpc, http) = (free_tcp()?, free_tcp()?);
-    let started = Instant::now();
-    let mut p = Proc::spawn(
-        name,
-        &env.bin.join("uploader"),
-        &[
-            "--listen".into(),
-            grpc.to_string(),
-            "--http-listen".into(),
-            http.to_string(),
-            "--spool-dir".into(),
-            spool.display().to_string(),
-            "--spool-max-bytes".into(),
-            (64u64 << 30).to_string(),
-            "--s3-endpoint".into(),
-            endpoint.into(),
-            "--bucket".into(),
-            crate::cluster::BUCKET.into(),
-            "--create-bucket".into(),
-            "--drain-timeout".into(),
-            "1s".into(),
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ],
-        &env.logs,
-    )?;
-    ready(http, &mut p).await?;
-    Ok((p, grpc, http, started.elapsed()))
-}
 
 /// `chunks` full chunks through `PutChunk`, `CLIENTS` at a time; returns the wall time.
 async fn put_chunks(grpc: std::net::SocketAddr, chunks: u64) -> anyhow::Result<Duration> {
@@ -160,7 +120,8 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     };
     let bytes = chunks as f64 * CHUNK_BYTES as f64;
     let dead = format!("http://{}", free_tcp()?);
-    let (proc, grpc, _http, _) = uploader(env, &spool, &dead, "uploader-commit").await?;
+    let u = uploader(env, "uploader-commit", &spool, &dead).await?;
+    let (proc, grpc) = (u.proc, u.grpc);
     let pid = proc.id().context("uploader pid")?;
     let took = put_chunks(grpc, chunks).await?;
     let ours = bytes / took.as_secs_f64() / MB;
@@ -223,8 +184,8 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
 
     eprintln!("== spool: restart with the backlog, drain");
     let store = StoreProc::start(env, "recovery", Duration::ZERO).await?;
-    let (proc, _grpc, http, to_ready) =
-        uploader(env, &spool, &store.endpoint, "uploader-recovery").await?;
+    let u = uploader(env, "uploader-recovery", &spool, &store.endpoint).await?;
+    let (proc, http, to_ready) = (u.proc, u.http, u.to_ready);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     loop {
