@@ -732,7 +732,8 @@ impl Spool {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        Ok(Record::decode(bytes.as_slice())
+        // Decoded from `Bytes`: the PCM is a view of the buffer just read, not a second copy.
+        Ok(Record::decode(bytes::Bytes::from(bytes))
             .ok()
             .filter(|r| r.intact() && same_id(r, meta) && r.crc32c == meta.crc32c))
     }
