@@ -506,6 +506,14 @@ impl Spool {
                 return outcome;
             }
             let batch = self.take_batch();
+            if batch.is_empty() {
+                // Another leader took this put and is flushing the index: wait for its answer
+                // rather than spin on the lock.
+                drop(writer);
+                return outcome
+                    .recv()
+                    .map_err(|_| SpoolError::Task("the commit's leader went away".into()))?;
+            }
             let answers = self.commit_batch(batch);
             drop(writer);
             // Durable only once the index is flushed; the next batch proceeds meanwhile.
