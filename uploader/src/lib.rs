@@ -269,7 +269,8 @@ pub async fn drain_spool(
 
 /// Keeps `/readyz` true only while the uploader is serving and its spool is at or below the
 /// high watermark, so a load balancer steers new work elsewhere before the spool is full. Also
-/// refreshes the spool gauges, so the oldest chunk's age grows while nothing moves.
+/// refreshes the spool gauges, the oldest chunk's age among them, so they move while nothing
+/// else does.
 async fn track_readiness(
     spool: Arc<spool::Spool>,
     metrics: metrics::Metrics,
@@ -280,6 +281,7 @@ async fn track_readiness(
     let mut was = None;
     loop {
         metrics.spool(&spool);
+        metrics.spool_age(&spool);
         let below = spool.fill_ratio() <= watermark;
         let now = below && !shutdown.is_cancelled();
         ready.set(now);

@@ -188,6 +188,11 @@ impl Metrics {
         self.spool_chunks
             .set(i64::try_from(spool.len()).unwrap_or(i64::MAX));
         self.spool_fill_ratio.set(spool.fill_ratio());
+    }
+
+    /// The oldest spooled chunk's age: a `stat` and an index read, so refreshed on a timer
+    /// (every 200 ms, with readiness), not on every commit and upload as [`Metrics::spool`] is.
+    pub fn spool_age(&self, spool: &crate::spool::Spool) {
         match spool.oldest_age(std::time::SystemTime::now()) {
             Ok(age) => {
                 self.spool_oldest_chunk_age
