@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::adaptive::{self, Outcome, Workers};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::object::KeyTemplate;
-use crate::spool::{Record, Spool};
+use crate::spool::{Record, Spool, lock_ignoring_poison};
 use crate::store::{Put, Store};
 
 /// Everything an upload needs.
@@ -150,20 +150,14 @@ impl Drain {
         self.upload_locked(pos, &record, &key, pool, abort).await;
         drop(guard);
         drop(key_lock);
-        let mut keys = self
-            .keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut keys = lock_ignoring_poison(&self.keys);
         if keys.get(&key).is_some_and(|l| Arc::strong_count(l) == 1) {
             keys.remove(&key);
         }
     }
 
     fn key_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut keys = self
-            .keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut keys = lock_ignoring_poison(&self.keys);
         Arc::clone(keys.entry(key.to_owned()).or_default())
     }
 
@@ -293,10 +287,7 @@ impl Drain {
     /// Records the attempt number of the upload at `pos` (`None` when it ended) and publishes
     /// the largest one under way.
     fn note_attempt(&self, pos: u64, attempt: Option<u64>) {
-        let mut all = self
-            .attempts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all = lock_ignoring_poison(&self.attempts);
         match attempt {
             Some(n) => {
                 all.insert(pos, n);
@@ -312,9 +303,7 @@ impl Drain {
     }
 
     fn breaker_lock(&self) -> std::sync::MutexGuard<'_, Breaker> {
-        self.breaker
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock_ignoring_poison(&self.breaker)
     }
 
     fn publish_breaker(&self) {
@@ -377,9 +366,7 @@ impl Pool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock_ignoring_poison(&self.state)
     }
 
     /// Feeds one `PutObject` attempt to the controller (if any) and applies the limit it gives.

@@ -236,7 +236,9 @@ enum Linked {
     },
 }
 
-fn lock_ignoring_poison<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m` even if a thread panicked while holding it: every state the spool and the drain
+/// guard with a mutex stays consistent across a panic (counters and maps updated in one step).
+pub(crate) fn lock_ignoring_poison<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -436,9 +438,7 @@ impl Spool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock_ignoring_poison(&self.writer)
     }
 
     /// Stores `record` and makes it durable. Returns once the record file, its directory entry
