@@ -505,16 +505,28 @@ async fn scenario(
             tokio::time::sleep(Duration::from_millis(500)).await;
             let flag = crate::s3::fault_flag(&c.s3_root());
             std::fs::write(&flag, b"")?;
-            let victim = c.uploaders[1].http;
-            let held = until(Duration::from_secs(30), async || {
-                metric(&metrics_of(victim).await, "spillway_uploader_spool_chunks") >= 2.0
+            // Sessions pick uploaders by hash (of addresses that change every run), so the
+            // victim is whichever holds the most acknowledged chunks, at least two.
+            let addrs: Vec<_> = c.uploaders.iter().map(|u| u.http).collect();
+            let mut victim = None;
+            until(Duration::from_secs(30), async || {
+                let mut most = (0.0, 0);
+                for (i, addr) in addrs.iter().enumerate() {
+                    let held = metric(&metrics_of(*addr).await, "spillway_uploader_spool_chunks");
+                    if held > most.0 {
+                        most = (held, i);
+                    }
+                }
+                victim = (most.0 >= 2.0).then_some(most.1);
+                victim.is_some()
             })
             .await;
-            if held.is_none() {
+            let Some(victim) = victim else {
                 row.problems
-                    .push("uploader 1 never held acknowledged chunks".into());
-            }
-            c.kill(Daemon::Uploader(1)).await?;
+                    .push("no uploader held two acknowledged chunks".into());
+                return finish(c, row).await;
+            };
+            c.kill(Daemon::Uploader(victim)).await?;
             std::fs::remove_file(&flag)?;
             let t = Instant::now();
             let ingest = c.ingests[0].http;
@@ -531,7 +543,7 @@ async fn scenario(
             if metric(&m, "spillway_ingest_forward_failovers_total") < 1.0 {
                 row.problems.push("ingest never failed over".into());
             }
-            c.start_daemon(Daemon::Uploader(1)).await?;
+            c.start_daemon(Daemon::Uploader(victim)).await?;
         }
         Action::SigtermDuringLoad => {
             tokio::time::sleep(Duration::from_millis(1_500)).await;
