@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::adaptive::{self, Outcome, Workers};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::object::KeyTemplate;
-use crate::spool::{Record, Spool, lock_ignoring_poison};
+use crate::spool::{Spool, Spooled, lock_ignoring_poison};
 use crate::store::{Put, Store};
 
 /// Everything an upload needs.
@@ -143,11 +143,11 @@ impl Drain {
         }
     }
 
-    async fn upload(&self, pos: u64, record: Record, pool: &Pool, abort: &CancellationToken) {
-        let key = self.template.key_of(&self.prefix, &record);
+    async fn upload(&self, pos: u64, spooled: Spooled, pool: &Pool, abort: &CancellationToken) {
+        let key = self.template.key_of(&self.prefix, &spooled.record);
         let key_lock = self.key_lock(&key);
         let guard = key_lock.lock().await;
-        self.upload_locked(pos, &record, &key, pool, abort).await;
+        self.upload_locked(pos, &spooled, &key, pool, abort).await;
         drop(guard);
         drop(key_lock);
         let mut keys = lock_ignoring_poison(&self.keys);
@@ -164,11 +164,12 @@ impl Drain {
     async fn upload_locked(
         &self,
         pos: u64,
-        record: &Record,
+        spooled: &Spooled,
         key: &str,
         pool: &Pool,
         abort: &CancellationToken,
     ) {
+        let record = &spooled.record;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(30))
@@ -202,7 +203,7 @@ impl Drain {
             self.metrics.uploads_in_flight.inc();
             let started = Instant::now();
             let result = tokio::select! {
-                r = self.store.put(key, record) => Some(r),
+                r = self.store.put(key, spooled) => Some(r),
                 () = abort.cancelled() => None,
             };
             self.metrics.uploads_in_flight.dec();

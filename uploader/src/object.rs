@@ -140,28 +140,41 @@ impl KeyTemplate {
 /// the data chunk's, its last four bytes) are set for it. Encoding sample by sample through
 /// hound cost 13 % of the drain's CPU; the test below holds this to hound's own output.
 pub fn wav(pcm: &[u8], sample_rate: u32) -> Result<Vec<u8>, hound::Error> {
+    let mut file = wav_header(pcm.len(), sample_rate)?;
+    file.reserve_exact(pcm.len());
+    file.extend_from_slice(pcm);
+    Ok(file)
+}
+
+/// Room the drain leaves in front of a record it reads, so the WAV header can be written in
+/// place before the PCM: the object's body is then the record's own buffer, not a copy of it.
+/// A mono 16-bit header is 44 bytes.
+pub const WAV_HEADROOM: usize = 64;
+
+/// The WAV header for `pcm_len` bytes of PCM s16le mono at `sample_rate`: what [`wav`] puts in
+/// front of the PCM.
+pub fn wav_header(pcm_len: usize, sample_rate: u32) -> Result<Vec<u8>, hound::Error> {
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate,
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
     };
-    let mut out = Cursor::new(Vec::with_capacity(pcm.len() + 64));
+    let mut out = Cursor::new(Vec::with_capacity(WAV_HEADROOM));
     hound::WavWriter::new(&mut out, spec)?.finalize()?;
-    let mut file = out.into_inner();
-    let header = file.len();
-    if header < 12 || !pcm.len().is_multiple_of(BYTES_PER_SAMPLE) {
+    let mut header = out.into_inner();
+    let len = header.len();
+    if len < 12 || !pcm_len.is_multiple_of(BYTES_PER_SAMPLE) {
         return Err(hound::Error::Unsupported);
     }
-    let data = u32::try_from(pcm.len()).map_err(|_| hound::Error::TooWide)?;
-    let riff = u32::try_from(header - 8)
+    let data = u32::try_from(pcm_len).map_err(|_| hound::Error::TooWide)?;
+    let riff = u32::try_from(len - 8)
         .ok()
         .and_then(|h| h.checked_add(data))
         .ok_or(hound::Error::TooWide)?;
-    file[4..8].copy_from_slice(&riff.to_le_bytes());
-    file[header - 4..header].copy_from_slice(&data.to_le_bytes());
-    file.extend_from_slice(pcm);
-    Ok(file)
+    header[4..8].copy_from_slice(&riff.to_le_bytes());
+    header[len - 4..len].copy_from_slice(&data.to_le_bytes());
+    Ok(header)
 }
 
 #[cfg(test)]

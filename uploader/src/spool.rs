@@ -96,6 +96,60 @@ impl Record {
     }
 }
 
+/// A record read back from its file for upload.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    pub record: Record,
+    /// The record's object: the WAV header written in place in front of the PCM, in the
+    /// buffer the file was read into, so the body is not a second copy of the audio. `None`
+    /// when the record's parameters make no WAV (the upload then reports why).
+    pub wav: Option<Bytes>,
+}
+
+impl Spooled {
+    /// Decodes `buf`: [`crate::object::WAV_HEADROOM`] spare bytes, then an encoded record.
+    fn decode(buf: Vec<u8>) -> Option<Self> {
+        let headroom = crate::object::WAV_HEADROOM;
+        let all = Bytes::from(buf);
+        let mut record = Record::decode(all.slice(headroom..)).ok()?;
+        let len = record.pcm.len();
+        // Where the PCM lies in the buffer (prost decodes a `Bytes` field as a view of it).
+        let at = (record.pcm.as_ptr() as usize).wrapping_sub(all.as_ptr() as usize);
+        let Ok(header) = crate::object::wav_header(len, record.sample_rate) else {
+            return Some(Self { record, wav: None });
+        };
+        let h = header.len();
+        if len == 0 || at < h || at.saturating_add(len) > all.len() {
+            // Not laid out as expected (an empty PCM is not a view): build the body by copy.
+            let wav = crate::object::wav(&record.pcm, record.sample_rate).ok();
+            return Some(Self {
+                record,
+                wav: wav.map(Bytes::from),
+            });
+        }
+        record.pcm = Bytes::new();
+        // The record held the only other view, so the buffer is ours again to write in.
+        let wav = match all.try_into_mut() {
+            Ok(mut buf) => {
+                buf[at - h..at].copy_from_slice(&header);
+                let body = buf.freeze().slice(at - h..at + len);
+                record.pcm = body.slice(h..);
+                body
+            }
+            Err(all) => {
+                record.pcm = all.slice(at..at + len);
+                let mut body = header;
+                body.extend_from_slice(&record.pcm);
+                Bytes::from(body)
+            }
+        };
+        Some(Self {
+            record,
+            wav: Some(wav),
+        })
+    }
+}
+
 /// Outcome of a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Committed {
@@ -734,16 +788,22 @@ impl Spool {
     }
 
     /// Reads and checks the record file at `pos` against its metadata.
-    fn read_record(&self, pos: u64, meta: &Record) -> Result<Option<Record>, SpoolError> {
-        let bytes = match std::fs::read(self.record_path(pos)) {
-            Ok(b) => b,
+    fn read_record(&self, pos: u64, meta: &Record) -> Result<Option<Spooled>, SpoolError> {
+        let mut file = match std::fs::File::open(self.record_path(pos)) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        // Decoded from `Bytes`: the PCM is a view of the buffer just read, not a second copy.
-        Ok(Record::decode(bytes::Bytes::from(bytes))
-            .ok()
-            .filter(|r| r.intact() && same_id(r, meta) && r.crc32c == meta.crc32c))
+        // One read into a buffer with room in front for the WAV header: the PCM is decoded as
+        // a view of it and the object's body is laid out around it, with no copy of the audio.
+        let size = usize::try_from(file.metadata()?.len()).unwrap_or(0);
+        let mut buf = Vec::with_capacity(crate::object::WAV_HEADROOM + size);
+        buf.resize(crate::object::WAV_HEADROOM, 0);
+        std::io::Read::read_to_end(&mut file, &mut buf)?;
+        Ok(Spooled::decode(buf).filter(|s| {
+            let r = &s.record;
+            r.intact() && same_id(r, meta) && r.crc32c == meta.crc32c
+        }))
     }
 
     /// Compares a put with the record its id already names (one read, only on this rare path).
@@ -761,7 +821,7 @@ impl Spool {
         else {
             return Ok(Existing::Gone);
         };
-        let Some(old) = self.read_record(pos, &meta)? else {
+        let Some(Spooled { record: old, .. }) = self.read_record(pos, &meta)? else {
             return Ok(Existing::Gone);
         };
         Ok(if record.pcm.starts_with(&old.pcm) {
@@ -827,7 +887,7 @@ impl Spool {
     /// The oldest intact record at a position `>= from`. Records whose file is gone, fails its
     /// checksum or does not match its metadata are quarantined and skipped; how many is returned
     /// alongside.
-    pub fn next_from(&self, from: u64) -> Result<(Option<(u64, Record)>, u64), SpoolError> {
+    pub fn next_from(&self, from: u64) -> Result<(Option<(u64, Spooled)>, u64), SpoolError> {
         let mut quarantined = 0;
         let mut from = from;
         let mut retried: Option<sled::IVec> = None;
@@ -1100,13 +1160,40 @@ mod tests {
         assert_eq!(spool.len(), 3);
         let mut from = 0;
         let mut seqs = Vec::new();
-        while let (Some((pos, r)), 0) = spool.next_from(from).unwrap() {
+        while let (Some((pos, Spooled { record: r, .. })), 0) = spool.next_from(from).unwrap() {
             seqs.push(r.seq);
             spool.remove(pos, &r).await.unwrap();
             from = pos + 1;
         }
         assert_eq!(seqs, [0, 1, 2]);
         assert_eq!((spool.len(), spool.used_bytes()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_record_read_back_carries_its_wav_around_the_same_pcm() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap());
+        let pcm: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
+        spool.commit(&record(0, &pcm)).await.unwrap();
+        spool.commit(&record(1, b"")).await.unwrap();
+        let (Some((pos, first)), 0) = spool.next_from(0).unwrap() else {
+            panic!("no record")
+        };
+        let wav = first.wav.unwrap();
+        assert_eq!(&wav[..], &crate::object::wav(&pcm, 8_000).unwrap()[..]);
+        assert_eq!(&first.record.pcm[..], &pcm[..]);
+        assert_eq!(
+            first.record.pcm.as_ptr(),
+            wav[wav.len() - pcm.len()..].as_ptr(),
+            "the body is laid out around the PCM read, not copied"
+        );
+        let (Some((_, empty)), 0) = spool.next_from(pos + 1).unwrap() else {
+            panic!("no second record")
+        };
+        assert_eq!(
+            &empty.wav.unwrap()[..],
+            &crate::object::wav(b"", 8_000).unwrap()[..]
+        );
     }
 
     #[test]
@@ -1144,7 +1231,7 @@ mod tests {
             age >= Duration::from_secs(90) && age < Duration::from_secs(95),
             "{age:?}"
         );
-        let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
+        let (Some((pos, Spooled { record: r, .. })), _) = spool.next_from(0).unwrap() else {
             panic!("no record")
         };
         spool.remove(pos, &r).await.unwrap();
@@ -1183,7 +1270,7 @@ mod tests {
             "a shorter resend of what is spooled stores nothing"
         );
         assert_eq!(spool.len(), 1);
-        let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
+        let (Some((pos, Spooled { record: r, .. })), _) = spool.next_from(0).unwrap() else {
             panic!("empty")
         };
         assert_eq!(&r.pcm[..], b"abcdef");
@@ -1205,7 +1292,7 @@ mod tests {
             assert!(spool.used_bytes() <= 1000);
         }
         assert_eq!(stored, 4);
-        let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
+        let (Some((pos, Spooled { record: r, .. })), _) = spool.next_from(0).unwrap() else {
             panic!("empty")
         };
         spool.remove(pos, &r).await.unwrap();
@@ -1226,7 +1313,7 @@ mod tests {
                     .await
                     .unwrap();
             }
-            let (Some((pos, r)), _) = spool.next_from(0).unwrap() else {
+            let (Some((pos, Spooled { record: r, .. })), _) = spool.next_from(0).unwrap() else {
                 panic!("empty")
             };
             spool.remove(pos, &r).await.unwrap();
@@ -1264,7 +1351,7 @@ mod tests {
         assert_eq!(*dropped.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
         let mut left = Vec::new();
         let mut from = 0;
-        while let (Some((pos, r)), _) = spool.next_from(from).unwrap() {
+        while let (Some((pos, Spooled { record: r, .. })), _) = spool.next_from(from).unwrap() {
             left.push(r.seq);
             from = pos + 1;
         }
@@ -1291,7 +1378,7 @@ mod tests {
 
     fn drained(spool: &Spool) -> Vec<u64> {
         let (mut from, mut seqs) = (0, Vec::new());
-        while let (Some((pos, r)), _) = spool.next_from(from).unwrap() {
+        while let (Some((pos, Spooled { record: r, .. })), _) = spool.next_from(from).unwrap() {
             seqs.push(r.seq);
             from = pos + 1;
         }
@@ -1338,7 +1425,9 @@ mod tests {
         loop {
             let (next, q) = spool.next_from(from).unwrap();
             quarantined += q;
-            let Some((pos, r)) = next else { break };
+            let Some((pos, Spooled { record: r, .. })) = next else {
+                break;
+            };
             seqs.push(r.seq);
             from = pos + 1;
         }
@@ -1451,7 +1540,7 @@ mod tests {
         let spool = Spool::open(dir.path(), Limits::reject(1 << 20)).unwrap();
         let found = spool.reconcile().unwrap();
         assert_eq!(found.adopted, 0, "{found:?}");
-        let (Some((_, r)), _) = spool.next_from(0).unwrap() else {
+        let (Some((_, Spooled { record: r, .. })), _) = spool.next_from(0).unwrap() else {
             panic!("empty")
         };
         assert_eq!(&r.pcm[..], b"abcdef");
@@ -1519,7 +1608,7 @@ mod tests {
         bad.crc32c ^= 1;
         spool.commit(&bad).await.unwrap();
         spool.chunks.insert(b"junk-key", b"\xff\xff").unwrap();
-        let (Some((pos, r)), 0) = spool.next_from(0).unwrap() else {
+        let (Some((pos, Spooled { record: r, .. })), 0) = spool.next_from(0).unwrap() else {
             panic!("first")
         };
         assert_eq!(r.seq, 0);

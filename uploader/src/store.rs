@@ -9,7 +9,7 @@ use aws_sdk_s3::types::ChecksumAlgorithm;
 use base64::Engine as _;
 
 use crate::config::Config;
-use crate::spool::Record;
+use crate::spool::Spooled;
 
 /// A bucket on an S3-compatible store.
 #[derive(Debug, Clone)]
@@ -111,9 +111,14 @@ impl Store {
     /// retried it elsewhere after a lost ack, then the device resent the whole chunk). The
     /// longer piece holds every sample of the shorter one, so the shorter is uploaded only when
     /// the store holds no object at `key` at least as long: it never overwrites audio.
-    pub async fn put(&self, key: &str, record: &Record) -> Result<Put, UploadError> {
-        let body = crate::object::wav(&record.pcm, record.sample_rate)
-            .map_err(|e| UploadError(format!("building WAV: {e}")))?;
+    pub async fn put(&self, key: &str, spooled: &Spooled) -> Result<Put, UploadError> {
+        let record = &spooled.record;
+        let Some(body) = spooled.wav.clone() else {
+            let why = crate::object::wav_header(record.pcm.len(), record.sample_rate)
+                .err()
+                .map_or_else(|| "no body".to_owned(), |e| e.to_string());
+            return Err(UploadError(format!("building WAV: {why}")));
+        };
         if record.stops_short() {
             match self
                 .client
