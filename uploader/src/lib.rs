@@ -262,8 +262,12 @@ pub async fn drain_spool(
         left: spool.len(),
         left_bytes: spool.used_bytes(),
     };
-    tracing::info!(uploaded = report.uploaded, left = report.left, elapsed = ?started.elapsed(),
-        "drain finished");
+    tracing::info!(
+        uploaded = report.uploaded,
+        left = report.left,
+        elapsed_seconds = started.elapsed().as_secs_f64(),
+        "drain finished"
+    );
     Ok(report)
 }
 
