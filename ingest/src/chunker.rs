@@ -28,6 +28,9 @@ pub struct Chunk {
     pub first_sample: u64,
     /// PCM s16le bytes, always a whole number of samples.
     pub pcm: Bytes,
+    /// CRC32C of `pcm`, computed as the bytes arrived (while they were still in the cache),
+    /// not in a second pass over the finished chunk.
+    pub crc32c: u32,
 }
 
 impl Chunk {
@@ -57,6 +60,8 @@ pub struct Chunker {
     chunk_samples: u64,
     chunk_bytes: usize,
     buf: BytesMut,
+    /// CRC32C of `buf`.
+    crc: u32,
     /// The chunk being filled, and the session sample its bytes start at.
     seq: u64,
     first_sample: u64,
@@ -77,6 +82,7 @@ impl Chunker {
             chunk_samples,
             chunk_bytes: chunk_samples as usize * BYTES_PER_SAMPLE,
             buf: BytesMut::new(),
+            crc: 0,
             seq: start / chunk_samples,
             first_sample: start,
         }
@@ -123,6 +129,7 @@ impl Chunker {
         }
         let take = (room - self.buf.len()).min(data.len());
         self.buf.extend_from_slice(&data[..take]);
+        self.crc = crc32c::crc32c_append(self.crc, &data[..take]);
         if self.buf.len() == room {
             let pcm = self.buf.split().freeze();
             (take, Some(self.make_chunk(pcm)))
@@ -141,6 +148,8 @@ impl Chunker {
         let dangling_byte = !self.buf.len().is_multiple_of(BYTES_PER_SAMPLE);
         if dangling_byte {
             self.buf.truncate(self.buf.len() - 1);
+            // Rare (a session ending mid-sample): the checksum included the dropped byte.
+            self.crc = crc32c::crc32c(&self.buf);
         }
         let chunk = if self.buf.is_empty() {
             None
@@ -160,6 +169,7 @@ impl Chunker {
             seq: self.seq,
             first_sample: self.first_sample,
             pcm,
+            crc32c: std::mem::take(&mut self.crc),
         };
         self.seq += 1;
         self.first_sample = self.seq * self.chunk_samples;
@@ -216,7 +226,13 @@ mod tests {
     fn a_dangling_byte_is_reported_and_dropped() {
         let (chunks, flush) = run(4, &[1, 2, 3, 4, 5], &[]);
         assert!(chunks.is_empty());
-        assert_eq!(flush.chunk.map(|c| c.pcm.to_vec()), Some(vec![1, 2, 3, 4]));
+        let last = flush.chunk.expect("final partial chunk");
+        assert_eq!(last.pcm.to_vec(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            last.crc32c,
+            crc32c::crc32c(&[1, 2, 3, 4]),
+            "without the dropped byte"
+        );
         assert!(flush.dangling_byte);
     }
 
@@ -278,6 +294,9 @@ mod tests {
                 if k + 1 < all.len() {
                     prop_assert_eq!(c.samples(), chunk_samples);
                 }
+            }
+            for c in &all {
+                prop_assert_eq!(c.crc32c, crc32c::crc32c(&c.pcm), "chunk {}'s checksum", c.seq);
             }
             let joined: Vec<u8> = all.iter().flat_map(|c| c.pcm.iter().copied()).collect();
             let whole = input.len() - input.len() % 2;

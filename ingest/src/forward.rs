@@ -279,7 +279,7 @@ impl Forwarder {
             sample_rate: params.sample_rate,
             chunk_samples: params.chunk_samples,
             first_sample: chunk.first_sample,
-            crc32c: crc32c::crc32c(&chunk.pcm),
+            crc32c: chunk.crc32c,
             pcm: chunk.pcm.clone(),
         };
         let affinity = format!("{}/{}", params.uid, params.session);

@@ -169,7 +169,7 @@ async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) {
             Ok(Some(Err(e))) => break read_error(e, shared.max_frame_bytes),
             Ok(Some(Ok(frame))) => frame,
         };
-        match session.on_frame(&frame) {
+        match session.on_frame(frame.freeze()) {
             Err(refusal) => break End::Refused(refusal),
             Ok(Output::Accepted(params)) => {
                 tracing::info!(uid = %params.uid, session = %params.session,

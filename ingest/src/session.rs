@@ -4,6 +4,7 @@
 //!
 //! Sans-IO: decoded messages in, [`Output`] or a [`Refusal`] out.
 
+use bytes::Bytes;
 use prost::Message;
 use spillway_proto::device::{ClientMessage, Encoding, ErrorCode, Hello, client_message::Kind};
 use spillway_proto::validate;
@@ -94,11 +95,13 @@ impl Session {
     }
 
     /// Decodes one frame and applies it.
-    pub fn on_frame(&mut self, frame: &[u8]) -> Result<Output, Refusal> {
+    pub fn on_frame(&mut self, frame: Bytes) -> Result<Output, Refusal> {
+        let len = frame.len();
+        // Decoded from `Bytes`, the audio is a view of the frame, not a copy of it.
         let msg = ClientMessage::decode(frame).map_err(|e| {
             Refusal::new(
                 ErrorCode::MalformedFrame,
-                format!("frame of {} bytes is not a ClientMessage: {e}", frame.len()),
+                format!("frame of {len} bytes is not a ClientMessage: {e}"),
             )
         })?;
         self.on_message(msg)
@@ -308,7 +311,7 @@ mod tests {
         );
         assert_eq!(
             Session::new(limits())
-                .on_frame(&[0xff, 0xff, 0xff])
+                .on_frame(Bytes::from_static(&[0xff, 0xff, 0xff]))
                 .expect_err("garbage")
                 .code,
             ErrorCode::MalformedFrame
