@@ -37,6 +37,30 @@ pub struct Listeners {
     pub http: tokio::net::TcpListener,
 }
 
+/// Bytes a device may send on one session beyond what ingest has read: what QUIC buffers for a
+/// session that ingest is not reading (waiting for budget, or for the uploader). It lies
+/// outside `--max-buffered-bytes`, so it is kept small: 256 KiB is 8 s of 16 kHz audio, and on
+/// loopback still lets one session carry tens of MB/s.
+pub const STREAM_RECEIVE_WINDOW: u32 = 256 * 1024;
+
+/// The same for a whole connection, however many sessions it opens (quinn's default is
+/// unlimited, which let a connection with 64 unread streams hold 64 × 1.25 MB).
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 1024 * 1024;
+
+/// ingest's QUIC transport: bidirectional streams only (one per session), the receive windows
+/// above, no datagrams.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(64u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
+        .receive_window(CONNECTION_RECEIVE_WINDOW.into())
+        .datagram_receive_buffer_size(None)
+        .max_idle_timeout(Some(quinn::VarInt::from_u32(60_000).into()));
+    transport
+}
+
 /// Runs ingest until `shutdown` is cancelled, then stops accepting, flushes every session's
 /// pending audio, waits up to the shutdown grace for the uploader's acks, and returns.
 pub async fn run(
@@ -49,12 +73,7 @@ pub async fn run(
     let metrics = metrics::Metrics::register(&mut registry);
 
     let mut server_config = tls::server_config(&config.tls)?;
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_concurrent_bidi_streams(64u32.into())
-        .max_concurrent_uni_streams(0u32.into())
-        .max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
-    server_config.transport_config(Arc::new(transport));
+    server_config.transport_config(Arc::new(transport_config()));
     let quic_addr = listeners.quic.local_addr();
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),

@@ -69,7 +69,9 @@ pub async fn quic_sink(
     key: &std::path::Path,
 ) -> anyhow::Result<()> {
     let tls = spillway_ingest::tls::TlsMaterial::from_pem_files(cert, key)?;
-    let config = spillway_ingest::tls::server_config(&tls)?;
+    let mut config = spillway_ingest::tls::server_config(&tls)?;
+    // ingest's own transport settings (windows, stream limits), so only ingest's work differs.
+    config.transport_config(Arc::new(spillway_ingest::transport_config()));
     let endpoint = quinn::Endpoint::server(config, listen)?;
     while let Some(incoming) = endpoint.accept().await {
         tokio::spawn(async move {
