@@ -159,6 +159,21 @@ fn hello(uid: &str) -> Hello {
     }
 }
 
+/// Sends `bytes` of audio as fast as flow control allows, in frames of (at most) `frame`.
+async fn send(
+    tx: &mut spillway_ingest::client::SessionWriter,
+    frame: &Bytes,
+    bytes: u64,
+) -> anyhow::Result<()> {
+    let mut sent = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(frame.len() as u64) as usize;
+        tx.audio(frame.slice(..n)).await?;
+        sent += n as u64;
+    }
+    Ok(())
+}
+
 /// `devices` sessions each sending `bytes` as fast as they can, in 16 KiB frames, to `server`;
 /// returns the wall time until every server finished its side (ingest: every chunk acked; the
 /// sink: everything read).
@@ -177,12 +192,7 @@ async fn blast(
             let device = Device::connect(server, "localhost", &cert).await?;
             let (mut tx, rx) = device.open().await?;
             tx.hello(hello(&format!("blast-{d}"))).await?;
-            let mut sent = 0;
-            while sent < bytes {
-                let n = (bytes - sent).min(payload.len() as u64) as usize;
-                tx.audio(payload.slice(..n)).await?;
-                sent += n as u64;
-            }
+            send(&mut tx, &payload, bytes).await?;
             tx.finish()?;
             rx.collect().await?;
             device.close().await;
@@ -409,12 +419,7 @@ async fn memory(
                 let device = Device::connect(quic, "localhost", &cert).await?;
                 let (mut tx, rx) = device.open().await?;
                 tx.hello(hello(&format!("mem-{d:05}"))).await?;
-                let mut sent = 0;
-                while sent < hold {
-                    let n = (hold - sent).min(frame.len() as u64) as usize;
-                    tx.audio(frame.slice(..n)).await?;
-                    sent += n as u64;
-                }
+                send(&mut tx, &frame, hold).await?;
                 anyhow::Ok((device, tx, rx))
             }
             .await;
