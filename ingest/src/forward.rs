@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use spillway_proto::uploader::uploader_client::UploaderClient;
 use spillway_proto::uploader::{ChunkId, PutChunkRequest, PutChunkResponse};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -97,7 +96,7 @@ pub struct Forwarder {
 struct Inner {
     targets: Vec<Target>,
     balancer: Mutex<Balancer<String>>,
-    clients: Mutex<HashMap<String, UploaderClient<Channel>>>,
+    channels: Mutex<HashMap<String, Channel>>,
     /// The last good answer of each DNS target, kept while a lookup fails.
     resolved: Mutex<HashMap<String, Vec<SocketAddr>>>,
     attempt_timeout: Duration,
@@ -141,7 +140,7 @@ impl Forwarder {
             inner: Arc::new(Inner {
                 targets,
                 balancer: Mutex::new(Balancer::new(Cooldown::default())),
-                clients: Mutex::default(),
+                channels: Mutex::default(),
                 resolved: Mutex::default(),
                 attempt_timeout,
                 message_limit,
@@ -170,26 +169,21 @@ impl Forwarder {
     /// Makes `urls` the endpoint set: new ones get a lazy channel, gone ones are forgotten (a
     /// put in flight on one finishes on its own clone).
     fn install(&self, urls: Vec<String>) -> Result<(), tonic::transport::Error> {
-        let mut clients = lock(&self.inner.clients);
+        let mut channels = lock(&self.inner.channels);
         let mut next = HashMap::new();
         for url in &urls {
-            let client = match clients.remove(url) {
+            let channel = match channels.remove(url) {
                 Some(c) => c,
-                None => {
-                    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-                        .connect_timeout(Duration::from_secs(5))
-                        .tcp_nodelay(true)
-                        .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
-                        .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
-                        .connect_lazy();
-                    UploaderClient::new(channel)
-                        .max_encoding_message_size(self.inner.message_limit)
-                        .max_decoding_message_size(self.inner.message_limit)
-                }
+                None => tonic::transport::Endpoint::from_shared(url.clone())?
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
+                    .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
+                    .connect_lazy(),
             };
-            next.insert(url.clone(), client);
+            next.insert(url.clone(), channel);
         }
-        *clients = next;
+        *channels = next;
         let mut balancer = lock(&self.inner.balancer);
         balancer.set(urls);
         self.gauge(&balancer);
@@ -294,13 +288,17 @@ impl Forwarder {
             let order = lock(&self.inner.balancer).order(&affinity, Instant::now());
             let tried = order.len();
             for (i, url) in order.into_iter().enumerate() {
-                let Some(mut client) = lock(&self.inner.clients).get(&url).cloned() else {
+                let Some(mut channel) = lock(&self.inner.channels).get(&url).cloned() else {
                     continue;
                 };
-                let mut req = tonic::Request::new(request.clone());
-                req.set_timeout(self.inner.attempt_timeout);
+                let call = crate::put_chunk::put_chunk(
+                    &mut channel,
+                    &request,
+                    self.inner.attempt_timeout,
+                    self.inner.message_limit,
+                );
                 let outcome = tokio::select! {
-                    r = client.put_chunk(req) => r,
+                    r = call => r,
                     () = give_up.cancelled() => return Err(ForwardError::Abandoned),
                 };
                 match outcome {
@@ -308,7 +306,7 @@ impl Forwarder {
                         let mut balancer = lock(&self.inner.balancer);
                         balancer.succeeded(&url);
                         self.gauge(&balancer);
-                        return Ok(response.into_inner());
+                        return Ok(response);
                     }
                     Err(status) if !transient(&status) => {
                         return Err(ForwardError::Refused(status));

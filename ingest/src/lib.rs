@@ -13,6 +13,7 @@ pub mod config;
 pub mod forward;
 pub mod metrics;
 pub mod outbox;
+pub mod put_chunk;
 mod server;
 pub mod session;
 pub mod tls;

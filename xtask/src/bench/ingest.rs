@@ -51,7 +51,11 @@ async fn discard_uploader(stop: CancellationToken) -> anyhow::Result<SocketAddr>
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     tokio::spawn(
+        // The real uploader's HTTP/2 windows: with h2's 64 KiB defaults every chunk waits on
+        // window updates, which no deployed uploader does.
         tonic::transport::Server::builder()
+            .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
+            .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),
