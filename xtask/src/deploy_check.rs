@@ -1750,7 +1750,7 @@ fn check_daemon(
                 ));
                 report.expect(limit.is_some_and(|l| l >= need), || {
                     format!(
-                        "{at_c}: memory limit {} is below 2·B + S·({window} + 2·F + 65,536) + 64 MiB = {need} bytes ({} MiB) for B={b}, S={s}, F={f}",
+                        "{at_c}: memory limit {} is below B + S·({window} + 2·F + 65,536) + 64 MiB = {need} bytes ({} MiB) for B={b}, S={s}, F={f}",
                         limit.map_or("unset".into(), |l| l.to_string()),
                         need.div_ceil(MIB),
                         window = spillway_ingest::STREAM_RECEIVE_WINDOW,
@@ -1906,7 +1906,7 @@ fn check_daemon(
 
 /// The memory bound of ingest (deploy/README.md, "Memory").
 fn ingest_memory(budget: u128, sessions: u128, frame: u128) -> u128 {
-    2 * budget
+    budget
         + sessions * (u128::from(spillway_ingest::STREAM_RECEIVE_WINDOW) + 2 * frame + 65_536)
         + 64 * MIB
 }
