@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use spillway_proto::split;
 use spillway_proto::uploader::{PutChunkRequest, PutChunkResponse};
 use tonic::Status;
 use tonic::codec::{Codec, Streaming};
@@ -36,22 +36,12 @@ pub fn frames(request: &PutChunkRequest) -> Result<[Bytes; 2], Status> {
         pcm: Bytes::new(),
         ..request.clone()
     };
-    let pcm_field = if pcm.is_empty() {
-        0
-    } else {
-        key_len(PCM_FIELD) + encoded_len_varint(pcm.len() as u64) + pcm.len()
-    };
-    let len = u32::try_from(head.encoded_len() + pcm_field)
+    let len = u32::try_from(split::encoded_len(&head, PCM_FIELD, pcm.len()))
         .map_err(|_| Status::out_of_range("a PutChunk message over 4 GiB"))?;
     let mut buf = BytesMut::with_capacity(5 + head.encoded_len() + 16);
     buf.put_u8(0); // not compressed
     buf.put_u32(len);
-    // A BytesMut grows as needed: encoding into it cannot run out of room.
-    head.encode_raw(&mut buf);
-    if !pcm.is_empty() {
-        encode_key(PCM_FIELD, WireType::LengthDelimited, &mut buf);
-        encode_varint(pcm.len() as u64, &mut buf);
-    }
+    split::encode_head(&head, PCM_FIELD, pcm.len(), &mut buf);
     Ok([buf.freeze(), pcm])
 }
 

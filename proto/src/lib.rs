@@ -4,6 +4,7 @@
 //! - [`uploader`]: the ingest → uploader gRPC service (`PutChunk`).
 //! - [`validate`]: the rules both daemons apply to identifiers and audio parameters, written once.
 //! - [`framing`]: the length-delimited codec both ends of a device stream use.
+//! - [`split`]: encoding a message whose large `bytes` field is written out on its own.
 
 #![allow(clippy::doc_markdown)]
 
@@ -22,6 +23,7 @@ pub mod uploader {
 pub mod framing;
 #[cfg(feature = "ops")]
 pub mod ops;
+pub mod split;
 pub mod validate;
 
 /// ALPN protocol identifier of the device protocol, version 1.

@@ -45,6 +45,9 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::Notify;
 
+/// `Record.pcm`'s field number: the last, so the PCM ends every record file.
+const PCM_FIELD: u32 = 8;
+
 /// One spooled chunk as stored on disk.
 #[derive(Clone, PartialEq, Message)]
 pub struct Record {
@@ -512,12 +515,22 @@ impl Spool {
         Ok(outcome)
     }
 
-    /// Writes `bytes` to a new temporary file in `records/` and syncs it.
-    fn write_tmp(&self, bytes: &[u8]) -> Result<PathBuf, SpoolError> {
+    /// Writes `head` then `tail` to a new temporary file in `records/` (one vectored write
+    /// where the kernel takes both) and syncs it.
+    fn write_tmp(&self, head: &[u8], tail: &[u8]) -> Result<PathBuf, SpoolError> {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.records.join(format!("tmp-{}-{n}", std::process::id()));
         let mut f = std::fs::File::create(&path)?;
-        f.write_all(bytes)?;
+        let mut parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(tail)];
+        let mut left = &mut parts[..];
+        while !left.is_empty() {
+            match f.write_vectored(left) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                Ok(n) => std::io::IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         f.sync_data()?;
         Ok(path)
     }
@@ -535,11 +548,19 @@ impl Spool {
         {
             return Ok(Committed::Duplicate);
         }
-        let value = record.encode_to_vec();
-        let need = value.len() as u64;
+        // The record's fields, then its PCM written from the request's own buffer (`pcm` is
+        // the last field, so the file is byte for byte `record.encode_to_vec()`, without that
+        // copy of the audio).
+        let head = Record {
+            pcm: Bytes::new(),
+            ..record.clone()
+        };
+        let mut fields = Vec::with_capacity(head.encoded_len() + 16);
+        spillway_proto::split::encode_head(&head, PCM_FIELD, record.pcm.len(), &mut fields);
+        let need = (fields.len() + record.pcm.len()) as u64;
         // The slow part, the file and its sync, happens before any lock: concurrent puts
         // write their files in parallel.
-        let tmp = self.write_tmp(&value)?;
+        let tmp = self.write_tmp(&fields, &record.pcm)?;
         let (done, outcome) = std::sync::mpsc::sync_channel(1);
         lock_ignoring_poison(&self.queue).push(Pending {
             record: record.clone(),
@@ -1176,6 +1197,14 @@ mod tests {
         let pcm: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
         spool.commit(&record(0, &pcm)).await.unwrap();
         spool.commit(&record(1, b"")).await.unwrap();
+        let written: Vec<Vec<u8>> = record_files(dir.path())
+            .iter()
+            .map(|f| std::fs::read(f).unwrap())
+            .collect();
+        assert!(
+            written.contains(&record(0, &pcm).encode_to_vec()),
+            "the file is the record's protobuf encoding, written in two parts"
+        );
         let (Some((pos, first)), 0) = spool.next_from(0).unwrap() else {
             panic!("no record")
         };
