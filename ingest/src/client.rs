@@ -31,6 +31,8 @@ const CLIENT_MAX_FRAME: usize = 16 * 1024 * 1024;
 pub struct Device {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    /// Whether the endpoint carries other devices' connections too ([`Device::connect_on`]).
+    shared: bool,
 }
 
 impl Device {
@@ -69,18 +71,37 @@ impl Device {
             (std::net::Ipv6Addr::LOCALHOST, 0).into()
         };
         let mut endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
-        let mut config = crate::tls::client_config(&[trusted], alpn)?;
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .keep_alive_interval(Some((idle_timeout / 3).max(Duration::from_millis(100))))
-            .max_idle_timeout(Some(idle_timeout.try_into()?));
-        config.transport_config(Arc::new(transport));
-        endpoint.set_default_client_config(config);
+        endpoint.set_default_client_config(client_config(trusted, alpn, idle_timeout)?);
         let conn = endpoint
             .connect(server, server_name)?
             .await
             .with_context(|| format!("connecting to ingest at {server}"))?;
-        Ok(Self { endpoint, conn })
+        Ok(Self {
+            endpoint,
+            conn,
+            shared: false,
+        })
+    }
+
+    /// Connects through `endpoint`, a client endpoint other devices may share (one UDP socket
+    /// for many connections, as a gateway in front of many devices has; load generators use it
+    /// so that thousands of simulated devices do not each run a socket and its driver).
+    pub async fn connect_on(
+        endpoint: &quinn::Endpoint,
+        server: SocketAddr,
+        server_name: &str,
+        trusted: &[u8],
+    ) -> anyhow::Result<Self> {
+        let config = client_config(trusted, spillway_proto::ALPN, Duration::from_secs(30))?;
+        let conn = endpoint
+            .connect_with(config, server, server_name)?
+            .await
+            .with_context(|| format!("connecting to ingest at {server}"))?;
+        Ok(Self {
+            endpoint: endpoint.clone(),
+            conn,
+            shared: true,
+        })
     }
 
     /// Opens a stream for one session. Nothing is sent yet; start with [`SessionWriter::hello`].
@@ -99,8 +120,29 @@ impl Device {
     /// Closes the connection gracefully and waits until the peer has seen it.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
+        if self.shared {
+            // The endpoint's other connections are not ours to wait for.
+            self.conn.closed().await;
+        } else {
+            self.endpoint.wait_idle().await;
+        }
     }
+}
+
+/// The device side's QUIC configuration: trusts `trusted`, offers `alpn`, keeps the connection
+/// alive well inside `idle_timeout`.
+fn client_config(
+    trusted: &[u8],
+    alpn: &[u8],
+    idle_timeout: Duration,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let mut config = crate::tls::client_config(&[trusted], alpn)?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some((idle_timeout / 3).max(Duration::from_millis(100))))
+        .max_idle_timeout(Some(idle_timeout.try_into()?));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
 
 /// The sending half of a session.
