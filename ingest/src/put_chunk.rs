@@ -64,7 +64,11 @@ pub async fn put_chunk(
         .version(http::Version::HTTP_2)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
-        .header("grpc-timeout", format!("{}m", timeout.as_millis().max(1)))
+        // At most 8 digits, as gRPC allows.
+        .header(
+            "grpc-timeout",
+            format!("{}m", timeout.as_millis().clamp(1, 99_999_999)),
+        )
         .body(tonic::body::Body::new(body))
         .map_err(|e| Status::internal(format!("building the PutChunk request: {e}")))?;
     let ready = channel

@@ -1904,8 +1904,9 @@ fn check_daemon(
     }
 }
 
-/// The memory bound of ingest (deploy/README.md, "Memory").
-fn ingest_memory(budget: u128, sessions: u128, frame: u128) -> u128 {
+/// The memory bound of ingest (deploy/README.md, "Memory"), in bytes, for `--max-buffered-bytes`,
+/// `--max-sessions` and `--max-frame-bytes`. The bench holds a measurement to it (row 5c).
+pub fn ingest_memory(budget: u128, sessions: u128, frame: u128) -> u128 {
     budget
         + sessions * (u128::from(spillway_ingest::STREAM_RECEIVE_WINDOW) + 2 * frame + 65_536)
         + 64 * MIB

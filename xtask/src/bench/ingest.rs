@@ -117,13 +117,18 @@ fn tls(env: &Env) -> anyhow::Result<Tls> {
     Ok(Tls { cert, key, der })
 }
 
-/// Starts ingest forwarding to `uploader`; returns it with its QUIC and HTTP addresses.
+/// `--max-sessions` and `--max-buffered-bytes` high enough that they never bind.
+const UNBOUNDED: (usize, u64) = (10_000, 8 << 30);
+
+/// Starts ingest forwarding to `uploader` with `(max_sessions, max_buffered_bytes)`; returns it
+/// with its QUIC and HTTP addresses.
 async fn ingest(
     env: &Env,
     tls: &Tls,
     uploader: SocketAddr,
     chunk_seconds: u32,
     name: &str,
+    (sessions, budget): (usize, u64),
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let (quic, http) = (free_udp()?, free_tcp()?);
     let mut p = Proc::spawn(
@@ -143,9 +148,9 @@ async fn ingest(
             "--chunk-seconds".into(),
             chunk_seconds.to_string(),
             "--max-sessions".into(),
-            "10000".into(),
+            sessions.to_string(),
             "--max-buffered-bytes".into(),
-            (8u64 << 30).to_string(),
+            budget.to_string(),
         ],
         &[],
         &env.logs,
@@ -254,6 +259,7 @@ async fn realtime(
         uploader,
         chunk_seconds,
         &format!("ingest-rt-{devices}"),
+        UNBOUNDED,
     )
     .await?;
     let pid = proc.id().context("ingest pid")?;
@@ -409,7 +415,15 @@ async fn memory(
     chunk_seconds: u32,
     devices: usize,
 ) -> anyhow::Result<Memory> {
-    let (proc, quic, _) = ingest(env, tls, uploader, chunk_seconds, "ingest-memory").await?;
+    let (proc, quic, _) = ingest(
+        env,
+        tls,
+        uploader,
+        chunk_seconds,
+        "ingest-memory",
+        UNBOUNDED,
+    )
+    .await?;
     let pid = proc.id().context("ingest pid")?;
     let (_, idle) = rss(pid)?;
     let chunk_bytes = u64::from(chunk_seconds) * BYTES_PER_SECOND;
@@ -482,7 +496,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     let (devices, chunks) = if env.quick { (4, 4) } else { (16, 30) };
     let bytes = chunks * 60 * BYTES_PER_SECOND;
     let total = (devices as u64 * bytes) as f64;
-    let (proc, quic, _) = ingest(env, &tls, discard, 60, "ingest-blast").await?;
+    let (proc, quic, _) = ingest(env, &tls, discard, 60, "ingest-blast", UNBOUNDED).await?;
     let ours = total / blast(quic, &tls.der, devices, bytes).await?.as_secs_f64() / MB;
     proc.stop().await?;
     let sink_addr = free_udp()?;
@@ -538,6 +552,46 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
         mem.idle as f64 / MIB,
         mem.peak as f64 / MIB,
         mem.held as f64 / MIB
+    );
+
+    // The memory limit deploy/ computes for ingest, held to a measurement: the local overlay's
+    // flags (16 sessions, a 64 MiB budget) with every session sending as fast as it can.
+    eprintln!("== ingest: peak RSS at full speed against deploy/'s bound for its flags");
+    let (sessions, budget) = (16usize, 64u64 << 20);
+    let bound_stop = CancellationToken::new();
+    let discard = discard_uploader(bound_stop.clone()).await?;
+    let (proc, quic, _) =
+        ingest(env, &tls, discard, 60, "ingest-bound", (sessions, budget)).await?;
+    let pid = proc.id().context("ingest pid")?;
+    let per_device = if env.quick { 2 } else { 8 } * 60 * BYTES_PER_SECOND;
+    blast(quic, &tls.der, sessions, per_device).await?;
+    let (peak, _) = rss(pid)?;
+    proc.stop().await?;
+    bound_stop.cancel();
+    let frame = spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES as u128;
+    let bound = crate::deploy_check::ingest_memory(u128::from(budget), sessions as u128, frame);
+    let bound = u64::try_from(bound).unwrap_or(u64::MAX);
+    eprintln!(
+        "   peak {:.0} MiB, bound {:.0} MiB",
+        peak as f64 / MIB,
+        bound as f64 / MIB
+    );
+    results.rows.push(
+        Row::figure(
+            "5c",
+            &format!(
+                "ingest peak RSS, {sessions} sessions at full speed, {} MiB budget, vs deploy/'s memory bound for those flags",
+                budget >> 20
+            ),
+            "MiB",
+            peak as f64 / MIB,
+            &format!("≤ {:.0} MiB", bound as f64 / MIB),
+            peak <= bound,
+        )
+        .note(format!(
+            "B + S·(QUIC stream window + 2·F + 64 KiB) + 64 MiB (deploy/README.md), the local overlay's limit; {:.0} MB sent per session",
+            per_device as f64 / MB
+        )),
     );
 
     eprintln!("== ingest: real-time 16 kHz devices through the whole pipeline");
