@@ -14,6 +14,7 @@
 
 use bytes::{Bytes, BytesMut};
 use spillway_proto::BYTES_PER_SAMPLE;
+use spillway_proto::checksum::Crc32c;
 
 /// Latest resume point ingest accepts: 2^48 samples, over 185 years at 48 kHz. Far beyond any
 /// real session, and far from where `seq × chunk_samples` could overflow.
@@ -61,7 +62,7 @@ pub struct Chunker {
     chunk_bytes: usize,
     buf: BytesMut,
     /// CRC32C of `buf`.
-    crc: u32,
+    crc: Crc32c,
     /// The chunk being filled, and the session sample its bytes start at.
     seq: u64,
     first_sample: u64,
@@ -82,7 +83,7 @@ impl Chunker {
             chunk_samples,
             chunk_bytes: chunk_samples as usize * BYTES_PER_SAMPLE,
             buf: BytesMut::new(),
-            crc: 0,
+            crc: Crc32c::default(),
             seq: start / chunk_samples,
             first_sample: start,
         }
@@ -129,7 +130,7 @@ impl Chunker {
         }
         let take = (room - self.buf.len()).min(data.len());
         self.buf.extend_from_slice(&data[..take]);
-        self.crc = crc32c::crc32c_append(self.crc, &data[..take]);
+        self.crc.update(&data[..take]);
         if self.buf.len() == room {
             let pcm = self.buf.split().freeze();
             (take, Some(self.make_chunk(pcm)))
@@ -149,7 +150,8 @@ impl Chunker {
         if dangling_byte {
             self.buf.truncate(self.buf.len() - 1);
             // Rare (a session ending mid-sample): the checksum included the dropped byte.
-            self.crc = crc32c::crc32c(&self.buf);
+            self.crc = Crc32c::default();
+            self.crc.update(&self.buf);
         }
         let chunk = if self.buf.is_empty() {
             None
@@ -169,7 +171,7 @@ impl Chunker {
             seq: self.seq,
             first_sample: self.first_sample,
             pcm,
-            crc32c: std::mem::take(&mut self.crc),
+            crc32c: std::mem::take(&mut self.crc).value(),
         };
         self.seq += 1;
         self.first_sample = self.seq * self.chunk_samples;

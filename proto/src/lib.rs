@@ -3,6 +3,7 @@
 //! - [`device`]: the QUIC device protocol (ALPN [`ALPN`]), length-delimited protobuf frames.
 //! - [`uploader`]: the ingest → uploader gRPC service (`PutChunk`).
 //! - [`validate`]: the rules both daemons apply to identifiers and audio parameters, written once.
+//! - [`checksum`]: CRC32C, the checksum a chunk carries end to end.
 //! - [`framing`]: the length-delimited codec both ends of a device stream use.
 //! - [`split`]: encoding a message whose large `bytes` field is written out on its own.
 
@@ -20,6 +21,7 @@ pub mod uploader {
     include!(concat!(env!("OUT_DIR"), "/spillway.uploader.v1.rs"));
 }
 
+pub mod checksum;
 pub mod framing;
 #[cfg(feature = "ops")]
 pub mod ops;

@@ -98,7 +98,7 @@ impl Service {
                 )),
             ));
         }
-        let actual = crc32c::crc32c(&req.pcm);
+        let actual = spillway_proto::checksum::crc32c(&req.pcm);
         if actual != req.crc32c {
             return Err(refuse(
                 "checksum_mismatch",

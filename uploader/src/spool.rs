@@ -95,7 +95,7 @@ impl Record {
 
     /// True when the PCM still matches the checksum it was committed with.
     pub fn intact(&self) -> bool {
-        crc32c::crc32c(&self.pcm) == self.crc32c
+        spillway_proto::checksum::crc32c(&self.pcm) == self.crc32c
     }
 }
 

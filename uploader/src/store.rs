@@ -142,8 +142,8 @@ impl Store {
         // the record was read): no second pass over the audio, and the store verifies the bytes
         // against the checksum made where they entered the pipeline.
         let header = body.len().saturating_sub(record.pcm.len());
-        let crc = crc32c::crc32c_combine(
-            crc32c::crc32c(&body[..header]),
+        let crc = spillway_proto::checksum::combine(
+            spillway_proto::checksum::crc32c(&body[..header]),
             record.crc32c,
             record.pcm.len(),
         );

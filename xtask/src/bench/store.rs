@@ -227,7 +227,7 @@ pub async fn run(env: &Env, results: &mut Results, out: &Path) -> anyhow::Result
     // Row 1: no added latency, the default 16 workers.
     eprintln!("== store: drain vs raw PutObject");
     let store = StoreProc::start(env, "plain", Duration::ZERO).await?;
-    let chunks = if env.quick { 24 } else { 256 };
+    let chunks = if env.quick { 24 } else { 1024 };
     let (ours, raw) = point(env, &store, &spool, chunks, 16).await?;
     results.put_mb_s = Some(raw);
     results.rows.push(
