@@ -363,6 +363,30 @@ fn sub(counter: &AtomicU64, n: u64) {
 }
 
 /// The highest position named by a record file in `records`.
+/// Opens the sled index. Called holding the spool's own lock, so no other owner can be using
+/// it; yet sled's lock may still be held for a moment by the background threads of an owner in
+/// this process that was just dropped (a daemon restarted in-process, a test reopening its
+/// spool). That lock is retried for up to 2 s; any other error, or a lock held longer, is
+/// returned.
+fn open_index(path: &Path) -> Result<sled::Db, sled::Error> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(500))
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn highest_record_position(records: &Path) -> std::io::Result<Option<u64>> {
     let mut highest = None;
     for entry in std::fs::read_dir(records)? {
@@ -407,10 +431,7 @@ impl Spool {
         let quarantine_dir = dir.join("quarantine");
         std::fs::create_dir_all(&records)?;
         std::fs::create_dir_all(&quarantine_dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("index"))
-            .flush_every_ms(Some(500))
-            .open()?;
+        let db = open_index(&dir.join("index"))?;
         let chunks = db.open_tree("chunks")?;
         let index = db.open_tree("index")?;
         let quarantine = db.open_tree("quarantine")?;
