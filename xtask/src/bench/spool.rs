@@ -13,7 +13,7 @@ use anyhow::Context;
 use spillway_proto::uploader::uploader_client::UploaderClient;
 use spillway_proto::uploader::{ChunkId, PutChunkRequest};
 
-use super::store::{CHUNK_BYTES, CHUNK_SAMPLES, base_pcm, chunk_pcm};
+use super::store::{CHUNK_BYTES, CHUNK_SAMPLES, base_pcm, chunk_pcm, claim};
 use super::{Env, MB, MIB, Results, Row, StoreProc, rss, uploader};
 use crate::cluster::free_tcp;
 use crate::pipeline::{http_get, metric};
@@ -48,11 +48,7 @@ async fn put_chunks(grpc: std::net::SocketAddr, chunks: u64) -> anyhow::Result<D
             .max_decoding_message_size(limit);
         let (base, next) = (base.clone(), Arc::clone(&next));
         tasks.spawn(async move {
-            loop {
-                let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if seq >= chunks {
-                    return anyhow::Ok(());
-                }
+            while let Some(seq) = claim(&next, chunks) {
                 let pcm = chunk_pcm(&base, seq);
                 client
                     .put_chunk(PutChunkRequest {
@@ -70,6 +66,7 @@ async fn put_chunks(grpc: std::net::SocketAddr, chunks: u64) -> anyhow::Result<D
                     .await
                     .with_context(|| format!("PutChunk {seq}"))?;
             }
+            anyhow::Ok(())
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -94,16 +91,13 @@ fn append_fdatasync(path: &Path, chunks: u64) -> anyhow::Result<Duration> {
         .map(|_| {
             let (file, base, next) = (Arc::clone(&file), base.clone(), Arc::clone(&next));
             std::thread::spawn(move || -> std::io::Result<()> {
-                loop {
-                    let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if seq >= chunks {
-                        return Ok(());
-                    }
+                while let Some(seq) = claim(&next, chunks) {
                     let pcm = chunk_pcm(&base, seq);
                     // O_APPEND: each chunk lands whole at the end; each then syncs alone.
                     (&*file).write_all(&pcm)?;
                     file.sync_data()?;
                 }
+                Ok(())
             })
         })
         .collect();

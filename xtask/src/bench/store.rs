@@ -27,6 +27,13 @@ pub fn chunk_pcm(base: &Bytes, seq: u64) -> Bytes {
     Bytes::from(v)
 }
 
+/// Hands out the numbers `0..total` to concurrent workers, each number once; `None` once all
+/// are taken.
+pub fn claim(next: &std::sync::atomic::AtomicU64, total: u64) -> Option<u64> {
+    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (n < total).then_some(n)
+}
+
 /// A pattern of PCM that is not all one value.
 pub fn base_pcm() -> Bytes {
     Bytes::from(
@@ -54,11 +61,7 @@ pub async fn fill_spool(dir: &Path, chunks: u64, session: &str) -> anyhow::Resul
             session.to_owned(),
         );
         tasks.spawn(async move {
-            loop {
-                let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if seq >= chunks {
-                    return anyhow::Ok(());
-                }
+            while let Some(seq) = claim(&next, chunks) {
                 let pcm = chunk_pcm(&base, seq);
                 let record = Record {
                     uid: "bench".into(),
@@ -72,6 +75,7 @@ pub async fn fill_spool(dir: &Path, chunks: u64, session: &str) -> anyhow::Resul
                 };
                 spool.commit(&record).await?;
             }
+            anyhow::Ok(())
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -173,18 +177,14 @@ pub async fn raw_put(
         .send()
         .await;
     let bodies: Arc<[Bytes]> = bodies.into();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let (s3, bodies, next) = (s3.clone(), Arc::clone(&bodies), Arc::clone(&next));
         tasks.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= objects {
-                    return anyhow::Ok(());
-                }
-                let body = &bodies[i % bodies.len()];
+            while let Some(i) = claim(&next, objects as u64) {
+                let body = &bodies[i as usize % bodies.len()];
                 s3.put_object()
                     .bucket(crate::cluster::BUCKET)
                     .key(format!("raw/{i:06}.wav"))
@@ -193,6 +193,7 @@ pub async fn raw_put(
                     .await
                     .context("PutObject")?;
             }
+            anyhow::Ok(())
         });
     }
     while let Some(r) = tasks.join_next().await {
