@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::adaptive::{self, Outcome, Workers};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::object::KeyTemplate;
-use crate::spool::{Spool, Spooled, lock_ignoring_poison};
+use crate::spool::{Loaded, Queued, Spool, Spooled, lock_ignoring_poison};
 use crate::store::{Put, Store};
 
 /// Everything an upload needs.
@@ -78,7 +78,9 @@ impl Drain {
                 },
                 () = abort.cancelled() => break,
             };
-            let next = match this.spool.next_from(cursor) {
+            // An index lookup only: the upload task reads the record file, so several reads
+            // run at once and none of them blocks this loop or a runtime thread.
+            let next = match this.spool.queued_from(cursor) {
                 Ok((next, quarantined)) => {
                     this.metrics.spool_quarantined.inc_by(quarantined);
                     next
@@ -89,7 +91,7 @@ impl Drain {
                 }
             };
             this.metrics.spool(&this.spool);
-            let Some((pos, record)) = next else {
+            let Some(pending) = next else {
                 drop(slot);
                 if stop.is_cancelled() {
                     // Nothing new can arrive (the service stopped first): wait for the uploads
@@ -118,12 +120,15 @@ impl Drain {
                 }
                 continue;
             };
-            cursor = pos + 1;
+            cursor = pending.pos + 1;
             let (this, pool, abort) = (Arc::clone(&this), Arc::clone(&pool), abort.clone());
             let (finished, in_flight) = (Arc::clone(&finished), Arc::clone(&in_flight));
             in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             uploads.spawn(async move {
-                this.upload(pos, record, &pool, &abort).await;
+                let pos = pending.pos;
+                if let Some(record) = this.load(pending, &abort).await {
+                    this.upload(pos, record, &pool, &abort).await;
+                }
                 drop(slot);
                 in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 finished.notify_one();
@@ -140,6 +145,63 @@ impl Drain {
         uploads.wait().await;
         if let Err(e) = this.spool.flush().await {
             tracing::error!(error = %e, "flushing the spool at shutdown failed");
+        }
+    }
+
+    /// Reads the record `pending` names, off the runtime. `None` when there is nothing to
+    /// upload: it was quarantined (and counted), superseded or removed, or the drain is being
+    /// abandoned. A read that fails is retried with backoff in this upload's slot, so a bad
+    /// sector holds up its own chunk and no other.
+    async fn load(&self, mut pending: Queued, abort: &CancellationToken) -> Option<Spooled> {
+        let pos = pending.pos;
+        let mut backoff = retry_backoff();
+        let mut changed = false;
+        loop {
+            let spool = Arc::clone(&self.spool);
+            let read = tokio::task::spawn_blocking(move || {
+                let loaded = spool.load(&pending);
+                (loaded, pending)
+            })
+            .await;
+            let error = match read {
+                Ok((Ok(Loaded::Ready(spooled)), _)) => return Some(spooled),
+                Ok((Ok(Loaded::Quarantined), _)) => {
+                    self.metrics.spool_quarantined.inc();
+                    self.metrics.spool(&self.spool);
+                    return None;
+                }
+                // Changed twice under us: left to the next pass, as `Spool::next_from` does.
+                Ok((Ok(Loaded::Changed), _)) if changed => return None,
+                Ok((Ok(Loaded::Changed), _)) => {
+                    // Superseded or removed (then there is nothing to do), or readable after all.
+                    changed = true;
+                    match self.spool.queued_at(pos) {
+                        Ok(Some(again)) => {
+                            pending = again;
+                            continue;
+                        }
+                        Ok(None) => return None,
+                        Err(e) => {
+                            read_failed(pos, &e.to_string(), None);
+                            return None;
+                        }
+                    }
+                }
+                Ok((Err(e), p)) => {
+                    pending = p;
+                    e.to_string()
+                }
+                Err(e) => {
+                    read_failed(pos, &e.to_string(), None);
+                    return None;
+                }
+            };
+            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+            read_failed(pos, &error, Some(delay));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = abort.cancelled() => return None,
+            }
         }
     }
 
@@ -170,12 +232,7 @@ impl Drain {
         abort: &CancellationToken,
     ) {
         let record = &spooled.record;
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(30))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut backoff = retry_backoff();
         let mut attempt = 0u64;
         loop {
             if !self.spool.is_current(pos, record).unwrap_or(true) {
@@ -311,6 +368,33 @@ impl Drain {
         let state = self.breaker_lock().state();
         self.metrics.breaker_state.set(state.as_gauge());
     }
+}
+
+/// Logs a failed read of the record at `pos`: retried after `retry_in`, or (`None`) left
+/// spooled for the next pass.
+fn read_failed(pos: u64, error: &str, retry_in: Option<Duration>) {
+    match retry_in {
+        Some(delay) => {
+            tracing::error!(pos, error, retry_in = ?delay, "reading a spooled chunk failed; retrying");
+        }
+        None => {
+            tracing::error!(
+                pos,
+                error,
+                "reading a spooled chunk failed; it stays spooled for the next pass"
+            );
+        }
+    }
+}
+
+/// Between attempts at one chunk: jittered, from 200 ms doubling to 30 s, never giving up.
+fn retry_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// The upload slots: a semaphore holding the concurrency limit's permits. With `--workers auto`

@@ -153,6 +153,27 @@ impl Spooled {
     }
 }
 
+/// A spooled entry found in the index whose record file has not been read yet
+/// ([`Spool::queued_from`]); [`Spool::load`] reads it.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub pos: u64,
+    /// The `chunks` value as found: a quarantine moves the entry only if it is still this.
+    value: sled::IVec,
+    meta: Record,
+}
+
+/// What [`Spool::load`] found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// The record, intact: upload it.
+    Ready(Spooled),
+    /// Missing or damaged: moved to `quarantine/` (and to be counted).
+    Quarantined,
+    /// The entry changed meanwhile (superseded, removed, or readable after all).
+    Changed,
+}
+
 /// Outcome of a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Committed {
@@ -928,11 +949,36 @@ impl Spool {
 
     /// The oldest intact record at a position `>= from`. Records whose file is gone, fails its
     /// checksum or does not match its metadata are quarantined and skipped; how many is returned
-    /// alongside.
+    /// alongside. [`Spool::queued_from`] and [`Spool::load`] in one call.
     pub fn next_from(&self, from: u64) -> Result<(Option<(u64, Spooled)>, u64), SpoolError> {
         let mut quarantined = 0;
         let mut from = from;
-        let mut retried: Option<sled::IVec> = None;
+        let mut retried: Option<u64> = None;
+        loop {
+            let (next, q) = self.queued_from(from)?;
+            quarantined += q;
+            let Some(pending) = next else {
+                return Ok((None, quarantined));
+            };
+            match self.load(&pending)? {
+                Loaded::Ready(spooled) => return Ok((Some((pending.pos, spooled)), quarantined)),
+                Loaded::Quarantined => quarantined += 1,
+                Loaded::Changed if retried == Some(pending.pos) => {
+                    // Changed twice under us: leave it to the next pass.
+                    from = pending.pos.saturating_add(1);
+                }
+                // It changed meanwhile (superseded, removed, or readable after all): look again.
+                Loaded::Changed => retried = Some(pending.pos),
+            }
+        }
+    }
+
+    /// The oldest entry at a position `>= from`, its record file not yet read: an index lookup
+    /// only, so the drain can leave the read to the upload that takes it and read several
+    /// records at once. Entries whose metadata does not decode are quarantined and skipped; how
+    /// many is returned alongside.
+    pub fn queued_from(&self, from: u64) -> Result<(Option<Queued>, u64), SpoolError> {
+        let mut quarantined = 0;
         loop {
             // The iterator lives only for this statement. A sled iterator holds a read guard on
             // sled's concurrency control, and a transaction (quarantine's, or a concurrent
@@ -941,33 +987,38 @@ impl Spool {
             let Some((key, value)) = next else {
                 return Ok((None, quarantined));
             };
-            let parsed = position_of(&key).zip(parse_meta(&value));
-            let meta = match parsed {
-                Some((pos, (_, meta))) => match self.read_record(pos, &meta)? {
-                    Some(record) => return Ok((Some((pos, record)), quarantined)),
-                    None => Some(meta),
-                },
-                None => None,
-            };
-            if self.quarantine(&key, &value, meta.as_ref())? {
-                match &meta {
-                    Some(m) => {
-                        tracing::error!(key = ?key, uid = %m.uid, session = %m.session, seq = m.seq,
-                        "spooled chunk is missing or fails its checksum; quarantined")
-                    }
-                    None => {
-                        tracing::error!(key = ?key, "spool metadata does not decode; quarantined")
-                    }
-                }
+            if let Some((pos, (_, meta))) = position_of(&key).zip(parse_meta(&value)) {
+                return Ok((Some(Queued { pos, value, meta }), quarantined));
+            }
+            if self.quarantine(&key, &value, None)? {
+                tracing::error!(key = ?key, "spool metadata does not decode; quarantined");
                 quarantined += 1;
-            } else if retried.as_ref() == Some(&key) {
-                // Changed twice under us: leave it to the next pass.
-                from = position_of(&key).map_or(u64::MAX, |p| p.saturating_add(1));
-            } else {
-                // It changed meanwhile (superseded, removed, or readable after all): look again.
-                retried = Some(key);
             }
         }
+    }
+
+    /// Reads `pending`'s record file and checks it against its metadata; one that is missing or
+    /// fails its checksum is quarantined. Blocking file I/O: call it off the async runtime.
+    pub fn load(&self, pending: &Queued) -> Result<Loaded, SpoolError> {
+        if let Some(spooled) = self.read_record(pending.pos, &pending.meta)? {
+            return Ok(Loaded::Ready(spooled));
+        }
+        let key = position_key(pending.pos);
+        if !self.quarantine(&key, &pending.value, Some(&pending.meta))? {
+            return Ok(Loaded::Changed);
+        }
+        let m = &pending.meta;
+        tracing::error!(pos = pending.pos, uid = %m.uid, session = %m.session, seq = m.seq,
+            "spooled chunk is missing or fails its checksum; quarantined");
+        Ok(Loaded::Quarantined)
+    }
+
+    /// The entry at exactly `pos`, if the index still has one.
+    pub fn queued_at(&self, pos: u64) -> Result<Option<Queued>, SpoolError> {
+        Ok(self.chunks.get(position_key(pos))?.and_then(|value| {
+            let (_, meta) = parse_meta(&value)?;
+            Some(Queued { pos, value, meta })
+        }))
     }
 
     /// Moves a record aside: its metadata to the `quarantine` tree, its file (if any) to

@@ -615,7 +615,7 @@ async fn finish(c: Cluster, mut row: Row) -> anyhow::Result<Row> {
 
 /// Damages a stopped spool the way a bad disk does: cuts the tail of the index's log, or flips
 /// one byte in the middle of a spooled chunk's record file.
-fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
+pub fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
     if flip {
         let blob = std::fs::read_dir(dir.join("records"))?
             .filter_map(Result::ok)

@@ -277,6 +277,48 @@ async fn chunks_left_spooled_at_shutdown_are_uploaded_after_the_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_spooled_chunk_costs_that_chunk_alone_quarantined_and_counted() {
+    tokio::time::timeout(LIMIT, async {
+        let mut p = Pipeline::start(Options {
+            drain_timeout: Duration::from_millis(500),
+            ..small()
+        })
+        .await
+        .expect("pipeline");
+        p.stop_store().await.expect("store down");
+        let report = streaming(&p, DeviceSpec::synthetic("rita", "rot", 8_000, 5.5, 19))
+            .await
+            .expect("device task");
+        assert_eq!(report.acks.len(), 6, "spooled while the store was down");
+
+        // A byte of the oldest record file rots while no uploader runs; the next one reads
+        // every record in its upload tasks, and must set that one aside and send the rest.
+        p.stop_uploader().await.expect("stop");
+        xtask::chaos::damage_spool(&p.spool_dir, true).expect("damage");
+        p.restart_uploader().await.expect("restart");
+        p.start_store().await.expect("store up");
+        let m = until_uploader(&p, "the spool drained", |m| {
+            metric(m, "spillway_uploader_spool_chunks") == 0.0
+                && metric(m, "spillway_uploader_spool_quarantined_total") >= 1.0
+        })
+        .await;
+        assert_eq!(metric(&m, "spillway_uploader_spool_quarantined_total"), 1.0);
+        let keys = p.object_keys("rita/").await.expect("list");
+        assert_eq!(keys.len(), 5, "every other chunk stored: {keys:?}");
+        assert!(
+            std::fs::read_dir(p.spool_dir.join("quarantine"))
+                .expect("quarantine dir")
+                .count()
+                == 1,
+            "the damaged record is kept aside for inspection"
+        );
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploader_drain_empties_an_orphaned_spool_and_says_what_it_could_not() {
     tokio::time::timeout(LIMIT, async {
         let opts = Options {
