@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use spillway_proto::uploader::uploader_client::UploaderClient;
 use spillway_proto::uploader::{ChunkId, PutChunkRequest};
 
 use super::store::{CHUNK_BYTES, CHUNK_SAMPLES, base_pcm, chunk_pcm, claim};
@@ -42,29 +41,33 @@ async fn put_chunks(grpc: std::net::SocketAddr, chunks: u64) -> anyhow::Result<D
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for channel in channels {
-        let mut client = UploaderClient::new(channel)
-            .max_encoding_message_size(limit)
-            .max_decoding_message_size(limit);
+    for mut channel in channels {
         let (base, next) = (base.clone(), Arc::clone(&next));
         tasks.spawn(async move {
             while let Some(seq) = claim(&next, chunks) {
                 let pcm = chunk_pcm(&base, seq);
-                client
-                    .put_chunk(PutChunkRequest {
-                        id: Some(ChunkId {
-                            uid: "bench".into(),
-                            session: "commit".into(),
-                            seq,
-                        }),
-                        sample_rate: 16_000,
-                        chunk_samples: CHUNK_SAMPLES,
-                        first_sample: seq * CHUNK_SAMPLES,
-                        crc32c: crc32c::crc32c(&pcm),
-                        pcm,
-                    })
-                    .await
-                    .with_context(|| format!("PutChunk {seq}"))?;
+                let request = PutChunkRequest {
+                    id: Some(ChunkId {
+                        uid: "bench".into(),
+                        session: "commit".into(),
+                        seq,
+                    }),
+                    sample_rate: 16_000,
+                    chunk_samples: CHUNK_SAMPLES,
+                    first_sample: seq * CHUNK_SAMPLES,
+                    // Ingest computes it as the bytes arrive, with the same function.
+                    crc32c: spillway_proto::checksum::crc32c(&pcm),
+                    pcm,
+                };
+                // Ingest's own call: the request's fields, then the audio's own buffer.
+                spillway_ingest::put_chunk::put_chunk(
+                    &mut channel,
+                    &request,
+                    Duration::from_secs(60),
+                    limit,
+                )
+                .await
+                .with_context(|| format!("PutChunk {seq}"))?;
             }
             anyhow::Ok(())
         });
