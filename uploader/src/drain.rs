@@ -91,7 +91,7 @@ impl Drain {
                 }
             };
             this.metrics.spool(&this.spool);
-            let Some(pending) = next else {
+            let Some(queued) = next else {
                 drop(slot);
                 if stop.is_cancelled() {
                     // Nothing new can arrive (the service stopped first): wait for the uploads
@@ -120,13 +120,13 @@ impl Drain {
                 }
                 continue;
             };
-            cursor = pending.pos + 1;
+            cursor = queued.pos + 1;
             let (this, pool, abort) = (Arc::clone(&this), Arc::clone(&pool), abort.clone());
             let (finished, in_flight) = (Arc::clone(&finished), Arc::clone(&in_flight));
             in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             uploads.spawn(async move {
-                let pos = pending.pos;
-                if let Some(record) = this.load(pending, &abort).await {
+                let pos = queued.pos;
+                if let Some(record) = this.load(queued, &abort).await {
                     this.upload(pos, record, &pool, &abort).await;
                 }
                 drop(slot);
@@ -148,60 +148,47 @@ impl Drain {
         }
     }
 
-    /// Reads the record `pending` names, off the runtime. `None` when there is nothing to
+    /// Reads the record `queued` names, off the runtime. `None` when there is nothing to
     /// upload: it was quarantined (and counted), superseded or removed, or the drain is being
     /// abandoned. A read that fails is retried with backoff in this upload's slot, so a bad
     /// sector holds up its own chunk and no other.
-    async fn load(&self, mut pending: Queued, abort: &CancellationToken) -> Option<Spooled> {
-        let pos = pending.pos;
+    async fn load(&self, queued: Queued, abort: &CancellationToken) -> Option<Spooled> {
+        let pos = queued.pos;
         let mut backoff = retry_backoff();
         let mut changed = false;
+        let mut next = Some(queued);
         loop {
+            // The entry as the index has it now: after a change or a failure, looked up again.
+            let queued = match next.take() {
+                Some(q) => q,
+                None => match self.spool.queued_at(pos) {
+                    Ok(Some(q)) => q,
+                    // Uploaded and removed, or superseded: nothing left to do here.
+                    Ok(None) => return None,
+                    Err(e) => {
+                        read_failed(pos, &e.to_string(), &mut backoff, abort).await?;
+                        continue;
+                    }
+                },
+            };
             let spool = Arc::clone(&self.spool);
-            let read = tokio::task::spawn_blocking(move || {
-                let loaded = spool.load(&pending);
-                (loaded, pending)
-            })
-            .await;
-            let error = match read {
-                Ok((Ok(Loaded::Ready(spooled)), _)) => return Some(spooled),
-                Ok((Ok(Loaded::Quarantined), _)) => {
+            let error = match tokio::task::spawn_blocking(move || spool.load(&queued)).await {
+                Ok(Ok(Loaded::Ready(spooled))) => return Some(spooled),
+                Ok(Ok(Loaded::Quarantined)) => {
                     self.metrics.spool_quarantined.inc();
                     self.metrics.spool(&self.spool);
                     return None;
                 }
                 // Changed twice under us: left to the next pass, as `Spool::next_from` does.
-                Ok((Ok(Loaded::Changed), _)) if changed => return None,
-                Ok((Ok(Loaded::Changed), _)) => {
-                    // Superseded or removed (then there is nothing to do), or readable after all.
+                Ok(Ok(Loaded::Changed)) if changed => return None,
+                Ok(Ok(Loaded::Changed)) => {
                     changed = true;
-                    match self.spool.queued_at(pos) {
-                        Ok(Some(again)) => {
-                            pending = again;
-                            continue;
-                        }
-                        Ok(None) => return None,
-                        Err(e) => {
-                            read_failed(pos, &e.to_string(), None);
-                            return None;
-                        }
-                    }
+                    continue;
                 }
-                Ok((Err(e), p)) => {
-                    pending = p;
-                    e.to_string()
-                }
-                Err(e) => {
-                    read_failed(pos, &e.to_string(), None);
-                    return None;
-                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
             };
-            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-            read_failed(pos, &error, Some(delay));
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = abort.cancelled() => return None,
-            }
+            read_failed(pos, &error, &mut backoff, abort).await?;
         }
     }
 
@@ -370,20 +357,19 @@ impl Drain {
     }
 }
 
-/// Logs a failed read of the record at `pos`: retried after `retry_in`, or (`None`) left
-/// spooled for the next pass.
-fn read_failed(pos: u64, error: &str, retry_in: Option<Duration>) {
-    match retry_in {
-        Some(delay) => {
-            tracing::error!(pos, error, retry_in = ?delay, "reading a spooled chunk failed; retrying");
-        }
-        None => {
-            tracing::error!(
-                pos,
-                error,
-                "reading a spooled chunk failed; it stays spooled for the next pass"
-            );
-        }
+/// Logs a failed read of the record at `pos` and waits out the next backoff delay; `None` when
+/// the drain is abandoned meanwhile.
+async fn read_failed(
+    pos: u64,
+    error: &str,
+    backoff: &mut impl Iterator<Item = Duration>,
+    abort: &CancellationToken,
+) -> Option<()> {
+    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+    tracing::error!(pos, error, retry_in = ?delay, "reading a spooled chunk failed; retrying");
+    tokio::select! {
+        () = tokio::time::sleep(delay) => Some(()),
+        () = abort.cancelled() => None,
     }
 }
 

@@ -155,7 +155,7 @@ impl Spooled {
 
 /// A spooled entry found in the index whose record file has not been read yet
 /// ([`Spool::queued_from`]); [`Spool::load`] reads it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Queued {
     pub pos: u64,
     /// The `chunks` value as found: a quarantine moves the entry only if it is still this.
@@ -957,18 +957,18 @@ impl Spool {
         loop {
             let (next, q) = self.queued_from(from)?;
             quarantined += q;
-            let Some(pending) = next else {
+            let Some(queued) = next else {
                 return Ok((None, quarantined));
             };
-            match self.load(&pending)? {
-                Loaded::Ready(spooled) => return Ok((Some((pending.pos, spooled)), quarantined)),
+            match self.load(&queued)? {
+                Loaded::Ready(spooled) => return Ok((Some((queued.pos, spooled)), quarantined)),
                 Loaded::Quarantined => quarantined += 1,
-                Loaded::Changed if retried == Some(pending.pos) => {
+                Loaded::Changed if retried == Some(queued.pos) => {
                     // Changed twice under us: leave it to the next pass.
-                    from = pending.pos.saturating_add(1);
+                    from = queued.pos.saturating_add(1);
                 }
                 // It changed meanwhile (superseded, removed, or readable after all): look again.
-                Loaded::Changed => retried = Some(pending.pos),
+                Loaded::Changed => retried = Some(queued.pos),
             }
         }
     }
@@ -997,18 +997,18 @@ impl Spool {
         }
     }
 
-    /// Reads `pending`'s record file and checks it against its metadata; one that is missing or
+    /// Reads `queued`'s record file and checks it against its metadata; one that is missing or
     /// fails its checksum is quarantined. Blocking file I/O: call it off the async runtime.
-    pub fn load(&self, pending: &Queued) -> Result<Loaded, SpoolError> {
-        if let Some(spooled) = self.read_record(pending.pos, &pending.meta)? {
+    pub fn load(&self, queued: &Queued) -> Result<Loaded, SpoolError> {
+        if let Some(spooled) = self.read_record(queued.pos, &queued.meta)? {
             return Ok(Loaded::Ready(spooled));
         }
-        let key = position_key(pending.pos);
-        if !self.quarantine(&key, &pending.value, Some(&pending.meta))? {
+        let key = position_key(queued.pos);
+        if !self.quarantine(&key, &queued.value, Some(&queued.meta))? {
             return Ok(Loaded::Changed);
         }
-        let m = &pending.meta;
-        tracing::error!(pos = pending.pos, uid = %m.uid, session = %m.session, seq = m.seq,
+        let m = &queued.meta;
+        tracing::error!(pos = queued.pos, uid = %m.uid, session = %m.session, seq = m.seq,
             "spooled chunk is missing or fails its checksum; quarantined");
         Ok(Loaded::Quarantined)
     }
