@@ -80,6 +80,34 @@ fn streaming(p: &Pipeline, spec: DeviceSpec) -> tokio::task::JoinHandle<DeviceRe
     })
 }
 
+/// Small chunks, and an uploader that stops draining 500 ms after it is told to stop.
+fn backlog() -> Options {
+    Options {
+        drain_timeout: Duration::from_millis(500),
+        ..small()
+    }
+}
+
+/// A pipeline with its store down and one device's six acknowledged chunks in the spool.
+async fn six_spooled(
+    opts: Options,
+    uid: &str,
+    session: &str,
+    seed: u64,
+) -> (Pipeline, DeviceReport) {
+    let mut p = Pipeline::start(opts).await.expect("pipeline");
+    p.stop_store().await.expect("store down");
+    let report = streaming(&p, DeviceSpec::synthetic(uid, session, 8_000, 5.5, seed))
+        .await
+        .expect("device task");
+    assert_eq!(
+        report.acks.len(),
+        6,
+        "acknowledged while the store was down"
+    );
+    (p, report)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_fills_the_spool_which_pushes_back_and_then_everything_drains() {
     tokio::time::timeout(LIMIT, async {
@@ -238,24 +266,7 @@ async fn a_spent_memory_budget_slows_devices_down_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_left_spooled_at_shutdown_are_uploaded_after_the_restart() {
     tokio::time::timeout(LIMIT, async {
-        let mut p = Pipeline::start(Options {
-            drain_timeout: Duration::from_millis(500),
-            ..small()
-        })
-        .await
-        .expect("pipeline");
-        p.stop_store().await.expect("store down");
-        let report = streaming(
-            &p,
-            DeviceSpec::synthetic("quinn", "backlog", 8_000, 5.5, 13),
-        )
-        .await
-        .expect("device task");
-        assert_eq!(
-            report.acks.len(),
-            6,
-            "acknowledged while the store was down"
-        );
+        let (mut p, report) = six_spooled(backlog(), "quinn", "backlog", 13).await;
 
         // SIGTERM-like stop: the drain cannot reach the store, gives up after its timeout and
         // exits cleanly with the chunks still spooled; the new uploader drains them.
@@ -279,17 +290,7 @@ async fn chunks_left_spooled_at_shutdown_are_uploaded_after_the_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_spooled_chunk_costs_that_chunk_alone_quarantined_and_counted() {
     tokio::time::timeout(LIMIT, async {
-        let mut p = Pipeline::start(Options {
-            drain_timeout: Duration::from_millis(500),
-            ..small()
-        })
-        .await
-        .expect("pipeline");
-        p.stop_store().await.expect("store down");
-        let report = streaming(&p, DeviceSpec::synthetic("rita", "rot", 8_000, 5.5, 19))
-            .await
-            .expect("device task");
-        assert_eq!(report.acks.len(), 6, "spooled while the store was down");
+        let (mut p, _) = six_spooled(backlog(), "rita", "rot", 19).await;
 
         // A byte of the oldest record file rots while no uploader runs; the next one reads
         // every record in its upload tasks, and must set that one aside and send the rest.
@@ -321,16 +322,8 @@ async fn a_damaged_spooled_chunk_costs_that_chunk_alone_quarantined_and_counted(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploader_drain_empties_an_orphaned_spool_and_says_what_it_could_not() {
     tokio::time::timeout(LIMIT, async {
-        let opts = Options {
-            drain_timeout: Duration::from_millis(500),
-            ..small()
-        };
-        let mut p = Pipeline::start(opts.clone()).await.expect("pipeline");
-        p.stop_store().await.expect("store down");
-        let report = streaming(&p, DeviceSpec::synthetic("orphan", "s", 8_000, 5.5, 17))
-            .await
-            .expect("device task");
-        assert_eq!(report.acks.len(), 6, "spooled while the store was down");
+        let opts = backlog();
+        let (mut p, report) = six_spooled(opts.clone(), "orphan", "s", 17).await;
         let (spool_dir, endpoint) = (p.spool_dir.clone(), p.s3_endpoint.clone());
         let config = |timeout| {
             let mut c = uploader_config(spool_dir.clone(), &endpoint, &opts);
