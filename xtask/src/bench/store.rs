@@ -70,7 +70,7 @@ pub async fn fill_spool(dir: &Path, chunks: u64, session: &str) -> anyhow::Resul
                     sample_rate: 16_000,
                     chunk_samples: CHUNK_SAMPLES,
                     first_sample: seq * CHUNK_SAMPLES,
-                    crc32c: crc32c::crc32c(&pcm),
+                    crc32c: spillway_proto::checksum::crc32c(&pcm),
                     pcm,
                 };
                 spool.commit(&record).await?;
