@@ -25,8 +25,8 @@ use tokio_util::task::TaskTracker;
 use crate::adaptive::{self, Outcome, Workers};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::object::KeyTemplate;
-use crate::spool::{Loaded, Queued, Spool, Spooled, lock_ignoring_poison};
-use crate::store::{Put, Store};
+use crate::spool::{Loaded, Queued, Spool, lock_ignoring_poison};
+use crate::store::{Put, Store, Upload};
 
 /// Everything an upload needs.
 pub struct Drain {
@@ -152,7 +152,7 @@ impl Drain {
     /// upload: it was quarantined (and counted), superseded or removed, or the drain is being
     /// abandoned. A read that fails is retried with backoff in this upload's slot, so a bad
     /// sector holds up its own chunk and no other.
-    async fn load(&self, queued: Queued, abort: &CancellationToken) -> Option<Spooled> {
+    async fn load(&self, queued: Queued, abort: &CancellationToken) -> Option<Upload> {
         let pos = queued.pos;
         let mut backoff = retry_backoff();
         let mut changed = false;
@@ -172,8 +172,10 @@ impl Drain {
                 },
             };
             let spool = Arc::clone(&self.spool);
-            let error = match tokio::task::spawn_blocking(move || spool.load(&queued)).await {
-                Ok(Ok(Loaded::Ready(spooled))) => return Some(spooled),
+            // Read, checked and (when intact) hashed for signing, all on the blocking pool.
+            let read = move || spool.load(&queued).map(|loaded| loaded.map(Upload::new));
+            let error = match tokio::task::spawn_blocking(read).await {
+                Ok(Ok(Loaded::Ready(upload))) => return Some(upload),
                 Ok(Ok(Loaded::Quarantined)) => {
                     self.metrics.spool_quarantined.inc();
                     self.metrics.spool(&self.spool);
@@ -192,11 +194,11 @@ impl Drain {
         }
     }
 
-    async fn upload(&self, pos: u64, spooled: Spooled, pool: &Pool, abort: &CancellationToken) {
-        let key = self.template.key_of(&self.prefix, &spooled.record);
+    async fn upload(&self, pos: u64, upload: Upload, pool: &Pool, abort: &CancellationToken) {
+        let key = self.template.key_of(&self.prefix, &upload.spooled.record);
         let key_lock = self.key_lock(&key);
         let guard = key_lock.lock().await;
-        self.upload_locked(pos, &spooled, &key, pool, abort).await;
+        self.upload_locked(pos, &upload, &key, pool, abort).await;
         drop(guard);
         drop(key_lock);
         let mut keys = lock_ignoring_poison(&self.keys);
@@ -213,12 +215,12 @@ impl Drain {
     async fn upload_locked(
         &self,
         pos: u64,
-        spooled: &Spooled,
+        upload: &Upload,
         key: &str,
         pool: &Pool,
         abort: &CancellationToken,
     ) {
-        let record = &spooled.record;
+        let record = &upload.spooled.record;
         let mut backoff = retry_backoff();
         let mut attempt = 0u64;
         loop {
@@ -247,7 +249,7 @@ impl Drain {
             self.metrics.uploads_in_flight.inc();
             let started = Instant::now();
             let result = tokio::select! {
-                r = self.store.put(key, spooled) => Some(r),
+                r = self.store.put(key, upload) => Some(r),
                 () = abort.cancelled() => None,
             };
             self.metrics.uploads_in_flight.dec();

@@ -163,15 +163,26 @@ pub struct Queued {
     meta: Record,
 }
 
-/// What [`Spool::load`] found.
+/// What [`Spool::load`] found (`T`: the record, or what the caller made of it).
 #[derive(Debug)]
-pub enum Loaded {
+pub enum Loaded<T = Spooled> {
     /// The record, intact: upload it.
-    Ready(Spooled),
+    Ready(T),
     /// Missing or damaged: moved to `quarantine/` (and to be counted).
     Quarantined,
     /// The entry changed meanwhile (superseded, removed, or readable after all).
     Changed,
+}
+
+impl<T> Loaded<T> {
+    /// Applies `f` to a ready record.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Loaded<U> {
+        match self {
+            Self::Ready(t) => Loaded::Ready(f(t)),
+            Self::Quarantined => Loaded::Quarantined,
+            Self::Changed => Loaded::Changed,
+        }
+    }
 }
 
 /// Outcome of a commit.
