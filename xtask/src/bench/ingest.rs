@@ -602,7 +602,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     let (chunk_seconds, steps): (u32, &[usize]) = if env.quick {
         (2, &[20, 40])
     } else {
-        (10, &[250, 500, 1000, 1500, 2000, 3000, 4000])
+        (10, &[250, 500, 750, 1000, 1500, 2000, 3000, 4000])
     };
     let mut done: Vec<Step> = Vec::new();
     for &n in steps {
