@@ -217,6 +217,22 @@ async fn blast(
     Ok(started.elapsed())
 }
 
+/// The device counts row 4b tries: `fixed`, plus the goal's own point (0.7 × the disk-bound
+/// ceiling, rounded up to 25) when it falls among them, so that passing it is the goal met
+/// rather than something between two coarse steps.
+fn with_goal_step(fixed: &[usize], ceiling: Option<f64>) -> Vec<usize> {
+    let mut steps = fixed.to_vec();
+    let top = fixed.iter().max().copied().unwrap_or(0);
+    if let Some(c) = ceiling {
+        let goal = ((0.7 * c / 25.0).ceil() as usize) * 25;
+        if goal > 0 && goal < top && !steps.contains(&goal) {
+            steps.push(goal);
+            steps.sort_unstable();
+        }
+    }
+    steps
+}
+
 /// What one step of real-time devices saw.
 #[derive(Debug, Default)]
 struct Step {
@@ -599,13 +615,17 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     let spool = env.dir.join("spool-realtime");
     let up = super::uploader(env, "uploader-realtime", &spool, &store.endpoint).await?;
     let (uploader, grpc) = (up.proc, up.grpc);
-    let (chunk_seconds, steps): (u32, &[usize]) = if env.quick {
+    let (chunk_seconds, fixed): (u32, &[usize]) = if env.quick {
         (2, &[20, 40])
     } else {
         (10, &[250, 500, 750, 1000, 1500, 2000, 3000, 4000])
     };
+    let ceiling = results
+        .disk_mb_s
+        .map(|mb| mb * MB / BYTES_PER_SECOND as f64);
+    let steps = with_goal_step(fixed, ceiling.filter(|_| !env.quick));
     let mut done: Vec<Step> = Vec::new();
-    for &n in steps {
+    for &n in &steps {
         let step = realtime(env, &tls, grpc, chunk_seconds, n, 2).await?;
         eprintln!(
             "   {n} devices: {} of {} acks, p50 {:?}, p99 {:?}, max {:?}, worst send lag {:?}, {} errors, ingest peak RSS {:.0} MiB",
@@ -635,9 +655,6 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
         .map(|s| s.devices)
         .max()
         .unwrap_or(0);
-    let ceiling = results
-        .disk_mb_s
-        .map(|mb| mb * MB / BYTES_PER_SECOND as f64);
     let tried = done
         .iter()
         .map(|s| s.devices.to_string())
@@ -737,4 +754,24 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_goal_step;
+
+    #[test]
+    fn the_goal_point_joins_the_steps_only_inside_their_range() {
+        let fixed = [250, 500, 750, 1000, 4000];
+        // 0.7 × 1,248 = 873.6: tried at 875, between 750 and 1,000.
+        assert_eq!(
+            with_goal_step(&fixed, Some(1248.0)),
+            [250, 500, 750, 875, 1000, 4000]
+        );
+        // Beyond the largest step (a fast disk) or unknown: the fixed steps alone.
+        assert_eq!(with_goal_step(&fixed, Some(18_000.0)), fixed);
+        assert_eq!(with_goal_step(&fixed, None), fixed);
+        // Rounded up onto a step already there (0.7 × 1,057 = 739.9 → 750): not tried twice.
+        assert_eq!(with_goal_step(&fixed, Some(1057.0)), fixed);
+    }
 }
