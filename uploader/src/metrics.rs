@@ -37,6 +37,7 @@ pub struct Metrics {
     pub uploads: Family<ResultLabel, Counter>,
     pub upload_bytes: Counter,
     pub upload_seconds: Histogram,
+    pub commit_seconds: Histogram,
     pub uploads_in_flight: Gauge,
     pub upload_concurrency_limit: Gauge,
     pub breaker_state: Gauge,
@@ -63,6 +64,8 @@ impl Metrics {
             uploads: Family::default(),
             upload_bytes: Counter::default(),
             upload_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            // 1 ms to 8 s: a sync on a fast disk up to one queued behind a slow volume's limit.
+            commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             uploads_in_flight: Gauge::default(),
             upload_concurrency_limit: Gauge::default(),
             breaker_state: Gauge::default(),
@@ -157,6 +160,11 @@ impl Metrics {
             "upload_seconds",
             "PutObject latency",
             m.upload_seconds.clone(),
+        );
+        r.register(
+            "commit_seconds",
+            "Time a PutChunk takes to be durable in the spool (record file, directory entry, index), the disk's share of an ack's latency",
+            m.commit_seconds.clone(),
         );
         r.register(
             "uploads_in_flight",

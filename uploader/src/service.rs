@@ -135,6 +135,7 @@ impl Uploader for Service {
                 status
             })?;
         let key = self.template.key_of(&self.prefix, &record);
+        let started = std::time::Instant::now();
         let outcome = self.spool.commit(&record).await.map_err(|e| {
             let (reason, status) = match &e {
                 SpoolError::Full { .. } => {
@@ -150,6 +151,9 @@ impl Uploader for Service {
             tracing::warn!(reason, %key, error = %e, "PutChunk not committed");
             status
         })?;
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.metrics.spool(&self.spool);
         let result = match outcome {
             Committed::Stored => "stored",

@@ -503,6 +503,8 @@ async fn put_chunk_is_idempotent_and_refuses_damaged_or_oversized_chunks() {
         let duplicate = metric(&m, "spillway_uploader_puts_total{result=\"duplicate\"}");
         assert_eq!(stored + duplicate, 2.0);
         assert_eq!(duplicate, if again.newly_stored { 0.0 } else { 1.0 });
+        // Every committed put is timed; a refused one is not.
+        assert_eq!(metric(&m, "spillway_uploader_commit_seconds_count"), 2.0);
         // Exactly one object, once the drain got to it.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while object_keys(&p, "hank/").await.is_empty() {
