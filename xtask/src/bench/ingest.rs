@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Env, MB, MIB, Results, Row, StoreProc, percentile, rss};
 use crate::cluster::{Proc, free_tcp, free_udp, ready};
+use crate::pipeline::http_get;
 
 /// 16 kHz, 16-bit mono.
 const BYTES_PER_SECOND: u64 = 32_000;
@@ -236,6 +237,47 @@ fn with_goal_step(fixed: &[usize], ceiling: Option<f64>) -> Vec<usize> {
     steps
 }
 
+/// The uploader's commit-latency histogram (`spillway_uploader_commit_seconds`) as (upper bound
+/// in seconds, cumulative count) pairs, `+Inf` last.
+fn commit_buckets(metrics: &str) -> Vec<(f64, f64)> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("spillway_uploader_commit_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The smallest bucket bound every commit between two scrapes fell under: `None` when no
+/// commit happened or the histogram is missing.
+fn slowest_commit_within(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<f64> {
+    let delta = |le: f64| {
+        let at = |h: &[(f64, f64)]| h.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, c)| *c);
+        at(after) - at(before)
+    };
+    let all = delta(f64::INFINITY);
+    if all <= 0.0 {
+        return None;
+    }
+    after.iter().map(|(le, _)| *le).find(|le| delta(*le) >= all)
+}
+
+/// A commit-latency bound for the table.
+fn within(bound: Option<f64>) -> String {
+    match bound {
+        None => "? (no commits seen)".into(),
+        Some(b) if b.is_infinite() => "over 8 s (beyond the histogram)".into(),
+        Some(b) => format!("{:.0} ms", b * 1000.0),
+    }
+}
+
 /// What one step of real-time devices saw.
 #[derive(Debug, Default)]
 struct Step {
@@ -248,6 +290,8 @@ struct Step {
     ingest_peak: u64,
     ingest_idle: u64,
     max_held: u64,
+    /// Every commit of the step was durable within this many seconds (a histogram bound).
+    commits_within: Option<f64>,
 }
 
 impl Step {
@@ -617,7 +661,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     let store = StoreProc::start(env, "realtime", Duration::ZERO).await?;
     let spool = env.dir.join("spool-realtime");
     let up = super::uploader(env, "uploader-realtime", &spool, &store.endpoint).await?;
-    let (uploader, grpc) = (up.proc, up.grpc);
+    let (uploader, grpc, up_http) = (up.proc, up.grpc, up.http);
     let (chunk_seconds, fixed): (u32, &[usize]) = if env.quick {
         (2, &[20, 40])
     } else {
@@ -629,9 +673,12 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     let steps = with_goal_step(fixed, ceiling.filter(|_| !env.quick));
     let mut done: Vec<Step> = Vec::new();
     for &n in &steps {
-        let step = realtime(env, &tls, grpc, chunk_seconds, n, 2).await?;
+        let before = commit_buckets(&http_get(up_http, "/metrics").await?.1);
+        let mut step = realtime(env, &tls, grpc, chunk_seconds, n, 2).await?;
+        let after = commit_buckets(&http_get(up_http, "/metrics").await?.1);
+        step.commits_within = slowest_commit_within(&before, &after);
         eprintln!(
-            "   {n} devices: {} of {} acks, p50 {:?}, p99 {:?}, max {:?}, worst send lag {:?}, {} errors, ingest peak RSS {:.0} MiB",
+            "   {n} devices: {} of {} acks, p50 {:?}, p99 {:?}, max {:?}, worst send lag {:?}, {} errors, ingest peak RSS {:.0} MiB, every commit within {}",
             step.latencies.len(),
             step.expected_acks,
             percentile(&step.latencies, 50.0),
@@ -639,7 +686,8 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
             step.latencies.last().copied().unwrap_or_default(),
             step.worst_lag,
             step.errors,
-            step.ingest_peak as f64 / MIB
+            step.ingest_peak as f64 / MIB,
+            within(step.commits_within)
         );
         let ok = step.sustained();
         done.push(step);
@@ -687,8 +735,19 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     } else {
         String::new()
     };
+    // The disk's share of the acks' latency at the last step tried.
+    let commits = done
+        .last()
+        .map(|s| {
+            format!(
+                "; at {} devices every commit durable within {}",
+                s.devices,
+                within(s.commits_within)
+            )
+        })
+        .unwrap_or_default();
     results.rows.push(row.note(format!(
-        "steps {tried}; {chunk_seconds} s chunks; ceiling = row 3's append+fdatasync MB/s ÷ 32 KB/s{limited}; devices run in the bench process on the same cores, {SIM_SOCKETS} UDP sockets among them"
+        "steps {tried}; {chunk_seconds} s chunks; ceiling = row 3's append+fdatasync MB/s ÷ 32 KB/s{limited}{commits}; devices run in the bench process on the same cores, {SIM_SOCKETS} UDP sockets among them"
     )));
 
     // Memory: the audio ingest must hold is one chunk in progress per session (the seeds'
@@ -776,5 +835,39 @@ mod tests {
         assert_eq!(with_goal_step(&fixed, None), fixed);
         // Rounded up onto a step already there (0.7 × 1,057 = 739.9 → 750): not tried twice.
         assert_eq!(with_goal_step(&fixed, Some(1057.0)), fixed);
+    }
+
+    #[test]
+    fn a_steps_slowest_commit_is_the_bound_its_new_commits_all_fall_under() {
+        let scrape = |counts: [u64; 4]| {
+            let les = ["0.008", "0.032", "0.128", "+Inf"];
+            let text: String = les
+                .iter()
+                .zip(counts)
+                .map(|(le, c)| {
+                    format!("spillway_uploader_commit_seconds_bucket{{le=\"{le}\"}} {c}\n")
+                })
+                .collect();
+            super::commit_buckets(&format!(
+                "# HELP x\n{text}spillway_uploader_commit_seconds_count {}\n",
+                counts[3]
+            ))
+        };
+        let before = scrape([10, 10, 10, 10]);
+        // 5 new commits: 3 within 8 ms, one more within 32, the last within 128.
+        let after = scrape([13, 14, 15, 15]);
+        assert_eq!(super::slowest_commit_within(&before, &after), Some(0.128));
+        // All new ones fast: the first bound.
+        assert_eq!(
+            super::slowest_commit_within(&before, &scrape([12, 12, 12, 12])),
+            Some(0.008)
+        );
+        // One beyond the last finite bound, and none at all.
+        assert_eq!(
+            super::slowest_commit_within(&before, &scrape([10, 10, 10, 11])),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(super::slowest_commit_within(&before, &before), None);
+        assert_eq!(super::slowest_commit_within(&[], &[]), None);
     }
 }
