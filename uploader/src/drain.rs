@@ -284,15 +284,32 @@ impl Drain {
                         .upload_seconds
                         .observe(started.elapsed().as_secs_f64());
                     let result = match put {
-                        Put::Stored => {
+                        Put::Stored | Put::Superseded => {
                             self.metrics
                                 .upload_bytes
                                 .inc_by(record.pcm.len() as u64 + 44);
-                            "ok"
+                            if put == Put::Superseded {
+                                tracing::info!(%key, "a longer piece of this chunk replaced the shorter one stored");
+                                "superseded"
+                            } else {
+                                "ok"
+                            }
                         }
+                        Put::Identical => "identical",
                         Put::AlreadyLonger => {
                             tracing::info!(%key, "the store already holds a longer piece of this chunk; not overwriting it");
                             "already_longer"
+                        }
+                        Put::Conflict {
+                            aside,
+                            stored_crc,
+                            new_crc,
+                        } => {
+                            self.metrics.upload_conflicts.inc();
+                            tracing::warn!(%key, %aside, stored_crc32c = format!("{stored_crc:08x}"),
+                                new_crc32c = format!("{new_crc:08x}"),
+                                "the store holds different audio at this key: kept it, and stored these bytes beside it");
+                            "conflict"
                         }
                     };
                     self.metrics

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub upload_max_attempts: Gauge,
     pub uploads: Family<ResultLabel, Counter>,
     pub upload_bytes: Counter,
+    pub upload_conflicts: Counter,
     pub upload_seconds: Histogram,
     pub commit_seconds: Histogram,
     pub uploads_in_flight: Gauge,
@@ -63,6 +64,7 @@ impl Metrics {
             upload_max_attempts: Gauge::default(),
             uploads: Family::default(),
             upload_bytes: Counter::default(),
+            upload_conflicts: Counter::default(),
             upload_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             // 1 ms to 8 s: a sync on a fast disk up to one queued behind a slow volume's limit.
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
@@ -155,6 +157,11 @@ impl Metrics {
             "upload_bytes",
             "Object bytes uploaded",
             m.upload_bytes.clone(),
+        );
+        r.register(
+            "upload_conflicts",
+            "Chunks whose key already held different audio: the original kept, the new bytes stored beside it at {key}.conflict-{crc32c}",
+            m.upload_conflicts.clone(),
         );
         r.register(
             "upload_seconds",

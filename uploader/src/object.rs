@@ -1,7 +1,8 @@
 //! What a chunk becomes in the object store: a WAV file at a deterministic key.
 //!
 //! Invariant: one chunk id ⇒ one key. The key is a pure function of (prefix, uid, session, seq,
-//! offset), so a retried or repeated upload overwrites the same object and never duplicates it.
+//! offset), so a retried or repeated upload finds the same object and never duplicates it (and
+//! never replaces it: see `store::Store::put`).
 //! `offset` is 0 for a chunk that starts on its boundary, which is every chunk unless a device
 //! resumed mid-chunk: then the piece from the resume point to the boundary gets `{part}` =
 //! `_<offset in samples>` (e.g. `000002_480000.wav`), so it never overwrites the piece before it.

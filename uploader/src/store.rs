@@ -158,40 +158,101 @@ impl Store {
     }
 
     /// Uploads one chunk as a WAV object at `key`, with a CRC32C of the whole body that the
-    /// store verifies, and metadata describing the audio.
+    /// store verifies, and metadata describing the audio. It never replaces stored audio:
     ///
-    /// A piece that stops short of its chunk's end (a session's last, or one flushed on idle or
-    /// shutdown) may meet a longer piece of the same chunk that another uploader took (ingest
-    /// retried it elsewhere after a lost ack, then the device resent the whole chunk). The
-    /// longer piece holds every sample of the shorter one, so the shorter is uploaded only when
-    /// the store holds no object at `key` at least as long: it never overwrites audio.
+    /// - the object is created only if `key` holds nothing (`If-None-Match: *`);
+    /// - when `key` already holds an object, it is read back and compared byte for byte:
+    ///   - the same PCM: nothing to do ([`Put::Identical`], a retry whose answer was lost);
+    ///   - a longer piece that begins with this one: nothing to do ([`Put::AlreadyLonger`]);
+    ///   - a shorter piece that this one extends (a device resumed after its ack was lost):
+    ///     replaced only if it is still that object (`If-Match: <etag>`, [`Put::Superseded`]);
+    ///   - anything else: this PCM goes to [`conflict_key`], the original stays byte for byte
+    ///     ([`Put::Conflict`]).
+    ///
+    /// Conditional writes make the decision atomic at the store, so two uploaders racing with
+    /// two pieces of one chunk can never leave the shorter one.
     pub async fn put(&self, key: &str, upload: &Upload) -> Result<Put, UploadError> {
         let record = &upload.spooled.record;
-        let (Some(body), Some(sha256)) = (upload.spooled.wav.clone(), &upload.body_sha256) else {
+        let Some(body) = upload.spooled.wav.clone() else {
             let why = crate::object::wav_header(record.pcm.len(), record.sample_rate)
                 .err()
                 .map_or_else(|| "no body".to_owned(), |e| e.to_string());
             return Err(UploadError(format!("building WAV: {why}")));
         };
-        if record.stops_short() {
-            match self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
-                Ok(head) => {
-                    let stored = head.content_length().unwrap_or(0);
-                    if u64::try_from(stored).is_ok_and(|n| n >= body.len() as u64) {
-                        return Ok(Put::AlreadyLonger);
-                    }
+        // A few rounds: each ends in a decision unless the object changed between reading and
+        // writing it (another uploader's piece), which is then read again.
+        for _ in 0..4 {
+            if self.put_if(key, upload, &body, If::Absent).await? == Written::Yes {
+                return Ok(Put::Stored);
+            }
+            let Some(stored) = self.get(key).await? else {
+                continue; // deleted meanwhile: create it again
+            };
+            let header = body.len().saturating_sub(record.pcm.len());
+            let theirs = stored.body.get(header..).unwrap_or_default();
+            let ours = &record.pcm[..];
+            let outcome = if theirs == ours {
+                Put::Identical
+            } else if theirs.len() > ours.len() && theirs.starts_with(ours) {
+                Put::AlreadyLonger
+            } else if ours.len() > theirs.len() && ours.starts_with(theirs) {
+                let Some(etag) = stored.etag else {
+                    return Err(UploadError(format!("the store gave no ETag for {key}")));
+                };
+                match self.put_if(key, upload, &body, If::Etag(etag)).await? {
+                    Written::Yes => Put::Superseded,
+                    Written::No => continue,
                 }
-                Err(SdkError::ServiceError(e)) if e.err().is_not_found() => {}
-                Err(e) => return Err(UploadError(DisplayErrorContext(&e).to_string())),
+            } else {
+                return self.put_conflict(key, upload, &body, theirs).await;
+            };
+            return Ok(outcome);
+        }
+        Err(UploadError(format!(
+            "{key} changed under every conditional write; trying again later"
+        )))
+    }
+
+    /// Stores `upload`'s bytes beside the object they differ from, at [`conflict_key`].
+    async fn put_conflict(
+        &self,
+        key: &str,
+        upload: &Upload,
+        body: &bytes::Bytes,
+        theirs: &[u8],
+    ) -> Result<Put, UploadError> {
+        let record = &upload.spooled.record;
+        let stored_crc = spillway_proto::checksum::crc32c(theirs);
+        let aside = conflict_key(key, record.crc32c);
+        if self.put_if(&aside, upload, body, If::Absent).await? == Written::No {
+            // Already set aside by an earlier attempt, or a copy with the same CRC32C.
+            match self.get(&aside).await? {
+                Some(o) if o.body.ends_with(&record.pcm) => {}
+                _ => {
+                    tracing::error!(%key, %aside, "a different copy with the same CRC32C is already set aside; this one is not stored")
+                }
             }
         }
+        Ok(Put::Conflict {
+            aside,
+            stored_crc,
+            new_crc: record.crc32c,
+        })
+    }
+
+    /// One `PutObject` of `body` at `key` under a precondition; `Written::No` when the store
+    /// refused it for the precondition (412, or 409 for a conditional write racing another).
+    async fn put_if(
+        &self,
+        key: &str,
+        upload: &Upload,
+        body: &bytes::Bytes,
+        condition: If,
+    ) -> Result<Written, UploadError> {
+        let record = &upload.spooled.record;
+        let Some(sha256) = &upload.body_sha256 else {
+            return Err(UploadError("no body hash".to_owned()));
+        };
         // The body's CRC32C from the header's and the PCM's as ingest computed it (checked when
         // the record was read): no second pass over the audio, and the store verifies the bytes
         // against the checksum made where they entered the pipeline.
@@ -202,7 +263,8 @@ impl Store {
             record.pcm.len(),
         );
         let checksum = base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes());
-        self.client
+        let request = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
@@ -212,21 +274,94 @@ impl Store {
             .metadata("sample-rate", record.sample_rate.to_string())
             .metadata("first-sample", record.first_sample.to_string())
             .metadata("pcm-crc32c", format!("{:08x}", record.crc32c))
-            .body(ByteStream::from(body))
+            .body(ByteStream::from(body.clone()));
+        let request = match condition {
+            If::Absent => request.if_none_match("*"),
+            If::Etag(etag) => request.if_match(etag),
+        };
+        match request
             .customize()
             .interceptor(PrecomputedBodySha256(sha256.clone()))
             .send()
             .await
-            .map_err(|e| UploadError(DisplayErrorContext(&e).to_string()))?;
-        Ok(Put::Stored)
+        {
+            Ok(_) => Ok(Written::Yes),
+            Err(SdkError::ServiceError(e)) if matches!(e.raw().status().as_u16(), 409 | 412) => {
+                Ok(Written::No)
+            }
+            Err(e) => Err(UploadError(DisplayErrorContext(&e).to_string())),
+        }
+    }
+
+    /// The object at `key` with its ETag, `None` when there is none.
+    async fn get(&self, key: &str) -> Result<Option<Stored>, UploadError> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => return Ok(None),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => return Ok(None),
+            Err(e) => return Err(UploadError(DisplayErrorContext(&e).to_string())),
+        };
+        let etag = out.e_tag().map(str::to_owned);
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| UploadError(format!("reading {key} back: {e}")))?
+            .into_bytes();
+        Ok(Some(Stored { body, etag }))
     }
 }
 
-/// What an upload did.
+/// Where a chunk's PCM goes when its key already holds different audio: beside the original,
+/// named by the new PCM's CRC32C, e.g. `alice/walk-1/000002.wav.conflict-1a2b3c4d`.
+pub fn conflict_key(key: &str, crc32c: u32) -> String {
+    format!("{key}.conflict-{crc32c:08x}")
+}
+
+/// The precondition of a write.
+#[derive(Debug)]
+enum If {
+    /// `If-None-Match: *`: only if the key holds nothing.
+    Absent,
+    /// `If-Match`: only if the key still holds the object with this ETag.
+    Etag(String),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Yes,
+    No,
+}
+
+/// An object read back.
+#[derive(Debug)]
+struct Stored {
+    body: bytes::Bytes,
+    etag: Option<String>,
+}
+
+/// What an upload did (see [`Store::put`]). Every variant leaves the chunk's audio in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Put {
-    /// The object was written.
+    /// The object was created.
     Stored,
-    /// The store already held a piece of this chunk at least as long (see [`Store::put`]).
+    /// The store already held exactly these bytes (an earlier attempt's answer was lost).
+    Identical,
+    /// The store already held a longer piece of this chunk that begins with these bytes.
     AlreadyLonger,
+    /// The store held a shorter piece that these bytes extend; it was replaced.
+    Superseded,
+    /// The store held different audio at the key; it was kept, and these bytes went to `aside`.
+    Conflict {
+        aside: String,
+        stored_crc: u32,
+        new_crc: u32,
+    },
 }

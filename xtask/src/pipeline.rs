@@ -180,6 +180,35 @@ impl Pipeline {
         Ok(http_get(self.uploader_http, "/metrics").await?.1)
     }
 
+    /// One `PutChunk` straight to the uploader, as an ingest (or a rogue client) would send it.
+    pub async fn put_chunk(
+        &self,
+        request: spillway_proto::uploader::PutChunkRequest,
+    ) -> Result<spillway_proto::uploader::PutChunkResponse, tonic::Status> {
+        use spillway_proto::uploader::uploader_client::UploaderClient;
+        let mut client = UploaderClient::connect(format!("http://{}", self.uploader_grpc))
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+            .max_encoding_message_size(64 * 1024 * 1024);
+        client
+            .put_chunk(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// The object at `key` in the pipeline's bucket, `None` when there is none.
+    pub async fn object(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let s3 = self.s3().await;
+        match s3.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(o) => Ok(Some(o.body.collect().await?.into_bytes().to_vec())),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => Ok(None),
+            Err(e) => Err(anyhow::anyhow!(
+                "reading {key}: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            )),
+        }
+    }
+
     /// The keys of the objects under `prefix` in the pipeline's bucket, in order.
     pub async fn object_keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
         let s3 = self.s3().await;

@@ -1,7 +1,9 @@
 //! An S3-compatible server on loopback, embedded (`s3s` + `s3s-fs`): the default object store
 //! of `cargo xtask up` and of the end-to-end tests. It verifies SigV4 signatures and CRC32C
-//! checksums, so uploads are checked as a real store would.
+//! checksums, so uploads are checked as a real store would, and honours conditional writes
+//! (`If-None-Match: *`, `If-Match`) atomically, as S3 does (see [`Writes`]).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -32,6 +34,35 @@ struct Faulty {
     inner: s3s::service::S3Service,
     flag: Arc<std::path::PathBuf>,
     latency: std::time::Duration,
+    writes: Arc<Writes>,
+}
+
+/// One lock per object path for conditional writes. s3s-fs checks `If-None-Match: *` and
+/// `If-Match` against the file, then writes it: two conditional writes to one key at once could
+/// both pass the check. S3 decides them atomically (one gets `412`), and Spillway's rule that
+/// stored audio is never replaced relies on that, so this store serializes them per key.
+#[derive(Default)]
+struct Writes(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Writes {
+    fn lock(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(locks.entry(path.to_owned()).or_default())
+    }
+
+    fn release(&self, path: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(lock);
+        if locks.get(path).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(path);
+        }
+    }
 }
 
 type Answer = std::pin::Pin<
@@ -54,6 +85,24 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Faulty {
                 http::HeaderValue::from_static("application/xml"),
             );
             return Box::pin(async move { Ok(response) });
+        }
+        let conditional = req.method() == http::Method::PUT
+            && (req.headers().contains_key(http::header::IF_NONE_MATCH)
+                || req.headers().contains_key(http::header::IF_MATCH));
+        if conditional {
+            let (writes, path) = (Arc::clone(&self.writes), req.uri().path().to_owned());
+            let answer = hyper::service::Service::call(&self.inner, req);
+            let latency = self.latency;
+            return Box::pin(async move {
+                let lock = writes.lock(&path);
+                let r = {
+                    let _held = lock.lock().await;
+                    answer.await
+                };
+                writes.release(&path, lock);
+                tokio::time::sleep(latency).await;
+                r
+            });
         }
         let answer = hyper::service::Service::call(&self.inner, req);
         let latency = self.latency;
@@ -96,6 +145,7 @@ pub async fn serve_with_latency(
             inner: b.build(),
             flag: Arc::new(fault_flag(root)),
             latency,
+            writes: Arc::default(),
         }
     };
     let http = ConnBuilder::new(TokioExecutor::new());

@@ -436,27 +436,21 @@ async fn put(
     pcm: Vec<u8>,
     crc: Option<u32>,
 ) -> Result<spillway_proto::uploader::PutChunkResponse, tonic::Status> {
-    use spillway_proto::uploader::{ChunkId, PutChunkRequest, uploader_client::UploaderClient};
-    let mut client = UploaderClient::connect(format!("http://{}", p.uploader_grpc))
-        .await
-        .expect("connect to the uploader")
-        .max_encoding_message_size(64 * 1024 * 1024);
+    use spillway_proto::uploader::{ChunkId, PutChunkRequest};
     let crc32c = crc.unwrap_or_else(|| crc32c::crc32c(&pcm));
-    client
-        .put_chunk(PutChunkRequest {
-            id: Some(ChunkId {
-                uid: "hank".into(),
-                session: "direct".into(),
-                seq,
-            }),
-            sample_rate: 8_000,
-            chunk_samples: 8_000 * 60,
-            first_sample: seq * 8_000 * 60,
-            pcm: Bytes::from(pcm),
-            crc32c,
-        })
-        .await
-        .map(tonic::Response::into_inner)
+    p.put_chunk(PutChunkRequest {
+        id: Some(ChunkId {
+            uid: "hank".into(),
+            session: "direct".into(),
+            seq,
+        }),
+        sample_rate: 8_000,
+        chunk_samples: 8_000 * 60,
+        first_sample: seq * 8_000 * 60,
+        pcm: Bytes::from(pcm),
+        crc32c,
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
