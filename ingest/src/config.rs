@@ -2,9 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use spillway_proto::ops::LogFormat;
+
+use crate::auth::{Auth, Keyring};
 
 use crate::forward::Target;
 use crate::tls::TlsMaterial;
@@ -19,9 +23,13 @@ fn parse_target(s: &str) -> Result<Target, String> {
 #[command(
     name = "ingest",
     version,
-    about = "Spillway ingest: device audio over QUIC, cut into chunks, forwarded to the uploader"
+    about = "Spillway ingest: device audio over QUIC, cut into chunks, forwarded to the uploader",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    /// A tool instead of the daemon.
+    #[command(subcommand)]
+    pub command: Option<crate::auth::cli::Command>,
     /// UDP address the QUIC device endpoint listens on.
     #[arg(long, env = "SPILLWAY_INGEST_LISTEN", default_value = "127.0.0.1:4433")]
     pub listen: SocketAddr,
@@ -72,14 +80,33 @@ pub struct Args {
     /// Most sessions open at once.
     #[arg(long, env = "SPILLWAY_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
+    /// Sessions one uid may have open at once (a device needs one; a reconnect briefly two).
+    #[arg(long, env = "SPILLWAY_MAX_SESSIONS_PER_UID", default_value_t = 4)]
+    pub max_sessions_per_uid: usize,
+    /// A new stream must send its hello within this long; until then it holds no session slot.
+    #[arg(long, env = "SPILLWAY_HELLO_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hello_timeout: Duration,
+    /// QUIC connections at once; beyond it new ones are refused. From half of it on, a client
+    /// must first prove its address (QUIC retry).
+    #[arg(long, env = "SPILLWAY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// QUIC connections at once from one IP address (a NAT or a gateway shares one).
+    #[arg(long, env = "SPILLWAY_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    pub max_connections_per_ip: usize,
     /// Memory budget for audio not yet committed by the uploader, in bytes. When it is spent,
     /// sessions stop reading (QUIC flow control slows the devices); nothing is dropped. Must
     /// hold at least one largest chunk (--chunk-seconds at 48 kHz).
     #[arg(long, env = "SPILLWAY_MAX_BUFFERED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_buffered_bytes: usize,
-    /// When set, every hello must carry this token.
-    #[arg(long, env = "SPILLWAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// How devices prove their uid: `token` (every hello carries a token signed with a key of
+    /// --token-keys, naming the uid it may write as) or `none` (anyone may write as any uid; the
+    /// default only when --listen is a loopback address).
+    #[arg(long, env = "SPILLWAY_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+    /// File of token keys, one `<kid> <base64 secret>` per line (`ingest token new-key` makes
+    /// one); every key verifies, the first signs. Required by --auth token.
+    #[arg(long, env = "SPILLWAY_TOKEN_KEYS")]
+    pub token_keys: Option<PathBuf>,
     /// How long shutdown waits for in-flight chunks to be acknowledged.
     #[arg(long, env = "SPILLWAY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -102,8 +129,12 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub max_frame_bytes: usize,
     pub max_sessions: usize,
+    pub max_sessions_per_uid: usize,
+    pub hello_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub max_buffered_bytes: usize,
-    pub token: Option<String>,
+    pub auth: Arc<Auth>,
     pub shutdown_grace: Duration,
     pub forward_timeout: Duration,
 }
@@ -117,6 +148,12 @@ pub enum ConfigError {
     MaxFrameBytes(usize),
     #[error("--max-sessions must be at least 1")]
     MaxSessions,
+    #[error("--max-sessions-per-uid must be at least 1")]
+    MaxSessionsPerUid,
+    #[error("--hello-timeout must be 100ms to 60s")]
+    HelloTimeout,
+    #[error("--max-connections and --max-connections-per-ip must be at least 1")]
+    MaxConnections,
     #[error(
         "--max-buffered-bytes ({max}) must hold at least one largest chunk ({need} bytes: --chunk-seconds at 48 kHz)"
     )]
@@ -127,8 +164,13 @@ pub enum ConfigError {
     NoUploader,
     #[error("--uploader-refresh must be at least 100ms")]
     UploaderRefresh,
-    #[error("--token must not be empty")]
-    EmptyToken,
+}
+
+/// `--auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    None,
+    Token,
 }
 
 impl Config {
@@ -142,8 +184,12 @@ impl Config {
             idle_timeout: Duration::from_secs(30),
             max_frame_bytes: spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES,
             max_sessions: 256,
+            max_sessions_per_uid: 4,
+            hello_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+            max_connections_per_ip: 64,
             max_buffered_bytes: 256 * 1024 * 1024,
-            token: None,
+            auth: Arc::new(Auth::None),
             shutdown_grace: Duration::from_secs(30),
             forward_timeout: Duration::from_secs(30),
         }
@@ -159,6 +205,15 @@ impl Config {
         }
         if self.max_sessions == 0 {
             return Err(ConfigError::MaxSessions);
+        }
+        if self.max_sessions_per_uid == 0 {
+            return Err(ConfigError::MaxSessionsPerUid);
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.hello_timeout) {
+            return Err(ConfigError::HelloTimeout);
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return Err(ConfigError::MaxConnections);
         }
         let need = spillway_proto::validate::max_chunk_bytes(self.chunk_seconds);
         if self.max_buffered_bytes < need {
@@ -176,9 +231,6 @@ impl Config {
         if self.uploader_refresh < Duration::from_millis(100) {
             return Err(ConfigError::UploaderRefresh);
         }
-        if self.token.as_deref() == Some("") {
-            return Err(ConfigError::EmptyToken);
-        }
         Ok(())
     }
 }
@@ -195,6 +247,24 @@ impl Args {
                 tls
             }
         };
+        let auth = match (self.auth, &self.token_keys) {
+            (Some(AuthMode::Token), Some(path)) => Auth::Tokens(load_keys(path)?),
+            (Some(AuthMode::Token), None) => {
+                anyhow::bail!(
+                    "--auth token needs --token-keys FILE (`ingest token new-key` makes one)"
+                )
+            }
+            (Some(AuthMode::None), _) => Auth::None,
+            (None, Some(_)) => {
+                anyhow::bail!("--token-keys is given but --auth is not; pass --auth token")
+            }
+            (None, None) if self.listen.ip().is_loopback() => Auth::None,
+            (None, None) => anyhow::bail!(
+                "ingest listens on {} with no device authentication: pass --auth token --token-keys FILE, \
+                 or --auth none to let anyone who reaches it write as any uid",
+                self.listen
+            ),
+        };
         let config = Config {
             uploaders: self.uploader,
             uploader_refresh: self.uploader_refresh,
@@ -203,12 +273,23 @@ impl Args {
             idle_timeout: self.idle_timeout,
             max_frame_bytes: self.max_frame_bytes,
             max_sessions: self.max_sessions,
+            max_sessions_per_uid: self.max_sessions_per_uid,
+            hello_timeout: self.hello_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             max_buffered_bytes: self.max_buffered_bytes,
-            token: self.token,
+            auth: Arc::new(auth),
             shutdown_grace: self.shutdown_grace,
             forward_timeout: self.forward_timeout,
         };
         config.validate()?;
         Ok(config)
     }
+}
+
+/// Reads a keys file (see [`crate::auth::token`]).
+pub fn load_keys(path: &std::path::Path) -> anyhow::Result<Keyring> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token keys in {}", path.display()))?;
+    Keyring::parse(&text).with_context(|| format!("the token keys in {}", path.display()))
 }

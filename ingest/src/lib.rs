@@ -5,6 +5,8 @@
 //! Data path: [`server`] (QUIC bytes) → [`session`] (protocol rules, transport-free) →
 //! [`chunker`] (exact chunks, sans-IO) → [`forward`] (gRPC `PutChunk` to a healthy uploader chosen by [`balance`]) → `Ack` back.
 
+pub mod admission;
+pub mod auth;
 pub mod balance;
 pub mod budget;
 pub mod chunker;
@@ -60,6 +62,46 @@ pub fn transport_config() -> quinn::TransportConfig {
         .datagram_receive_buffer_size(None)
         .max_idle_timeout(Some(quinn::VarInt::from_u32(60_000).into()));
     transport
+}
+
+/// Decides on a connection attempt before any handshake work: under load (half the connection
+/// slots held) an address not yet validated is sent a QUIC retry, so a spoofed source cannot
+/// take a slot; a source or the whole endpoint at its cap is refused, counted.
+fn admit(
+    incoming: quinn::Incoming,
+    connections: &admission::Connections,
+    shared: &Arc<server::Shared>,
+    tasks: &TaskTracker,
+) {
+    let ip = incoming.remote_address().ip();
+    if !incoming.remote_address_validated()
+        && incoming.may_retry()
+        && connections.held() * 2 >= connections.total()
+    {
+        shared.metrics.quic_retries.inc();
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().ignore();
+        }
+        return;
+    }
+    match connections.try_take(&ip) {
+        Ok(slot) => {
+            tasks.spawn(server::connection(incoming, Arc::clone(shared), slot));
+        }
+        Err(full) => {
+            let reason = match full {
+                admission::Full::Total => "total",
+                admission::Full::PerKey => "per_source",
+            };
+            shared
+                .metrics
+                .connections_refused
+                .get_or_create(&metrics::EndLabel { reason })
+                .inc();
+            tracing::debug!(%ip, reason, "connection refused");
+            incoming.refuse();
+        }
+    }
 }
 
 /// Runs ingest until `shutdown` is cancelled, then stops accepting, flushes every session's
@@ -122,30 +164,39 @@ pub async fn run(
     let shared = Arc::new(server::Shared {
         limits: session::Limits {
             chunk_seconds: config.chunk_seconds,
-            token: config.token.clone(),
+            auth: Arc::clone(&config.auth),
         },
         forwarder,
         budget: budget::Budget::new(config.max_buffered_bytes, metrics.clone()),
         metrics,
         idle_timeout: config.idle_timeout,
+        hello_timeout: config.hello_timeout,
         max_frame_bytes: config.max_frame_bytes,
         sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+        uids: admission::Uids::new(config.max_sessions, config.max_sessions_per_uid),
         shutdown: shutdown.clone(),
         abandon: abandon.clone(),
         tasks: tasks.clone(),
     });
     ready.set(true);
+    match config.auth.as_ref() {
+        auth::Auth::None => tracing::warn!(
+            "--auth none: any device that reaches ingest may write as any uid (local runs only)"
+        ),
+        auth::Auth::Tokens(keys) => {
+            tracing::info!(kids = ?keys.kids().collect::<Vec<_>>(), "devices authenticate with signed tokens");
+        }
+    }
     tracing::info!(quic = %ops::describe(quic_addr), http = %ops::describe(http_addr),
         uploaders = ?config.uploaders.iter().map(ToString::to_string).collect::<Vec<_>>(),
         chunk_seconds = config.chunk_seconds, "ingest started");
 
+    let connections =
+        admission::Connections::new(config.max_connections, config.max_connections_per_ip);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
-                Some(incoming) => {
-                    let shared = Arc::clone(&shared);
-                    tasks.spawn(server::connection(incoming, shared));
-                }
+                Some(incoming) => admit(incoming, &connections, &shared, &tasks),
                 None => break,
             },
             () = shutdown.cancelled() => break,

@@ -4,7 +4,10 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = spillway_ingest::Args::parse();
+    let mut args = spillway_ingest::Args::parse();
+    if let Some(command) = args.command.take() {
+        return command.run();
+    }
     spillway_proto::ops::init_tracing(args.log_format);
     let (listen, http_listen) = (args.listen, args.http_listen);
     let config = args.into_config()?;

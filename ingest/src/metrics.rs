@@ -38,6 +38,8 @@ pub struct Metrics {
     pub buffered_bytes: Gauge,
     pub budget_waits: Counter,
     pub idle_connections_closed: Counter,
+    pub connections_refused: Family<EndLabel, Counter>,
+    pub quic_retries: Counter,
 }
 
 impl Metrics {
@@ -133,6 +135,16 @@ impl Metrics {
             "idle_connections_closed",
             "Connections closed for having no session open for the idle timeout",
             m.idle_connections_closed.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "QUIC connections refused before their handshake: reason total (--max-connections) or per_source (--max-connections-per-ip)",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "quic_retries",
+            "QUIC connection attempts asked to prove their address first (retry), sent once ingest holds half of --max-connections",
+            m.quic_retries.clone(),
         );
         m
     }

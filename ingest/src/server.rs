@@ -14,6 +14,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDel
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Uids;
 use crate::budget::{Budget, Reservation};
 use crate::chunker::Chunk;
 use crate::forward::{ForwardError, Forwarder};
@@ -27,8 +28,12 @@ pub(crate) struct Shared {
     pub budget: Budget,
     pub metrics: Metrics,
     pub idle_timeout: Duration,
+    /// How long a new stream has to send its hello before it is refused.
+    pub hello_timeout: Duration,
     pub max_frame_bytes: usize,
     pub sessions: Arc<Semaphore>,
+    /// Sessions per uid (`--max-sessions-per-uid`).
+    pub uids: Uids,
     /// Fires when ingest is shutting down: sessions stop reading and flush.
     pub shutdown: CancellationToken,
     /// Fires once the shutdown grace has passed: forwarders stop waiting for the uploader.
@@ -37,6 +42,7 @@ pub(crate) struct Shared {
 }
 
 type Writer = Arc<Mutex<FramedWrite<quinn::SendStream, LengthDelimitedCodec>>>;
+type Reader = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
 
 async fn send(writer: &Writer, kind: Kind) -> std::io::Result<()> {
     let msg = ServerMessage { kind: Some(kind) };
@@ -47,8 +53,57 @@ async fn send(writer: &Writer, kind: Kind) -> std::io::Result<()> {
         .await
 }
 
-/// Handles one QUIC connection: every bidirectional stream is one session.
-pub(crate) async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+/// The accepted sessions of one connection, and since when it has had none: only an accepted
+/// session keeps a connection open. Streams that never say hello, or are refused, do not
+/// restart its idle timer.
+struct Occupancy {
+    active: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+    /// Wakes the connection's loop to look at its idle deadline again.
+    changed: tokio::sync::Notify,
+}
+
+impl Occupancy {
+    fn started(&self) {
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
+    fn ended(&self) {
+        if self
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            *self
+                .idle_since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
+        }
+        self.changed.notify_one();
+    }
+
+    /// When the connection is to be closed for idling, `None` while a session is open.
+    fn idle_deadline(&self, idle_timeout: Duration) -> Option<tokio::time::Instant> {
+        if self.active.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(since + idle_timeout)
+    }
+}
+
+/// Handles one QUIC connection: every bidirectional stream is one session. `_slot` is its
+/// connection slot, given back when it ends.
+pub(crate) async fn connection(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    _slot: crate::admission::Slot<std::net::IpAddr>,
+) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
@@ -60,12 +115,22 @@ pub(crate) async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     shared.metrics.connections.inc();
     tracing::debug!(%remote, "connection accepted");
-    // A connection with no session open for the idle timeout is closed: a flood of connections
-    // that never send cannot pin ingest's memory (the seed's ghost connections held 15 MiB each).
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let ended = Arc::new(tokio::sync::Notify::new());
+    // A connection with no session for the idle timeout is closed: a flood of connections
+    // that never send (or only open streams that are refused) cannot pin ingest's memory or its
+    // connection slots (the seed's ghost connections held 15 MiB each).
+    let occupancy = Arc::new(Occupancy {
+        active: std::sync::atomic::AtomicUsize::new(0),
+        idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        changed: tokio::sync::Notify::new(),
+    });
     loop {
-        let idle = active.load(std::sync::atomic::Ordering::Acquire) == 0;
+        let deadline = occupancy.idle_deadline(shared.idle_timeout);
+        let idle = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let (tx, rx) = tokio::select! {
             r = conn.accept_bi() => match r {
                 Ok(streams) => streams,
@@ -74,7 +139,7 @@ pub(crate) async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
                     return;
                 }
             },
-            () = tokio::time::sleep(shared.idle_timeout), if idle => {
+            () = idle => {
                 shared.metrics.idle_connections_closed.inc();
                 tracing::info!(%remote, "closing a connection with no session for the idle timeout");
                 conn.close(
@@ -83,16 +148,12 @@ pub(crate) async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
                 );
                 return;
             }
-            () = ended.notified() => continue,
+            () = occupancy.changed.notified() => continue,
             () = shared.shutdown.cancelled() => return,
         };
-        let (shared2, active2, ended2) =
-            (Arc::clone(&shared), Arc::clone(&active), Arc::clone(&ended));
-        active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let (shared2, occupancy2) = (Arc::clone(&shared), Arc::clone(&occupancy));
         shared.tasks.spawn(async move {
-            stream(tx, rx, shared2).await;
-            active2.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            ended2.notify_one();
+            stream(tx, rx, shared2, &occupancy2).await;
         });
     }
 }
@@ -120,115 +181,174 @@ impl End {
     }
 }
 
-async fn stream(tx: quinn::SendStream, rx: quinn::RecvStream, shared: Arc<Shared>) {
+/// One stream: its hello within the hello deadline, then (only then) a session slot, a slot of
+/// its uid's and the session itself. Until the hello is accepted the stream holds nothing but
+/// its read buffer, bounded by the frame limit and QUIC's receive windows.
+async fn stream(
+    tx: quinn::SendStream,
+    rx: quinn::RecvStream,
+    shared: Arc<Shared>,
+    occupancy: &Occupancy,
+) {
     let writer: Writer = Arc::new(Mutex::new(FramedWrite::new(
         tx,
         spillway_proto::framing::codec(shared.max_frame_bytes),
     )));
-    let Ok(_permit) = Arc::clone(&shared.sessions).try_acquire_owned() else {
-        let refusal = Refusal::new(
-            ErrorCode::Overloaded,
-            "ingest is at its session limit; retry later",
-        );
-        shared.metrics.refused(refusal.code);
-        tracing::warn!(
-            code = refusal.code.as_str_name(),
-            "session refused: at --max-sessions"
-        );
-        let mut rx = rx;
-        let _ = rx.stop(quinn::VarInt::from_u32(refusal.code as u32));
-        close(&writer, Some(refusal)).await;
-        return;
+    let mut reader = FramedRead::new(rx, spillway_proto::framing::codec(shared.max_frame_bytes));
+    let mut session = Session::new(shared.limits.clone(), std::time::SystemTime::now());
+    let first = tokio::select! {
+        biased;
+        () = shared.shutdown.cancelled() => return close(&writer, None).await,
+        r = tokio::time::timeout(shared.hello_timeout, reader.next()) => r,
     };
+    let hello = match first {
+        Err(_elapsed) => Err(Refusal::new(
+            ErrorCode::HelloTimeout,
+            format!(
+                "no hello within {:?} of opening the stream",
+                shared.hello_timeout
+            ),
+        )),
+        Ok(None) => return close(&writer, None).await,
+        Ok(Some(Err(e))) => match read_error(e, shared.max_frame_bytes) {
+            End::Refused(r) => Err(r),
+            _ => return,
+        },
+        Ok(Some(Ok(frame))) => match session.on_frame(frame.freeze()) {
+            Ok(Output::Accepted(params)) => Ok(params),
+            Ok(Output::Audio(_)) => Err(Refusal::new(
+                ErrorCode::ExpectedHello,
+                "the first message must be Hello",
+            )),
+            Err(r) => Err(r),
+        },
+    };
+    let admitted = hello.and_then(|params| {
+        let Ok(permit) = Arc::clone(&shared.sessions).try_acquire_owned() else {
+            return Err(Refusal::new(
+                ErrorCode::Overloaded,
+                "ingest is at its session limit; retry later",
+            ));
+        };
+        match shared.uids.try_take(&params.uid) {
+            Ok(uid_slot) => Ok((params, permit, uid_slot)),
+            Err(_) => Err(Refusal::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "uid {:?} already has its most sessions open (--max-sessions-per-uid); retry later",
+                    params.uid
+                ),
+            )),
+        }
+    });
+    let (params, _permit, _uid_slot) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            shared.metrics.refused(refusal.code);
+            tracing::warn!(code = refusal.code.as_str_name(), message = %refusal.message, "stream refused before its session started");
+            let _ = reader
+                .get_mut()
+                .stop(quinn::VarInt::from_u32(refusal.code as u32));
+            return close(&writer, Some(refusal)).await;
+        }
+    };
+    occupancy.started();
     shared.metrics.sessions_active.inc();
-    session(rx, &writer, &shared).await;
+    run_session(reader, session, params, &writer, &shared).await;
+    occupancy.ended();
 }
 
-async fn session(rx: quinn::RecvStream, writer: &Writer, shared: &Shared) {
-    let mut reader = FramedRead::new(rx, spillway_proto::framing::codec(shared.max_frame_bytes));
-    let mut session = Session::new(shared.limits.clone());
+/// Drives an accepted session until it ends.
+async fn run_session(
+    mut reader: Reader,
+    mut session: Session,
+    params: Params,
+    writer: &Writer,
+    shared: &Shared,
+) {
     let fatal = CancellationToken::new();
     // A chunk travels with the budget reservation it was filled under; the reservation is
     // returned once the uploader has committed the chunk.
     let (chunk_tx, chunk_rx) = mpsc::channel::<(Chunk, Option<Reservation>)>(1);
-    let mut chunk_rx = Some(chunk_rx);
-    let mut forwarding = None;
-    let mut chunk_bytes = 0usize;
+    let chunk_bytes = session.chunk_bytes().unwrap_or(0);
     let mut reserved: Option<Reservation> = None;
+    tracing::info!(uid = %params.uid, session = %params.session,
+        sample_rate = params.sample_rate, "session accepted");
+    let accepted = Kind::Accepted(Accepted {
+        chunk_samples: params.chunk_samples,
+        start_sample: params.start_sample,
+        max_frame_bytes: u32::try_from(shared.max_frame_bytes).unwrap_or(u32::MAX),
+    });
+    let link = Link {
+        forwarder: shared.forwarder.clone(),
+        metrics: shared.metrics.clone(),
+        abandon: shared.abandon.clone(),
+        fatal: fatal.clone(),
+        ack_timeout: shared.idle_timeout,
+    };
+    let sent = send(writer, accepted).await;
+    let forwarding = Some(tokio::spawn(forward_loop(
+        link,
+        params,
+        chunk_rx,
+        Arc::clone(writer),
+    )));
 
-    let end = 'read: loop {
-        let next = tokio::select! {
-            biased;
-            () = shared.shutdown.cancelled() => break End::Shutdown,
-            () = fatal.cancelled() => break End::ForwardFailed,
-            r = tokio::time::timeout(shared.idle_timeout, reader.next()) => r,
-        };
-        let frame = match next {
-            Err(_elapsed) => break End::Idle,
-            Ok(None) => break End::Finished,
-            Ok(Some(Err(e))) => break read_error(e, shared.max_frame_bytes),
-            Ok(Some(Ok(frame))) => frame,
-        };
-        match session.on_frame(frame.freeze()) {
-            Err(refusal) => break End::Refused(refusal),
-            Ok(Output::Accepted(params)) => {
-                tracing::info!(uid = %params.uid, session = %params.session,
-                    sample_rate = params.sample_rate, "session accepted");
-                chunk_bytes = session.chunk_bytes().unwrap_or(0);
-                let accepted = Kind::Accepted(Accepted {
-                    chunk_samples: params.chunk_samples,
-                    start_sample: params.start_sample,
-                    max_frame_bytes: u32::try_from(shared.max_frame_bytes).unwrap_or(u32::MAX),
-                });
-                if let Err(e) = send(writer, accepted).await {
-                    break End::Transport(e.to_string());
+    let end = match sent {
+        Err(e) => End::Transport(e.to_string()),
+        Ok(()) => 'read: loop {
+            let next = tokio::select! {
+                biased;
+                () = shared.shutdown.cancelled() => break End::Shutdown,
+                () = fatal.cancelled() => break End::ForwardFailed,
+                r = tokio::time::timeout(shared.idle_timeout, reader.next()) => r,
+            };
+            let frame = match next {
+                Err(_elapsed) => break End::Idle,
+                Ok(None) => break End::Finished,
+                Ok(Some(Err(e))) => break read_error(e, shared.max_frame_bytes),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            match session.on_frame(frame.freeze()) {
+                Err(refusal) => break End::Refused(refusal),
+                // The session already has its hello: a second one is refused by `Session`.
+                Ok(Output::Accepted(_)) => {
+                    break End::Refused(Refusal::new(
+                        ErrorCode::UnexpectedHello,
+                        "a second hello on the same stream",
+                    ));
                 }
-                if let Some(rx) = chunk_rx.take() {
-                    let link = Link {
-                        forwarder: shared.forwarder.clone(),
-                        metrics: shared.metrics.clone(),
-                        abandon: shared.abandon.clone(),
-                        fatal: fatal.clone(),
-                        ack_timeout: shared.idle_timeout,
-                    };
-                    forwarding = Some(tokio::spawn(forward_loop(
-                        link,
-                        params,
-                        rx,
-                        Arc::clone(writer),
-                    )));
-                }
-            }
-            Ok(Output::Audio(pcm)) => {
-                shared.metrics.audio_bytes.inc_by(pcm.len() as u64);
-                let mut rest = &pcm[..];
-                while !rest.is_empty() {
-                    // Reserve the chunk about to be filled before taking its bytes; waiting here
-                    // stops reading, so the device is slowed by QUIC flow control.
-                    if reserved.is_none() {
-                        tokio::select! {
-                            biased;
-                            () = fatal.cancelled() => break 'read End::ForwardFailed,
-                            r = shared.budget.reserve(chunk_bytes, &shared.shutdown) => match r {
-                                Some(r) => reserved = Some(r),
-                                None => break 'read End::Shutdown,
-                            },
+                Ok(Output::Audio(pcm)) => {
+                    shared.metrics.audio_bytes.inc_by(pcm.len() as u64);
+                    let mut rest = &pcm[..];
+                    while !rest.is_empty() {
+                        // Reserve the chunk about to be filled before taking its bytes; waiting here
+                        // stops reading, so the device is slowed by QUIC flow control.
+                        if reserved.is_none() {
+                            tokio::select! {
+                                biased;
+                                () = fatal.cancelled() => break 'read End::ForwardFailed,
+                                r = shared.budget.reserve(chunk_bytes, &shared.shutdown) => match r {
+                                    Some(r) => reserved = Some(r),
+                                    None => break 'read End::Shutdown,
+                                },
+                            }
                         }
-                    }
-                    let (taken, chunk) = session.feed(rest);
-                    rest = &rest[taken..];
-                    if let Some(chunk) = chunk {
-                        // Waits while the previous chunk is still being committed.
-                        tokio::select! {
-                            r = chunk_tx.send((chunk, reserved.take())) => if r.is_err() {
-                                break 'read End::ForwardFailed;
-                            },
-                            () = fatal.cancelled() => break 'read End::ForwardFailed,
+                        let (taken, chunk) = session.feed(rest);
+                        rest = &rest[taken..];
+                        if let Some(chunk) = chunk {
+                            // Waits while the previous chunk is still being committed.
+                            tokio::select! {
+                                r = chunk_tx.send((chunk, reserved.take())) => if r.is_err() {
+                                    break 'read End::ForwardFailed;
+                                },
+                                () = fatal.cancelled() => break 'read End::ForwardFailed,
+                            }
                         }
                     }
                 }
             }
-        }
+        },
     };
 
     let mut final_error = match &end {

@@ -4,19 +4,23 @@
 //!
 //! Sans-IO: decoded messages in, [`Output`] or a [`Refusal`] out.
 
+use std::sync::Arc;
+use std::time::SystemTime;
+
 use bytes::Bytes;
 use prost::Message;
 use spillway_proto::device::{ClientMessage, Encoding, ErrorCode, Hello, client_message::Kind};
 use spillway_proto::validate;
 
+use crate::auth::{Auth, Denied};
 use crate::chunker::{Chunk, Chunker, Flush, MAX_RESUME_SAMPLE};
 
 /// Per-daemon rules a session is held to.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub chunk_seconds: u32,
-    /// When set, every hello must carry this token.
-    pub token: Option<String>,
+    /// Who may write as which uid.
+    pub auth: Arc<Auth>,
 }
 
 /// Who is speaking and how, once the hello is accepted.
@@ -68,13 +72,17 @@ enum Phase {
 pub struct Session {
     limits: Limits,
     phase: Phase,
+    /// When the stream opened: credentials are checked as of then (the hello must follow
+    /// within ingest's hello deadline).
+    opened: SystemTime,
 }
 
 impl Session {
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(limits: Limits, opened: SystemTime) -> Self {
         Self {
             limits,
             phase: Phase::AwaitHello,
+            opened,
         }
     }
 
@@ -155,16 +163,18 @@ impl Session {
     }
 
     fn accept(&self, hello: Hello) -> Result<Params, Refusal> {
-        if let Some(expected) = &self.limits.token
-            && hello.token != *expected
-        {
-            return Err(Refusal::new(
-                ErrorCode::Unauthenticated,
-                "the hello's token is not accepted",
-            ));
-        }
         validate::id(&hello.uid)
             .map_err(|e| Refusal::new(ErrorCode::InvalidUid, format!("uid {e}")))?;
+        self.limits
+            .auth
+            .authorize(&hello.uid, &hello.token, self.opened)
+            .map_err(|denied| {
+                let code = match denied {
+                    Denied::Unauthenticated(_) => ErrorCode::Unauthenticated,
+                    Denied::OtherUid { .. } => ErrorCode::PermissionDenied,
+                };
+                Refusal::new(code, denied.to_string())
+            })?;
         validate::id(&hello.session)
             .map_err(|e| Refusal::new(ErrorCode::InvalidSession, format!("session {e}")))?;
         validate::sample_rate(hello.sample_rate)
@@ -237,8 +247,12 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             chunk_seconds: 1,
-            token: None,
+            auth: Arc::new(Auth::None),
         }
+    }
+
+    fn new(limits: Limits) -> Session {
+        Session::new(limits, SystemTime::UNIX_EPOCH)
     }
 
     fn code_of(s: &mut Session, m: ClientMessage) -> ErrorCode {
@@ -247,7 +261,7 @@ mod tests {
 
     #[test]
     fn hello_then_audio_cuts_chunks() {
-        let mut s = Session::new(limits());
+        let mut s = new(limits());
         let Ok(Output::Accepted(p)) = s.on_message(hello("u", "s", 8000)) else {
             panic!("hello refused")
         };
@@ -277,14 +291,14 @@ mod tests {
             (hello("u", "s", 48_001), ErrorCode::UnsupportedSampleRate),
         ];
         for (msg, code) in cases {
-            assert_eq!(code_of(&mut Session::new(limits()), msg), code);
+            assert_eq!(code_of(&mut new(limits()), msg), code);
         }
         let mut wrong = hello("u", "s", 8000);
         if let Some(Kind::Hello(h)) = &mut wrong.kind {
             h.encoding = 0;
         }
         assert_eq!(
-            code_of(&mut Session::new(limits()), wrong.clone()),
+            code_of(&mut new(limits()), wrong.clone()),
             ErrorCode::UnsupportedEncoding
         );
         if let Some(Kind::Hello(h)) = &mut wrong.kind {
@@ -292,7 +306,7 @@ mod tests {
             h.channels = 2;
         }
         assert_eq!(
-            code_of(&mut Session::new(limits()), wrong),
+            code_of(&mut new(limits()), wrong),
             ErrorCode::UnsupportedChannels
         );
     }
@@ -300,17 +314,17 @@ mod tests {
     #[test]
     fn order_and_framing_errors() {
         assert_eq!(
-            code_of(&mut Session::new(limits()), audio(&[1, 2])),
+            code_of(&mut new(limits()), audio(&[1, 2])),
             ErrorCode::ExpectedHello
         );
-        let mut s = Session::new(limits());
+        let mut s = new(limits());
         assert!(s.on_message(hello("u", "s", 8000)).is_ok());
         assert_eq!(
             code_of(&mut s, hello("u", "s", 8000)),
             ErrorCode::UnexpectedHello
         );
         assert_eq!(
-            Session::new(limits())
+            new(limits())
                 .on_frame(Bytes::from_static(&[0xff, 0xff, 0xff]))
                 .expect_err("garbage")
                 .code,
@@ -319,14 +333,53 @@ mod tests {
     }
 
     #[test]
-    fn token_is_checked_when_configured() {
-        let mut s = Session::new(Limits {
+    fn a_device_writes_only_as_the_uid_its_token_names() {
+        use crate::auth::{Keyring, Scope};
+        use std::time::Duration;
+        let keys = Keyring::parse("k1 ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=").unwrap();
+        let limits = Limits {
             chunk_seconds: 1,
-            token: Some("sesame".into()),
-        });
-        assert_eq!(
-            code_of(&mut s, hello("u", "s", 8000)),
-            ErrorCode::Unauthenticated
+            auth: Arc::new(Auth::Tokens(keys.clone())),
+        };
+        let with = |uid: &str, token: &str| {
+            let mut m = hello(uid, "s", 8000);
+            if let Some(Kind::Hello(h)) = &mut m.kind {
+                h.token = token.into();
+            }
+            m
+        };
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let alice = keys.issue(None, &Scope::Uid("alice".into()), 100).unwrap();
+        let gateway = keys.issue(None, &Scope::Prefix("gw-".into()), 100).unwrap();
+        let open = |t: u64| Session::new(limits.clone(), at(t));
+        assert!(open(5).on_message(with("alice", &alice)).is_ok());
+        assert!(open(5).on_message(with("gw-bob", &gateway)).is_ok());
+        let refused = |t: u64, m: ClientMessage| open(t).on_message(m).expect_err("refused");
+        let r = refused(5, with("bob", &alice));
+        assert_eq!(r.code, ErrorCode::PermissionDenied);
+        assert!(
+            r.message.contains("uid \"alice\"") && r.message.contains("\"bob\""),
+            "{}",
+            r.message
         );
+        assert_eq!(
+            refused(5, with("bob", &gateway)).code,
+            ErrorCode::PermissionDenied
+        );
+        for (t, m, says) in [
+            (5, with("alice", ""), "no token"),
+            (5, with("alice", "sesame"), "malformed"),
+            (
+                100,
+                with("alice", &alice),
+                "expired at 1970-01-01T00:01:40Z",
+            ),
+        ] {
+            let r = refused(t, m);
+            assert_eq!(r.code, ErrorCode::Unauthenticated);
+            assert!(r.message.contains(says), "{}", r.message);
+        }
+        // The uid is checked before the token: a bad uid gets its own code.
+        assert_eq!(refused(5, with("../x", &alice)).code, ErrorCode::InvalidUid);
     }
 }

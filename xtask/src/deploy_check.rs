@@ -2145,6 +2145,9 @@ fn exposed_metrics() -> Result<BTreeSet<String>> {
     m.refusals
         .get_or_create(&ingest::CodeLabel { code: "ANY".into() })
         .inc();
+    m.connections_refused
+        .get_or_create(&ingest::EndLabel { reason: "any" })
+        .inc();
     let mut uploader_registry = Registry::default();
     let m = uploader::Metrics::register(&mut uploader_registry);
     m.puts

@@ -23,6 +23,11 @@ pub struct Options {
     pub when_full: spillway_uploader::spool::WhenFull,
     pub max_buffered_bytes: usize,
     pub drain_timeout: Duration,
+    /// Device tokens verified with these keys (`--auth token`); `None` is `--auth none`.
+    pub token_keys: Option<spillway_ingest::auth::Keyring>,
+    pub max_sessions: usize,
+    pub max_sessions_per_uid: usize,
+    pub hello_timeout: Duration,
 }
 
 impl Default for Options {
@@ -37,6 +42,10 @@ impl Default for Options {
             when_full: spillway_uploader::spool::WhenFull::Reject,
             max_buffered_bytes: 256 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
+            token_keys: None,
+            max_sessions: 256,
+            max_sessions_per_uid: 4,
+            hello_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -375,6 +384,12 @@ fn ingest_config(
     c.max_frame_bytes = opts.max_frame_bytes;
     c.idle_timeout = opts.idle_timeout;
     c.max_buffered_bytes = opts.max_buffered_bytes;
+    c.max_sessions = opts.max_sessions;
+    c.max_sessions_per_uid = opts.max_sessions_per_uid;
+    c.hello_timeout = opts.hello_timeout;
+    if let Some(keys) = &opts.token_keys {
+        c.auth = std::sync::Arc::new(spillway_ingest::auth::Auth::Tokens(keys.clone()));
+    }
     c
 }
 

@@ -87,6 +87,8 @@ pub struct DeviceSpec {
     pub mean_frame_bytes: usize,
     pub source: Source,
     pub seed: u64,
+    /// The device's credential (`Hello.token`); empty against `--auth none`.
+    pub token: String,
 }
 
 impl DeviceSpec {
@@ -98,7 +100,7 @@ impl DeviceSpec {
             sample_rate: self.sample_rate,
             encoding: Encoding::PcmS16le as i32,
             channels: 1,
-            token: String::new(),
+            token: self.token.clone(),
             resume_from: 0,
         }
     }
@@ -114,6 +116,7 @@ impl DeviceSpec {
             mean_frame_bytes: 3_001,
             source: Source::Synthetic { seed, sample_rate },
             seed,
+            token: String::new(),
         }
     }
 }

@@ -167,6 +167,7 @@ async fn simulate(
             mean_frame_bytes: (rate as usize / 10).max(1),
             source: source_for(d as u64 + 1),
             seed: d as u64,
+            token: String::new(),
         };
         let ingest = ingests[d % ingests.len()];
         let (cert, progress) = (cert.to_vec(), progress.clone());

@@ -1,0 +1,287 @@
+//! Who may write, and what a stranger can hold: device tokens bound to a uid, the hello
+//! deadline, per-uid session slots and a connection's idle timer, against the real ingest and
+//! uploader in one process. An honest device streams alongside every refusal and loses nothing.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::time::{Duration, SystemTime};
+
+use spillway_ingest::auth::{Keyring, Scope};
+use spillway_ingest::client::Device;
+use spillway_proto::device::{ErrorCode, Hello, ServerMessage, server_message::Kind};
+use xtask::pipeline::{Options, Pipeline, metric};
+use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn keys() -> Keyring {
+    Keyring::parse("k1 ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=").unwrap()
+}
+
+fn token(keys: &Keyring, scope: Scope, ttl_secs: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expires = now.checked_add_signed(ttl_secs).unwrap();
+    keys.issue(None, &scope, expires).unwrap()
+}
+
+fn hello(uid: &str, session: &str, token: &str) -> Hello {
+    let mut h = DeviceSpec::synthetic(uid, session, 8_000, 1.0, 1).hello();
+    h.token = token.into();
+    h
+}
+
+/// Opens a stream, sends `hello` and returns the first error ingest answers with.
+async fn refusal(device: &Device, hello: Hello) -> spillway_proto::device::Error {
+    let (mut tx, rx) = device.open().await.expect("stream");
+    tx.hello(hello).await.expect("hello");
+    first_error(rx.collect().await.expect("answers"))
+}
+
+fn first_error(messages: Vec<ServerMessage>) -> spillway_proto::device::Error {
+    messages
+        .into_iter()
+        .find_map(|m| match m.kind {
+            Some(Kind::Error(e)) => Some(e),
+            _ => None,
+        })
+        .expect("an error")
+}
+
+fn streaming(p: &Pipeline, spec: DeviceSpec) -> tokio::task::JoinHandle<DeviceReport> {
+    let (addr, cert) = (p.ingest_quic, p.cert_der.clone());
+    tokio::spawn(async move {
+        let device = Device::connect(addr, "localhost", &cert)
+            .await
+            .expect("connect");
+        let report = run_device(&device, spec, &Progress::hidden())
+            .await
+            .expect("session");
+        device.close().await;
+        report
+    })
+}
+
+async fn undisturbed(p: &Pipeline, honest: tokio::task::JoinHandle<DeviceReport>, chunks: usize) {
+    let report = honest.await.expect("device task");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let s3 = p.s3().await;
+    let objects = verify_device(&s3, &p.bucket, &report, Duration::from_secs(60))
+        .await
+        .expect("every acknowledged chunk stored byte for byte");
+    assert_eq!(objects, chunks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_writes_only_as_the_uid_its_token_names() {
+    tokio::time::timeout(LIMIT, async {
+        let keys = keys();
+        let p = Pipeline::start(Options {
+            chunk_seconds: 1,
+            token_keys: Some(keys.clone()),
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        let mut honest = DeviceSpec::synthetic("alice", "walk", 8_000, 3.0, 7);
+        honest.token = token(&keys, Scope::Uid("alice".into()), 3_600);
+        let honest = streaming(&p, honest);
+
+        let device = p.device().await.expect("connect");
+        let alice = token(&keys, Scope::Uid("alice".into()), 3_600);
+        let other_key = Keyring::parse("k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let cases = [
+            (
+                hello("bob", "x", &alice),
+                ErrorCode::PermissionDenied,
+                "not as uid \"bob\"",
+            ),
+            (
+                hello("alice", "x", ""),
+                ErrorCode::Unauthenticated,
+                "no token",
+            ),
+            (
+                hello("alice", "x", "sesame"),
+                ErrorCode::Unauthenticated,
+                "malformed",
+            ),
+            (
+                hello("alice", "x", &token(&keys, Scope::Uid("alice".into()), -1)),
+                ErrorCode::Unauthenticated,
+                "expired",
+            ),
+            (
+                hello(
+                    "alice",
+                    "x",
+                    &token(&other_key, Scope::Uid("alice".into()), 3_600),
+                ),
+                ErrorCode::Unauthenticated,
+                "does not verify",
+            ),
+        ];
+        for (h, code, says) in cases {
+            let e = refusal(&device, h).await;
+            assert_eq!(e.code, code as i32, "{e:?}");
+            assert!(e.message.contains(says), "{e:?}");
+        }
+        // A gateway's token covers every uid under its prefix, and nothing else.
+        let gateway = token(&keys, Scope::Prefix("gw-".into()), 3_600);
+        let mut spec = DeviceSpec::synthetic("gw-carol", "s", 8_000, 1.0, 8);
+        spec.token = gateway.clone();
+        let carol = run_device(&device, spec, &Progress::hidden())
+            .await
+            .expect("gateway");
+        assert_eq!(carol.acks.len(), 1, "{:?}", carol.errors);
+        let e = refusal(&device, hello("alice", "x", &gateway)).await;
+        assert_eq!(e.code, ErrorCode::PermissionDenied as i32);
+
+        undisturbed(&p, honest, 3).await;
+        let m = p.ingest_metrics().await.unwrap();
+        assert_eq!(
+            metric(
+                &m,
+                "spillway_ingest_refusals_total{code=\"PERMISSION_DENIED\"}"
+            ),
+            2.0
+        );
+        assert_eq!(
+            metric(
+                &m,
+                "spillway_ingest_refusals_total{code=\"UNAUTHENTICATED\"}"
+            ),
+            4.0
+        );
+        let keys_stored = p.object_keys("").await.unwrap();
+        assert!(
+            keys_stored
+                .iter()
+                .all(|k| k.starts_with("alice/walk/") || k.starts_with("gw-carol/")),
+            "{keys_stored:?}"
+        );
+        device.close().await;
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_without_a_hello_hold_no_session_slot_and_are_refused_at_the_deadline() {
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(Options {
+            chunk_seconds: 1,
+            max_sessions: 1,
+            hello_timeout: Duration::from_millis(500),
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        // Ten streams that send two bytes of a length prefix and then nothing (slowloris).
+        let loris = p.device().await.expect("connect");
+        let mut silent = Vec::new();
+        for _ in 0..10 {
+            let (mut tx, rx) = loris.open().await.expect("stream");
+            tx.raw(&[0, 0]).await.expect("two bytes");
+            silent.push((tx, rx));
+        }
+        // The one session slot is still free for an honest device.
+        let honest = streaming(&p, DeviceSpec::synthetic("dora", "s", 8_000, 2.0, 3));
+        for (tx, rx) in silent {
+            let e = first_error(rx.collect().await.expect("answers"));
+            assert_eq!(e.code, ErrorCode::HelloTimeout as i32, "{e:?}");
+            drop(tx);
+        }
+        undisturbed(&p, honest, 2).await;
+        let m = p.ingest_metrics().await.unwrap();
+        assert_eq!(
+            metric(&m, "spillway_ingest_refusals_total{code=\"HELLO_TIMEOUT\"}"),
+            10.0
+        );
+        loris.close().await;
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_cannot_take_every_session_slot() {
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(Options {
+            chunk_seconds: 1,
+            max_sessions_per_uid: 2,
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        let device = p.device().await.expect("connect");
+        let mut held = Vec::new();
+        for i in 0..2 {
+            let (mut tx, mut rx) = device.open().await.expect("stream");
+            tx.hello(hello("eve", &format!("s{i}"), ""))
+                .await
+                .expect("hello");
+            let first = rx.next().await.expect("read").expect("an answer");
+            assert!(matches!(first.kind, Some(Kind::Accepted(_))), "{first:?}");
+            held.push((tx, rx));
+        }
+        let e = refusal(&device, hello("eve", "s3", "")).await;
+        assert_eq!(e.code, ErrorCode::Overloaded as i32);
+        assert!(e.message.contains("--max-sessions-per-uid"), "{e:?}");
+        // Another uid is not affected.
+        let honest = streaming(&p, DeviceSpec::synthetic("fay", "s", 8_000, 1.0, 4));
+        undisturbed(&p, honest, 1).await;
+        drop(held);
+        device.close().await;
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_do_not_keep_a_connection_open() {
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(Options {
+            idle_timeout: Duration::from_secs(1),
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        let device = p.device().await.expect("connect");
+        let started = tokio::time::Instant::now();
+        // A refused stream every 300 ms, for up to 5 s: only sessions keep a connection open,
+        // so it is closed about a second after it opened.
+        let mut refused = 0;
+        while started.elapsed() < Duration::from_secs(5) {
+            let Ok((mut tx, rx)) = device.open().await else {
+                break;
+            };
+            if tx.hello(hello("..", "s", "")).await.is_err() {
+                break;
+            }
+            match rx.collect().await {
+                Ok(m) if !m.is_empty() => refused += 1,
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let lasted = started.elapsed();
+        assert!(
+            lasted < Duration::from_secs(3),
+            "kept open for {lasted:?} by {refused} refused streams"
+        );
+        let m = p.ingest_metrics().await.unwrap();
+        assert_eq!(
+            metric(&m, "spillway_ingest_idle_connections_closed_total"),
+            1.0
+        );
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
