@@ -79,6 +79,15 @@ pub struct Flags {
     /// Longest chunk accepted, in seconds; gRPC message limits derive from it.
     #[arg(long, env = "SPILLWAY_MAX_CHUNK_SECONDS", default_value_t = 60)]
     pub max_chunk_seconds: u32,
+    /// Most PutChunk calls in flight, from all ingests together; one more is refused
+    /// RESOURCE_EXHAUSTED before its body is read. Each holds up to two largest chunks, so this
+    /// bounds the uploader's memory whatever the number of ingests (deploy/README.md, "Memory").
+    #[arg(long, env = "SPILLWAY_MAX_PUTS_IN_FLIGHT", default_value_t = 64)]
+    pub max_puts_in_flight: usize,
+    /// Longest one PutChunk call may take, body and commit included (a client that trickles
+    /// its body holds a slot no longer than this).
+    #[arg(long, env = "SPILLWAY_PUT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub put_timeout: Duration,
     /// Bucket objects are written to.
     #[arg(long, env = "SPILLWAY_BUCKET", default_value = "spillway")]
     pub bucket: String,
@@ -161,6 +170,8 @@ pub struct Config {
     /// (`--workers-min`, `--workers-max`). `None`: `workers` uploads at once.
     pub adaptive: Option<Bounds>,
     pub max_chunk_seconds: u32,
+    pub max_puts_in_flight: usize,
+    pub put_timeout: Duration,
     pub bucket: String,
     pub create_bucket: bool,
     pub s3_endpoint: Option<String>,
@@ -184,6 +195,10 @@ pub enum ConfigError {
     WorkersMax { min: usize, max: usize },
     #[error("--max-chunk-seconds must be 1..=600, got {0}")]
     MaxChunkSeconds(u32),
+    #[error("--max-puts-in-flight must be 1..=4096, got {0}")]
+    MaxPutsInFlight(usize),
+    #[error("--put-timeout must be 1s to 10m")]
+    PutTimeout,
     #[error("--spool-max-bytes ({max}) must hold at least one largest chunk ({need} bytes)")]
     SpoolTooSmall { max: u64, need: u64 },
     #[error(
@@ -209,6 +224,8 @@ impl Config {
             workers: 16,
             adaptive: None,
             max_chunk_seconds: 60,
+            max_puts_in_flight: 64,
+            put_timeout: Duration::from_secs(60),
             bucket,
             create_bucket: true,
             s3_endpoint: Some(s3_endpoint),
@@ -259,6 +276,12 @@ impl Config {
         if !(self.spool_high_watermark > 0.0 && self.spool_high_watermark <= 1.0) {
             return Err(ConfigError::HighWatermark(self.spool_high_watermark));
         }
+        if !(1..=4096).contains(&self.max_puts_in_flight) {
+            return Err(ConfigError::MaxPutsInFlight(self.max_puts_in_flight));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.put_timeout) {
+            return Err(ConfigError::PutTimeout);
+        }
         let b = &self.bucket;
         let ok = (3..=63).contains(&b.len())
             && b.chars()
@@ -291,6 +314,8 @@ impl Flags {
             workers,
             adaptive,
             max_chunk_seconds: self.max_chunk_seconds,
+            max_puts_in_flight: self.max_puts_in_flight,
+            put_timeout: self.put_timeout,
             bucket: self.bucket,
             create_bucket: self.create_bucket,
             s3_endpoint: self.s3_endpoint,

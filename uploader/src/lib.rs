@@ -6,6 +6,7 @@
 //! of a WAV built by [`object`], CRC32C verified by the store) → spool delete.
 
 pub mod adaptive;
+pub mod admission;
 pub mod config;
 pub mod drain;
 pub mod metrics;
@@ -107,11 +108,23 @@ pub async fn run(
     ));
     tracing::info!(grpc = %ops::describe(grpc_addr), http = %ops::describe(http_addr),
         bucket = %config.bucket, endpoint, workers = %config.worker_pool(), "uploader started");
+    // Streams per connection: room beyond the cap, so a call over it reaches the cap's layer
+    // and is refused at once instead of queueing in the client's HTTP/2 stack.
+    let streams = u32::try_from(config.max_puts_in_flight.saturating_mul(2)).unwrap_or(u32::MAX);
     let served = tonic::transport::Server::builder()
         .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
         .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
+        .max_concurrent_streams(streams)
+        .timeout(config.put_timeout)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
         .layer(tower::util::MapResponseLayer::new(
             service::count_transport_refusals(metrics.clone()),
+        ))
+        .layer(admission::PutsInFlight::new(
+            config.max_puts_in_flight,
+            metrics.clone(),
         ))
         .add_service(service)
         .serve_with_incoming_shutdown(

@@ -1863,30 +1863,35 @@ fn check_daemon(
                 );
             }
             let (workers, chunk_secs) = (get_u128("workers"), get_u128("max-chunk-seconds"));
+            // `uploader drain` serves no puts.
+            let puts = if daemon == Daemon::Uploader {
+                get_u128("max-puts-in-flight")
+            } else {
+                Some(0)
+            };
             if workers.is_none() {
                 report.warnings.push(format!(
                     "{at_c}: --workers is {:?}, not a number: the memory limit was not checked (size it for the most workers)",
                     flags.get("workers").unwrap_or("")
                 ));
             }
-            if let (Some(w), Some(secs)) = (workers, chunk_secs) {
-                let own = uploader_memory(w, secs);
+            if let (Some(w), Some(q), Some(secs)) = (workers, puts, chunk_secs) {
+                let need = uploader_memory(w, q, secs);
                 if let Some(l) = limit
-                    && l >= own
+                    && l >= need
                     && daemon == Daemon::Uploader
                 {
                     report.notes.push(format!(
-                        "{at_c}: own part {} MiB (W={w}) of the {} MiB limit; the rest holds {} 16-kHz puts in flight",
-                        own.div_ceil(MIB),
+                        "{at_c}: bound {} MiB (W={w}, Q={q}) within the {} MiB limit",
+                        need.div_ceil(MIB),
                         l / MIB,
-                        (l - own) / (2 * 1_920_000)
                     ));
                 }
-                report.expect(limit.is_some_and(|l| l >= own), || {
+                report.expect(limit.is_some_and(|l| l >= need), || {
                     format!(
-                        "{at_c}: memory limit {} is below 2·W·C + 128 MiB = {own} bytes ({} MiB) for W={w}, C={}",
+                        "{at_c}: memory limit {} is below 2·W·C + 2·Q·C + 128 MiB = {need} bytes ({} MiB) for W={w}, Q={q} (--max-puts-in-flight), C={}",
                         limit.map_or("unset".into(), |l| l.to_string()),
-                        own.div_ceil(MIB),
+                        need.div_ceil(MIB),
                         secs * MAX_SAMPLE_RATE * 2
                     )
                 });
@@ -1912,9 +1917,10 @@ pub fn ingest_memory(budget: u128, sessions: u128, frame: u128) -> u128 {
         + 64 * MIB
 }
 
-/// The part of the uploader's memory bound its own flags determine (deploy/README.md).
-fn uploader_memory(workers: u128, max_chunk_seconds: u128) -> u128 {
-    2 * workers * (max_chunk_seconds * MAX_SAMPLE_RATE * 2) + 128 * MIB
+/// The uploader's memory bound (deploy/README.md, "Memory"), set by its own flags alone: W
+/// uploads and Q puts in flight, each holding up to two largest chunks.
+fn uploader_memory(workers: u128, puts_in_flight: u128, max_chunk_seconds: u128) -> u128 {
+    2 * (workers + puts_in_flight) * (max_chunk_seconds * MAX_SAMPLE_RATE * 2) + 128 * MIB
 }
 
 /// Ingest's `--uploader dns://NAME:PORT` must be a headless Service over the uploader pods and

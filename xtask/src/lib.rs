@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod deploy_check;
 pub mod pipeline;
 pub mod report;
+pub mod rogue;
 pub mod s3;
 pub mod sim;
 pub mod up;

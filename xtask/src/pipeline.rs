@@ -28,6 +28,8 @@ pub struct Options {
     pub max_sessions: usize,
     pub max_sessions_per_uid: usize,
     pub hello_timeout: Duration,
+    pub max_puts_in_flight: usize,
+    pub put_timeout: Duration,
 }
 
 impl Default for Options {
@@ -46,6 +48,8 @@ impl Default for Options {
             max_sessions: 256,
             max_sessions_per_uid: 4,
             hello_timeout: Duration::from_secs(5),
+            max_puts_in_flight: 64,
+            put_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -103,6 +107,8 @@ pub fn uploader_config(
     c.max_chunk_seconds = opts.chunk_seconds;
     c.when_full = opts.when_full;
     c.drain_timeout = opts.drain_timeout;
+    c.max_puts_in_flight = opts.max_puts_in_flight;
+    c.put_timeout = opts.put_timeout;
     c.credentials = Some(spillway_uploader::StaticCredentials {
         access_key_id: crate::s3::ACCESS_KEY.into(),
         secret_access_key: crate::s3::SECRET_KEY.into(),
@@ -203,6 +209,15 @@ impl Pipeline {
             .put_chunk(request)
             .await
             .map(tonic::Response::into_inner)
+    }
+
+    /// A gRPC channel to the uploader, as an ingest (or a rogue client) opens one.
+    pub async fn uploader_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        Ok(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.uploader_grpc))?
+                .connect()
+                .await?,
+        )
     }
 
     /// The object at `key` in the pipeline's bucket, `None` when there is none.

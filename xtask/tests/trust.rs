@@ -285,3 +285,74 @@ async fn refused_streams_do_not_keep_a_connection_open() {
     .await
     .expect("bounded in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_beyond_the_in_flight_cap_are_refused_at_once_and_trickling_ones_time_out() {
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(Options {
+            chunk_seconds: 1,
+            max_puts_in_flight: 2,
+            put_timeout: Duration::from_secs(2),
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        // A rogue client holds both slots with puts whose bodies never arrive.
+        let channel = p.uploader_channel().await.expect("channel");
+        let holders: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(xtask::rogue::trickling_put(channel.clone())))
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // A whole put beyond them is refused at once, before its body is read.
+        let pcm = vec![1u8; 16_000];
+        let put = spillway_proto::uploader::PutChunkRequest {
+            id: Some(spillway_proto::uploader::ChunkId {
+                uid: "mallory".into(),
+                session: "flood".into(),
+                seq: 0,
+            }),
+            sample_rate: 8_000,
+            chunk_samples: 8_000,
+            first_sample: 0,
+            crc32c: spillway_proto::checksum::crc32c(&pcm),
+            pcm: pcm.into(),
+        };
+        let refused = loop {
+            let started = tokio::time::Instant::now();
+            match p.put_chunk(put.clone()).await {
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(1),
+                        "refused at once"
+                    );
+                    break status.code();
+                }
+                other => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never refused: {other:?}"
+                ),
+            }
+            // The holders may not be in flight yet.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(refused, tonic::Code::ResourceExhausted);
+        let m = p.uploader_metrics().await.unwrap();
+        assert!(
+            metric(
+                &m,
+                "spillway_uploader_put_rejections_total{reason=\"too_many_in_flight\"}"
+            ) >= 1.0
+        );
+        // The trickling puts end at --put-timeout, freeing their slots; an honest device (whose
+        // ingest retried meanwhile) loses nothing.
+        let honest = streaming(&p, DeviceSpec::synthetic("gil", "s", 8_000, 2.0, 5));
+        for h in holders {
+            let code = h.await.expect("task").expect("answer");
+            assert_ne!(code, tonic::Code::Ok, "a trickled put is never committed");
+        }
+        undisturbed(&p, honest, 2).await;
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
