@@ -57,6 +57,10 @@ pub struct Flags {
     /// Most bytes the spool may hold; it never holds more.
     #[arg(long, env = "SPILLWAY_SPOOL_MAX_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
     pub spool_max_bytes: u64,
+    /// Most chunks the spool may hold (each costs an inode and a block, however small);
+    /// default: one per 16 KiB of --spool-max-bytes.
+    #[arg(long, env = "SPILLWAY_SPOOL_MAX_CHUNKS")]
+    pub spool_max_chunks: Option<u64>,
     /// When the spool is full: `reject` refuses the put (RESOURCE_EXHAUSTED; ingest holds the
     /// chunk and retries, pushing back on devices) or `drop-oldest` evicts the oldest chunks
     /// (counted in spillway_uploader_spool_dropped_chunks_total and logged).
@@ -161,6 +165,7 @@ pub struct StaticCredentials {
 pub struct Config {
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    pub spool_max_chunks: u64,
     pub when_full: WhenFull,
     pub spool_high_watermark: f64,
     /// Concurrent uploads when `adaptive` is `None`. With `--workers auto` it holds the maximum
@@ -195,6 +200,8 @@ pub enum ConfigError {
     WorkersMax { min: usize, max: usize },
     #[error("--max-chunk-seconds must be 1..=600, got {0}")]
     MaxChunkSeconds(u32),
+    #[error("--spool-max-chunks must be at least 1")]
+    SpoolMaxChunks,
     #[error("--max-puts-in-flight must be 1..=4096, got {0}")]
     MaxPutsInFlight(usize),
     #[error("--put-timeout must be 1s to 10m")]
@@ -219,6 +226,7 @@ impl Config {
         Self {
             spool_dir,
             spool_max_bytes: 1024 * 1024 * 1024,
+            spool_max_chunks: crate::spool::default_max_chunks(1024 * 1024 * 1024),
             when_full: WhenFull::Reject,
             spool_high_watermark: 0.9,
             workers: 16,
@@ -276,6 +284,9 @@ impl Config {
         if !(self.spool_high_watermark > 0.0 && self.spool_high_watermark <= 1.0) {
             return Err(ConfigError::HighWatermark(self.spool_high_watermark));
         }
+        if self.spool_max_chunks == 0 {
+            return Err(ConfigError::SpoolMaxChunks);
+        }
         if !(1..=4096).contains(&self.max_puts_in_flight) {
             return Err(ConfigError::MaxPutsInFlight(self.max_puts_in_flight));
         }
@@ -309,6 +320,9 @@ impl Flags {
             key_template: self.key_template.parse()?,
             spool_dir: self.spool_dir,
             spool_max_bytes: self.spool_max_bytes,
+            spool_max_chunks: self
+                .spool_max_chunks
+                .unwrap_or_else(|| crate::spool::default_max_chunks(self.spool_max_bytes)),
             when_full: self.when_full,
             spool_high_watermark: self.spool_high_watermark,
             workers,

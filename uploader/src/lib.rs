@@ -8,6 +8,7 @@
 pub mod adaptive;
 pub mod admission;
 pub mod config;
+pub mod disk;
 pub mod drain;
 pub mod metrics;
 pub mod object;
@@ -103,6 +104,7 @@ pub async fn run(
         Arc::clone(&spool),
         metrics.clone(),
         config.spool_high_watermark,
+        spillway_proto::validate::max_chunk_bytes(config.max_chunk_seconds) as u64,
         ready.clone(),
         shutdown.clone(),
     ));
@@ -164,6 +166,7 @@ async fn spool_of(
     };
     let limits = spool::Limits {
         max_bytes: config.spool_max_bytes,
+        max_chunks: config.spool_max_chunks,
         when_full: config.when_full,
         on_drop,
     };
@@ -292,15 +295,44 @@ async fn track_readiness(
     spool: Arc<spool::Spool>,
     metrics: metrics::Metrics,
     watermark: f64,
+    largest_chunk: u64,
     ready: Readiness,
     shutdown: CancellationToken,
 ) {
     let mut was = None;
+    let mut disk_was = true;
     loop {
         metrics.spool(&spool);
         metrics.spool_age(&spool);
         let below = spool.fill_ratio() <= watermark;
-        let now = below && !shutdown.is_cancelled();
+        // The disk under the spool must have room for the largest chunk beyond its reserves.
+        let disk_ok = match disk::Room::of(spool.dir()) {
+            Ok(room) => {
+                metrics
+                    .spool_disk_free_bytes
+                    .set(i64::try_from(room.free_bytes).unwrap_or(i64::MAX));
+                metrics.spool_disk_free_inodes.set(
+                    room.free_inodes
+                        .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+                );
+                room.fits(largest_chunk)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "statvfs of the spool failed");
+                true
+            }
+        };
+        if disk_ok != disk_was {
+            if disk_ok {
+                tracing::info!("the spool's disk has room again");
+            } else {
+                tracing::error!(
+                    "the spool's disk is nearly full (bytes or inodes): not ready, puts refused"
+                );
+            }
+            disk_was = disk_ok;
+        }
+        let now = below && disk_ok && !shutdown.is_cancelled();
         ready.set(now);
         if was != Some(below) {
             if below {

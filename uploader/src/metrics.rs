@@ -32,6 +32,8 @@ pub struct Metrics {
     pub spool_dropped_bytes: Counter,
     pub spool_fill_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub spool_oldest_chunk_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub spool_disk_free_bytes: Gauge,
+    pub spool_disk_free_inodes: Gauge,
     pub upload_retries: Counter,
     pub upload_max_attempts: Gauge,
     pub uploads: Family<ResultLabel, Counter>,
@@ -60,6 +62,8 @@ impl Metrics {
             spool_dropped_bytes: Counter::default(),
             spool_fill_ratio: Gauge::default(),
             spool_oldest_chunk_age: Gauge::default(),
+            spool_disk_free_bytes: Gauge::default(),
+            spool_disk_free_inodes: Gauge::default(),
             upload_retries: Counter::default(),
             upload_max_attempts: Gauge::default(),
             uploads: Family::default(),
@@ -157,6 +161,16 @@ impl Metrics {
             "upload_bytes",
             "Object bytes uploaded",
             m.upload_bytes.clone(),
+        );
+        r.register(
+            "spool_disk_free_bytes",
+            "Bytes free on the spool's filesystem (statvfs); below 64 MiB plus a chunk, puts are refused and /readyz answers 503",
+            m.spool_disk_free_bytes.clone(),
+        );
+        r.register(
+            "spool_disk_free_inodes",
+            "Inodes free on the spool's filesystem (-1 where it does not count them); at 1024 or fewer, puts are refused and /readyz answers 503",
+            m.spool_disk_free_inodes.clone(),
         );
         r.register(
             "upload_conflicts",

@@ -138,8 +138,11 @@ impl Uploader for Service {
         let started = std::time::Instant::now();
         let outcome = self.spool.commit(&record).await.map_err(|e| {
             let (reason, status) = match &e {
-                SpoolError::Full { .. } => {
+                SpoolError::Full { .. } | SpoolError::TooManyChunks { .. } => {
                     ("spool_full", Status::resource_exhausted(e.to_string()))
+                }
+                SpoolError::DiskFull { .. } => {
+                    ("disk_full", Status::resource_exhausted(e.to_string()))
                 }
                 SpoolError::Conflict { .. } => ("conflict", Status::already_exists(e.to_string())),
                 SpoolError::Storage(_)

@@ -23,8 +23,10 @@
 //! Invariants:
 //! - **Acknowledged ⇒ durable**: [`Spool::commit`] returns only after the record file, its
 //!   directory entry and the index entries are all on disk.
-//! - **Bounded**: the sum of record sizes never exceeds `max_bytes`. A put that would exceed it
-//!   is refused with [`SpoolError::Full`] before anything is written ([`WhenFull::Reject`]), or
+//! - **Bounded**: the sum of record sizes never exceeds `max_bytes`, nor the records
+//!   `max_chunks`. A put that would exceed either is refused with [`SpoolError::Full`] or
+//!   [`SpoolError::TooManyChunks`] before anything is written ([`WhenFull::Reject`]; checked
+//!   again when it is linked in, in case a concurrent put took the room), or
 //!   the oldest records are evicted first to make room ([`WhenFull::DropOldest`]); every
 //!   eviction is logged with its chunk id and reported to the `on_drop` hook.
 //! - A record leaves the spool only through [`Spool::remove`] (after upload), quarantine (it
@@ -236,15 +238,25 @@ pub type OnDrop = std::sync::Arc<dyn Fn(&Dropped) + Send + Sync>;
 #[derive(Clone)]
 pub struct Limits {
     pub max_bytes: u64,
+    /// Most records at once: each costs an inode and a block however small it is (a session's
+    /// last chunk may be 2 bytes), so bytes alone do not bound the disk.
+    pub max_chunks: u64,
     pub when_full: WhenFull,
     pub on_drop: OnDrop,
 }
 
+/// The default record cap for a byte bound: one record per 16 KiB, ext4's default inode ratio,
+/// so a volume sized for the bytes has the inodes too.
+pub fn default_max_chunks(max_bytes: u64) -> u64 {
+    (max_bytes / (16 * 1024)).max(16)
+}
+
 impl Limits {
-    /// Refuses puts beyond `max_bytes`.
+    /// Refuses puts beyond `max_bytes` (and [`default_max_chunks`] records).
     pub fn reject(max_bytes: u64) -> Self {
         Self {
             max_bytes,
+            max_chunks: default_max_chunks(max_bytes),
             when_full: WhenFull::Reject,
             on_drop: std::sync::Arc::new(|_| {}),
         }
@@ -255,6 +267,7 @@ impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limits")
             .field("max_bytes", &self.max_bytes)
+            .field("max_chunks", &self.max_chunks)
             .field("when_full", &self.when_full)
             .finish_non_exhaustive()
     }
@@ -264,6 +277,17 @@ impl std::fmt::Debug for Limits {
 pub enum SpoolError {
     #[error("spool full: {used} of {max} bytes used, {need} more needed")]
     Full { used: u64, max: u64, need: u64 },
+    #[error("spool full: it holds its most records ({max})")]
+    TooManyChunks { max: u64 },
+    #[error(
+        "the spool's disk is nearly full: {free_bytes} bytes and {free_inodes:?} inodes free; a put must leave {} bytes and {} inodes",
+        crate::disk::RESERVE_BYTES,
+        crate::disk::RESERVE_INODES
+    )]
+    DiskFull {
+        free_bytes: u64,
+        free_inodes: Option<u64>,
+    },
     #[error(
         "chunk id already spooled with different content (crc32c {existing:08x}, new {new:08x})"
     )]
@@ -400,6 +424,19 @@ fn sub(counter: &AtomicU64, n: u64) {
 /// this process that was just dropped (a daemon restarted in-process, a test reopening its
 /// spool). That lock is retried for up to 2 s; any other error, or a lock held longer, is
 /// returned.
+/// Deletes every `tmp-*` file in `records`; returns how many there were.
+fn remove_temporaries(records: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(records)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("tmp-") {
+            ignore_missing(std::fs::remove_file(entry.path()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 fn open_index(path: &Path) -> Result<sled::Db, sled::Error> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
@@ -463,6 +500,16 @@ impl Spool {
         let quarantine_dir = dir.join("quarantine");
         std::fs::create_dir_all(&records)?;
         std::fs::create_dir_all(&quarantine_dir)?;
+        // Holding the lock, no one else writes here: every temporary file is a put that never
+        // committed (a crash, or a write that failed), whatever process made it. In a
+        // container the pid is the same at every start, so none is spared for its name.
+        let stale = remove_temporaries(&records)?;
+        if stale > 0 {
+            tracing::info!(
+                stale,
+                "removed temporary files of puts that never committed"
+            );
+        }
         let db = open_index(&dir.join("index"))?;
         let chunks = db.open_tree("chunks")?;
         let index = db.open_tree("index")?;
@@ -506,6 +553,11 @@ impl Spool {
             next_pos: AtomicU64::new(floor),
             _owner: owner,
         })
+    }
+
+    /// The directory of the record files (on the spool's filesystem).
+    pub fn dir(&self) -> &Path {
+        &self.records
     }
 
     pub fn used_bytes(&self) -> u64 {
@@ -573,7 +625,16 @@ impl Spool {
     fn write_tmp(&self, head: &[u8], tail: &[u8]) -> Result<PathBuf, SpoolError> {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.records.join(format!("tmp-{}-{n}", std::process::id()));
-        let mut f = std::fs::File::create(&path)?;
+        let written = Self::write_synced(&path, head, tail);
+        if written.is_err() {
+            // A failed write (a full disk, an I/O error) leaves nothing behind.
+            let _ = std::fs::remove_file(&path);
+        }
+        written.map(|()| path)
+    }
+
+    fn write_synced(path: &Path, head: &[u8], tail: &[u8]) -> Result<(), SpoolError> {
+        let mut f = std::fs::File::create(path)?;
         let mut parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(tail)];
         let mut left = &mut parts[..];
         while !left.is_empty() {
@@ -585,7 +646,34 @@ impl Spool {
             }
         }
         f.sync_data()?;
-        Ok(path)
+        Ok(())
+    }
+
+    /// Refuses, before anything is written, a put that cannot fit: beyond the disk's reserves
+    /// always; beyond the spool's bounds when full puts are refused (with drop-oldest the
+    /// commit evicts instead). A put of an id already spooled may supersede its record, whose
+    /// bytes it frees: left to the commit.
+    fn precheck(&self, id: &[u8], need: u64) -> Result<(), SpoolError> {
+        let room = crate::disk::Room::of(&self.records)?;
+        if !room.fits(need) {
+            return Err(SpoolError::DiskFull {
+                free_bytes: room.free_bytes,
+                free_inodes: room.free_inodes,
+            });
+        }
+        if self.limits.when_full != WhenFull::Reject || self.index.get(id)?.is_some() {
+            return Ok(());
+        }
+        let (used, max) = (self.used.load(Ordering::Acquire), self.limits.max_bytes);
+        if used.saturating_add(need) > max {
+            return Err(SpoolError::Full { used, max, need });
+        }
+        if self.count.load(Ordering::Acquire) >= self.limits.max_chunks {
+            return Err(SpoolError::TooManyChunks {
+                max: self.limits.max_chunks,
+            });
+        }
+        Ok(())
     }
 
     fn sync_records_dir(&self) -> Result<(), SpoolError> {
@@ -611,6 +699,7 @@ impl Spool {
         let mut fields = Vec::with_capacity(head.encoded_len() + 16);
         spillway_proto::split::encode_head(&head, PCM_FIELD, record.pcm.len(), &mut fields);
         let need = (fields.len() + record.pcm.len()) as u64;
+        self.precheck(&id, need)?;
         // The slow part, the file and its sync, happens before any lock: concurrent puts
         // write their files in parallel.
         let tmp = self.write_tmp(&fields, &record.pcm)?;
@@ -790,10 +879,19 @@ impl Spool {
                 Some((old, size)) if self.chunks.contains_key(position_key(old))? => size,
                 _ => 0,
             };
-            if used.saturating_sub(credit).saturating_add(need) <= max {
+            let count = self.count.load(Ordering::Acquire);
+            let replaces = u64::from(supersedes.is_some() && credit > 0);
+            let room_for_one = count.saturating_sub(replaces) < self.limits.max_chunks;
+            if used.saturating_sub(credit).saturating_add(need) <= max && room_for_one {
                 break;
             }
-            let full = SpoolError::Full { used, max, need };
+            let full = if room_for_one {
+                SpoolError::Full { used, max, need }
+            } else {
+                SpoolError::TooManyChunks {
+                    max: self.limits.max_chunks,
+                }
+            };
             if self.limits.when_full == WhenFull::Reject || need > max || !self.drop_oldest()? {
                 return Err(full);
             }
@@ -1447,6 +1545,7 @@ mod tests {
                 dir.path(),
                 Limits {
                     max_bytes: 1000,
+                    max_chunks: 1000,
                     when_full: WhenFull::DropOldest,
                     on_drop: std::sync::Arc::new(move |d| sink.lock().unwrap().push(d.seq)),
                 },
@@ -1728,5 +1827,51 @@ mod tests {
         assert!(next.is_none());
         assert_eq!(quarantined, 2);
         assert_eq!(spool.quarantine.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn tiny_chunks_are_capped_by_count_and_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_chunks: 3,
+            ..Limits::reject(1 << 30)
+        };
+        let spool = Arc::new(Spool::open(dir.path(), limits).unwrap());
+        for seq in 0..3 {
+            spool.commit(&record(seq, &[1, 2])).await.unwrap();
+        }
+        let err = spool.commit(&record(3, &[1, 2])).await.unwrap_err();
+        assert!(matches!(err, SpoolError::TooManyChunks { max: 3 }), "{err}");
+        // A byte bound too: refused before a temporary file exists.
+        let small_dir = tempfile::tempdir().unwrap();
+        let small = Arc::new(Spool::open(small_dir.path(), Limits::reject(100)).unwrap());
+        let err = small.commit(&record(0, &[0; 200])).await.unwrap_err();
+        assert!(matches!(err, SpoolError::Full { .. }), "{err}");
+        let files = |d: &Path| std::fs::read_dir(d.join("records")).unwrap().count();
+        assert_eq!(
+            files(dir.path()),
+            3,
+            "only the three records, no temporary left"
+        );
+        assert_eq!(files(small_dir.path()), 0);
+        // A repeat of a spooled id is still a duplicate, not refused.
+        assert_eq!(
+            spool.commit(&record(2, &[1, 2])).await.unwrap(),
+            Committed::Duplicate
+        );
+    }
+
+    #[test]
+    fn every_temporary_file_is_removed_at_open_whoever_wrote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap());
+        let records = dir.path().join("records");
+        // Ours by name (a container restarts with the same pid) and another process's.
+        let mine = records.join(format!("tmp-{}-0", std::process::id()));
+        std::fs::write(&mine, b"half a put").unwrap();
+        std::fs::write(records.join("tmp-1-7"), b"half a put").unwrap();
+        let spool = Spool::open(dir.path(), Limits::reject(1 << 30)).unwrap();
+        assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+        assert_eq!(spool.len(), 0);
     }
 }

@@ -104,6 +104,7 @@ pub fn uploader_config(
         spillway_uploader::Config::local(spool_dir, s3_endpoint.to_owned(), opts.bucket.clone());
     c.workers = opts.workers;
     c.spool_max_bytes = opts.spool_max_bytes;
+    c.spool_max_chunks = spillway_uploader::spool::default_max_chunks(opts.spool_max_bytes);
     c.max_chunk_seconds = opts.chunk_seconds;
     c.when_full = opts.when_full;
     c.drain_timeout = opts.drain_timeout;
