@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use spillway_proto::ops::LogFormat;
 
+use spillway_proto::link::{Link, LinkTls};
+
 use crate::auth::{Auth, Keyring};
 
 use crate::forward::Target;
@@ -103,6 +105,29 @@ pub struct Args {
     /// default only when --listen is a loopback address).
     #[arg(long, env = "SPILLWAY_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
+    /// PEM CA certificate(s) every uploader's certificate must chain to. With --internal-cert
+    /// and --internal-key, ingest talks to uploaders over mutually authenticated TLS
+    /// (`--uploader https://...` or `dns://...`).
+    #[arg(long, env = "SPILLWAY_INTERNAL_CA", requires_all = ["internal_cert", "internal_key"])]
+    pub internal_ca: Option<PathBuf>,
+    /// PEM client certificate chain ingest presents to uploaders.
+    #[arg(long, env = "SPILLWAY_INTERNAL_CERT", requires_all = ["internal_ca", "internal_key"])]
+    pub internal_cert: Option<PathBuf>,
+    /// PEM private key of --internal-cert.
+    #[arg(long, env = "SPILLWAY_INTERNAL_KEY", requires_all = ["internal_ca", "internal_cert"])]
+    pub internal_key: Option<PathBuf>,
+    /// The name every uploader's certificate must carry (default: the host each --uploader
+    /// names; for `dns://NAME:PORT`, NAME).
+    #[arg(long, env = "SPILLWAY_INTERNAL_SERVER_NAME")]
+    pub internal_server_name: Option<String>,
+    /// Talk to uploaders in plaintext with no authentication (`--uploader http://...`). Only for
+    /// a private loopback setup.
+    #[arg(
+        long,
+        env = "SPILLWAY_INSECURE_INTERNAL",
+        conflicts_with = "internal_ca"
+    )]
+    pub insecure_internal: bool,
     /// File of token keys, one `<kid> <base64 secret>` per line (`ingest token new-key` makes
     /// one); every key verifies, the first signs. Required by --auth token.
     #[arg(long, env = "SPILLWAY_TOKEN_KEYS")]
@@ -135,6 +160,9 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     pub max_buffered_bytes: usize,
     pub auth: Arc<Auth>,
+    /// The link to the uploaders: mutual TLS, or plaintext by name.
+    pub link: Link,
+    pub internal_server_name: Option<String>,
     pub shutdown_grace: Duration,
     pub forward_timeout: Duration,
 }
@@ -164,6 +192,12 @@ pub enum ConfigError {
     NoUploader,
     #[error("--uploader-refresh must be at least 100ms")]
     UploaderRefresh,
+    #[error(
+        "--uploader {0} is plaintext, but the link is TLS (--internal-*): use https:// or dns://"
+    )]
+    PlaintextTarget(String),
+    #[error("--uploader {0} is TLS, but the link is plaintext (--insecure-internal): use http://")]
+    TlsTarget(String),
 }
 
 /// `--auth`.
@@ -190,6 +224,8 @@ impl Config {
             max_connections_per_ip: 64,
             max_buffered_bytes: 256 * 1024 * 1024,
             auth: Arc::new(Auth::None),
+            link: Link::Insecure,
+            internal_server_name: None,
             shutdown_grace: Duration::from_secs(30),
             forward_timeout: Duration::from_secs(30),
         }
@@ -231,6 +267,14 @@ impl Config {
         if self.uploader_refresh < Duration::from_millis(100) {
             return Err(ConfigError::UploaderRefresh);
         }
+        for target in &self.uploaders {
+            let url = target.to_string();
+            match (&self.link, url.split_once("://").map(|(s, _)| s)) {
+                (Link::Tls(_), Some("http")) => return Err(ConfigError::PlaintextTarget(url)),
+                (Link::Insecure, Some("https")) => return Err(ConfigError::TlsTarget(url)),
+                _ => {}
+            }
+        }
         Ok(())
     }
 }
@@ -265,6 +309,13 @@ impl Args {
                 self.listen
             ),
         };
+        let link = match (&self.internal_ca, &self.internal_cert, &self.internal_key) {
+            (Some(ca), Some(cert), Some(key)) => Link::Tls(LinkTls::from_files(ca, cert, key)?),
+            _ if self.insecure_internal => Link::Insecure,
+            _ => anyhow::bail!(
+                "the link to the uploaders needs --internal-ca, --internal-cert and --internal-key (mutual TLS), or --insecure-internal for plaintext"
+            ),
+        };
         let config = Config {
             uploaders: self.uploader,
             uploader_refresh: self.uploader_refresh,
@@ -279,6 +330,8 @@ impl Args {
             max_connections_per_ip: self.max_connections_per_ip,
             max_buffered_bytes: self.max_buffered_bytes,
             auth: Arc::new(auth),
+            link,
+            internal_server_name: self.internal_server_name,
             shutdown_grace: self.shutdown_grace,
             forward_timeout: self.forward_timeout,
         };

@@ -20,6 +20,8 @@ use spillway_proto::uploader::{ChunkId, PutChunkRequest, PutChunkResponse};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use spillway_proto::link::Link;
+
 use crate::balance::{Balancer, Cooldown};
 use crate::chunker::Chunk;
 use crate::metrics::Metrics;
@@ -95,6 +97,10 @@ pub struct Forwarder {
 #[derive(Debug)]
 struct Inner {
     targets: Vec<Target>,
+    /// Plaintext, or mutual TLS with this name expected of every uploader's certificate
+    /// (`None`: the host the endpoint names; a `dns://` name for each of its addresses).
+    link: Link,
+    server_name: Option<String>,
     balancer: Mutex<Balancer<String>>,
     channels: Mutex<HashMap<String, Channel>>,
     /// The last good answer of each DNS target, kept while a lookup fails.
@@ -129,6 +135,8 @@ impl Forwarder {
     /// endpoint until [`Forwarder::refresh`] resolves them.
     pub fn new(
         targets: Vec<Target>,
+        link: Link,
+        server_name: Option<String>,
         chunk_seconds: u32,
         attempt_timeout: Duration,
         metrics: Metrics,
@@ -139,6 +147,8 @@ impl Forwarder {
         let forwarder = Self {
             inner: Arc::new(Inner {
                 targets,
+                link,
+                server_name,
                 balancer: Mutex::new(Balancer::new(Cooldown::default())),
                 channels: Mutex::default(),
                 resolved: Mutex::default(),
@@ -151,15 +161,33 @@ impl Forwarder {
         Ok(forwarder)
     }
 
-    /// The endpoint URLs the targets name, given the DNS answers.
-    fn endpoints(&self, resolved: &HashMap<String, Vec<SocketAddr>>) -> Vec<String> {
+    /// The endpoint URLs the targets name, given the DNS answers, each with the name its
+    /// uploader's certificate must carry.
+    fn endpoints(&self, resolved: &HashMap<String, Vec<SocketAddr>>) -> Vec<(String, String)> {
+        let scheme = match self.inner.link {
+            Link::Tls(_) => "https",
+            Link::Insecure => "http",
+        };
+        let named = |host: &str| {
+            self.inner
+                .server_name
+                .clone()
+                .unwrap_or_else(|| host.to_owned())
+        };
         let mut urls = Vec::new();
         for target in &self.inner.targets {
             match target {
-                Target::Url(url) => urls.push(url.clone()),
-                Target::Dns { .. } => {
+                Target::Url(url) => {
+                    let host = url
+                        .parse::<http::Uri>()
+                        .ok()
+                        .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_owned()))
+                        .unwrap_or_default();
+                    urls.push((url.clone(), named(&host)));
+                }
+                Target::Dns { host, .. } => {
                     let addrs = resolved.get(&target.to_string()).into_iter().flatten();
-                    urls.extend(addrs.map(|a| format!("http://{a}")));
+                    urls.extend(addrs.map(|a| (format!("{scheme}://{a}"), named(host))));
                 }
             }
         }
@@ -168,20 +196,27 @@ impl Forwarder {
 
     /// Makes `urls` the endpoint set: new ones get a lazy channel, gone ones are forgotten (a
     /// put in flight on one finishes on its own clone).
-    fn install(&self, urls: Vec<String>) -> Result<(), tonic::transport::Error> {
+    fn install(&self, endpoints: Vec<(String, String)>) -> Result<(), tonic::transport::Error> {
         let mut channels = lock(&self.inner.channels);
         let mut next = HashMap::new();
-        for url in &urls {
-            let channel = match channels.remove(url) {
+        let mut urls = Vec::with_capacity(endpoints.len());
+        for (url, server_name) in endpoints {
+            let channel = match channels.remove(&url) {
                 Some(c) => c,
-                None => tonic::transport::Endpoint::from_shared(url.clone())?
-                    .connect_timeout(Duration::from_secs(5))
-                    .tcp_nodelay(true)
-                    .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
-                    .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
-                    .connect_lazy(),
+                None => {
+                    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())?
+                        .connect_timeout(Duration::from_secs(5))
+                        .tcp_nodelay(true)
+                        .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
+                        .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW);
+                    if let Link::Tls(tls) = &self.inner.link {
+                        endpoint = endpoint.tls_config(tls.client(&server_name))?;
+                    }
+                    endpoint.connect_lazy()
+                }
             };
             next.insert(url.clone(), channel);
+            urls.push(url);
         }
         *channels = next;
         let mut balancer = lock(&self.inner.balancer);

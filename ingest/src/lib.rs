@@ -128,6 +128,8 @@ pub async fn run(
 
     let forwarder = forward::Forwarder::new(
         config.uploaders.clone(),
+        config.link.clone(),
+        config.internal_server_name.clone(),
         config.chunk_seconds,
         config.forward_timeout,
         metrics.clone(),

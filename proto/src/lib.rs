@@ -6,6 +6,7 @@
 //! - [`checksum`]: CRC32C, the checksum a chunk carries end to end.
 //! - [`framing`]: the length-delimited codec both ends of a device stream use.
 //! - [`split`]: encoding a message whose large `bytes` field is written out on its own.
+//! - [`link`]: the ingest → uploader link's mutual TLS.
 
 #![allow(clippy::doc_markdown)]
 
@@ -23,6 +24,7 @@ pub mod uploader {
 
 pub mod checksum;
 pub mod framing;
+pub mod link;
 #[cfg(feature = "ops")]
 pub mod ops;
 pub mod split;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use spillway_proto::ops::LogFormat;
 
+use spillway_proto::link::{Link, LinkTls};
+
 use crate::adaptive::{Bounds, Workers};
 use crate::object::KeyTemplate;
 use crate::spool::WhenFull;
@@ -129,6 +131,24 @@ pub struct Flags {
     /// Log format.
     #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// PEM CA certificate(s) that every ingest's client certificate must chain to. With
+    /// --internal-cert and --internal-key, the gRPC listener is mutually authenticated TLS.
+    #[arg(long, env = "SPILLWAY_INTERNAL_CA", requires_all = ["internal_cert", "internal_key"])]
+    pub internal_ca: Option<PathBuf>,
+    /// PEM certificate chain the uploader presents to ingest.
+    #[arg(long, env = "SPILLWAY_INTERNAL_CERT", requires_all = ["internal_ca", "internal_key"])]
+    pub internal_cert: Option<PathBuf>,
+    /// PEM private key of --internal-cert.
+    #[arg(long, env = "SPILLWAY_INTERNAL_KEY", requires_all = ["internal_ca", "internal_cert"])]
+    pub internal_key: Option<PathBuf>,
+    /// Serve gRPC in plaintext with no authentication: anyone who reaches --listen can put
+    /// chunks. Only for a private loopback setup.
+    #[arg(
+        long,
+        env = "SPILLWAY_INSECURE_INTERNAL",
+        conflicts_with = "internal_ca"
+    )]
+    pub insecure_internal: bool,
 }
 
 /// The value of `--workers`.
@@ -177,6 +197,8 @@ pub struct Config {
     pub max_chunk_seconds: u32,
     pub max_puts_in_flight: usize,
     pub put_timeout: Duration,
+    /// The gRPC listener's security (`--internal-*` or `--insecure-internal`).
+    pub link: Link,
     pub bucket: String,
     pub create_bucket: bool,
     pub s3_endpoint: Option<String>,
@@ -218,6 +240,12 @@ pub enum ConfigError {
     Bucket(String),
     #[error("--key-template: {0}")]
     KeyTemplate(#[from] crate::object::TemplateError),
+    #[error(
+        "the gRPC link to ingest needs --internal-ca, --internal-cert and --internal-key (mutual TLS), or --insecure-internal for plaintext"
+    )]
+    NoLink,
+    #[error(transparent)]
+    LinkTls(#[from] spillway_proto::link::LinkError),
 }
 
 impl Config {
@@ -234,6 +262,7 @@ impl Config {
             max_chunk_seconds: 60,
             max_puts_in_flight: 64,
             put_timeout: Duration::from_secs(60),
+            link: Link::Insecure,
             bucket,
             create_bucket: true,
             s3_endpoint: Some(s3_endpoint),
@@ -305,7 +334,17 @@ impl Config {
 }
 
 impl Flags {
+    /// The daemon's configuration: the gRPC link must be TLS or explicitly plaintext.
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        self.resolve(true)
+    }
+
+    /// `uploader drain`'s: it serves nothing, so it needs no link.
+    pub fn into_drain_config(self) -> Result<Config, ConfigError> {
+        self.resolve(false)
+    }
+
+    fn resolve(self, serves: bool) -> Result<Config, ConfigError> {
         let (workers, adaptive) = match self.workers {
             WorkersFlag::Fixed(n) => (n, None),
             WorkersFlag::Auto => {
@@ -315,6 +354,11 @@ impl Flags {
                 };
                 (self.workers_max.clamp(1, MAX_WORKERS), Some(bounds))
             }
+        };
+        let link = match (&self.internal_ca, &self.internal_cert, &self.internal_key) {
+            (Some(ca), Some(cert), Some(key)) => Link::Tls(LinkTls::from_files(ca, cert, key)?),
+            _ if self.insecure_internal || !serves => Link::Insecure,
+            _ => return Err(ConfigError::NoLink),
         };
         let config = Config {
             key_template: self.key_template.parse()?,
@@ -330,6 +374,7 @@ impl Flags {
             max_chunk_seconds: self.max_chunk_seconds,
             max_puts_in_flight: self.max_puts_in_flight,
             put_timeout: self.put_timeout,
+            link,
             bucket: self.bucket,
             create_bucket: self.create_bucket,
             s3_endpoint: self.s3_endpoint,
@@ -365,9 +410,41 @@ mod tests {
     use super::*;
 
     fn config(args: &[&str]) -> Result<Config, String> {
-        let argv = std::iter::once("uploader").chain(args.iter().copied());
+        let argv = ["uploader", "--insecure-internal"]
+            .into_iter()
+            .chain(args.iter().copied());
         let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
         args.flags.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_grpc_link_is_tls_or_plaintext_by_name() {
+        let bare = Args::try_parse_from(["uploader"]).unwrap();
+        let err = bare.flags.into_config().unwrap_err().to_string();
+        assert!(
+            err.contains("--internal-ca") && err.contains("--insecure-internal"),
+            "{err}"
+        );
+        // `uploader drain` serves nothing: it needs neither.
+        let drain = Args::try_parse_from(["uploader"]).unwrap();
+        assert!(drain.flags.into_drain_config().is_ok());
+        // A half-given TLS set is refused by the parser; a missing file with a clear message.
+        assert!(Args::try_parse_from(["uploader", "--internal-ca", "ca.pem"]).is_err());
+        let missing = Args::try_parse_from([
+            "uploader",
+            "--internal-ca",
+            "/nonexistent/ca.pem",
+            "--internal-cert",
+            "c.pem",
+            "--internal-key",
+            "k.pem",
+        ])
+        .unwrap();
+        let err = missing.flags.into_config().unwrap_err().to_string();
+        assert!(
+            err.contains("reading --internal-ca /nonexistent/ca.pem"),
+            "{err}"
+        );
     }
 
     #[test]

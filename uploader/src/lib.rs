@@ -113,7 +113,21 @@ pub async fn run(
     // Streams per connection: room beyond the cap, so a call over it reaches the cap's layer
     // and is refused at once instead of queueing in the client's HTTP/2 stack.
     let streams = u32::try_from(config.max_puts_in_flight.saturating_mul(2)).unwrap_or(u32::MAX);
-    let served = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    match &config.link {
+        spillway_proto::link::Link::Tls(tls) => {
+            server = server
+                .tls_config(tls.server())
+                .context("the --internal-* TLS material")?;
+            tracing::info!(
+                "gRPC link: mutual TLS (ingest must present a certificate of --internal-ca)"
+            );
+        }
+        spillway_proto::link::Link::Insecure => tracing::warn!(
+            "--insecure-internal: gRPC in plaintext, no authentication: anyone who reaches --listen can put chunks"
+        ),
+    }
+    let served = server
         .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
         .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
         .max_concurrent_streams(streams)

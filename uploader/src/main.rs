@@ -41,7 +41,7 @@ async fn serve(flags: Flags, shutdown: CancellationToken) -> anyhow::Result<()> 
 /// `uploader drain`: exits 0 once the spool is empty, 2 when chunks are left.
 async fn drain(flags: Flags, interrupt: CancellationToken) -> anyhow::Result<()> {
     spillway_proto::ops::init_tracing(flags.log_format);
-    let config = flags.into_config()?;
+    let config = flags.into_drain_config()?;
     let dir = config.spool_dir.clone();
     let report =
         spillway_uploader::drain_spool(config, std::time::Duration::from_secs(5), interrupt)

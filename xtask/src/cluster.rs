@@ -225,6 +225,9 @@ pub struct Cluster {
     pub cert_path: PathBuf,
     /// Ingest's self-signed certificate (DER), for devices to trust.
     pub cert: Vec<u8>,
+    /// The ingest → uploader link's throwaway PKI (mutual TLS), and its files under `dir/pki`.
+    pub pki: crate::pki::DevPki,
+    pub pki_files: crate::pki::PkiFiles,
     s3: Option<Proc>,
 }
 
@@ -257,7 +260,11 @@ impl Cluster {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
+        let pki = crate::pki::DevPki::generate()?;
+        let pki_files = pki.write(&dir)?;
         let mut cluster = Self {
+            pki,
+            pki_files,
             logs: dir.join("logs"),
             cert_path: dir.join("ingest-cert.der"),
             dir,
@@ -369,6 +376,7 @@ impl Cluster {
                     "--max-chunk-seconds".into(),
                     self.opts.chunk_seconds.to_string(),
                 ];
+                args.extend(self.pki_files.uploader_args());
                 args.extend(self.opts.uploader_args.iter().cloned());
                 let http = node.http;
                 let mut p = Proc::spawn(
@@ -400,8 +408,9 @@ impl Cluster {
                 ];
                 for u in &self.uploaders {
                     args.push("--uploader".into());
-                    args.push(format!("http://{}", u.grpc));
+                    args.push(format!("https://{}", u.grpc));
                 }
+                args.extend(self.pki_files.ingest_args());
                 args.extend(self.opts.ingest_args.iter().cloned());
                 let http = node.http;
                 let mut p = Proc::spawn(

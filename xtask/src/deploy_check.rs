@@ -1712,6 +1712,19 @@ fn check_daemon(
         });
     }
 
+    if daemon != Daemon::Drain {
+        // The ingest → uploader link is mutual TLS from Secrets, never plaintext.
+        report.expect(!flags.given.contains("insecure-internal"), || {
+            format!("{at_c}: --insecure-internal leaves the gRPC link unauthenticated; give --internal-ca, --internal-cert and --internal-key")
+        });
+        for long in ["internal-ca", "internal-cert", "internal-key"] {
+            report.expect(secret_file(pod, flags, &mounts, long), || {
+                format!(
+                    "{at_c}: --{long} must name a file of a mounted Secret (the link is mutual TLS)"
+                )
+            });
+        }
+    }
     match daemon {
         Daemon::Ingest => {
             let shutdown = flags.get("shutdown-grace").and_then(duration_secs);
@@ -1722,19 +1735,19 @@ fn check_daemon(
                 )
             });
             for long in ["tls-cert", "tls-key"] {
-                let path = flags.get(long).unwrap_or("");
-                let mounted = flags.given.contains(long)
-                    && mounts.iter().any(|(name, dir)| {
-                        let file = path.strip_prefix(dir).and_then(|f| f.strip_prefix('/'));
-                        let secret = pod.volume(name).and_then(|v| at(v, &["secret"]));
-                        file.is_some_and(|f| !f.is_empty() && !f.contains('/')) && secret.is_some()
-                    });
-                report.expect(mounted, || {
+                report.expect(secret_file(pod, flags, &mounts, long), || {
                     format!(
                         "{at_c}: --{long} must name a file of a mounted Secret (without a certificate ingest writes a self-signed one, which devices do not trust, onto a read-only filesystem)"
                     )
                 });
             }
+            // Devices prove their uid: a fleet's ingest never runs `--auth none`.
+            report.expect(flags.get("auth") == Some("token"), || {
+                format!("{at_c}: ingest must run --auth token (devices write only as the uid their token names)")
+            });
+            report.expect(secret_file(pod, flags, &mounts, "token-keys"), || {
+                format!("{at_c}: --token-keys must name a file of a mounted Secret")
+            });
             let (b, s, f, secs) = (
                 get_u128("max-buffered-bytes"),
                 get_u128("max-sessions"),
@@ -1907,6 +1920,17 @@ fn check_daemon(
             );
         }
     }
+}
+
+/// True when `--long` is given and names a file directly inside a mounted Secret volume.
+fn secret_file(pod: &PodTemplate, flags: &Flags, mounts: &[(&str, &str)], long: &str) -> bool {
+    let path = flags.get(long).unwrap_or("");
+    flags.given.contains(long)
+        && mounts.iter().any(|(name, dir)| {
+            let file = path.strip_prefix(dir).and_then(|f| f.strip_prefix('/'));
+            let secret = pod.volume(name).and_then(|v| at(v, &["secret"]));
+            file.is_some_and(|f| !f.is_empty() && !f.contains('/')) && secret.is_some()
+        })
 }
 
 /// The memory bound of ingest (deploy/README.md, "Memory"), in bytes, for `--max-buffered-bytes`,

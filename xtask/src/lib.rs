@@ -14,6 +14,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod deploy_check;
 pub mod pipeline;
+pub mod pki;
 pub mod report;
 pub mod rogue;
 pub mod s3;

@@ -23,6 +23,12 @@ enum Cmd {
     /// Validate deploy/ offline: render the overlays, check them against the binaries' flags,
     /// ports and metrics, and against the Kubernetes schemas.
     DeployCheck(xtask::deploy_check::DeployCheckArgs),
+    /// Write a throwaway CA and the ingest → uploader link's certificates (uploader: serverAuth
+    /// for localhost, 127.0.0.1 and spillway-uploader; ingest: clientAuth) as PEM into DIR/pki.
+    Pki {
+        #[arg(long, default_value = ".spillway")]
+        dir: PathBuf,
+    },
     /// A QUIC server that reads every stream to its end and discards it (the bench's baseline).
     QuicSink {
         #[arg(long)]
@@ -53,6 +59,21 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Chaos(args) => xtask::chaos::chaos(args).await,
         Cmd::Bench(args) => xtask::bench::bench(args).await,
         Cmd::DeployCheck(args) => xtask::deploy_check::deploy_check(args),
+        Cmd::Pki { dir } => {
+            let files = xtask::pki::DevPki::generate()?.write(&dir)?;
+            println!("CA          {}", files.ca.display());
+            println!(
+                "uploader    {} {}",
+                files.uploader_cert.display(),
+                files.uploader_key.display()
+            );
+            println!(
+                "ingest      {} {}",
+                files.ingest_cert.display(),
+                files.ingest_key.display()
+            );
+            Ok(())
+        }
         Cmd::QuicSink { listen, cert, key } => {
             xtask::bench::ingest::quic_sink(listen, &cert, &key).await
         }

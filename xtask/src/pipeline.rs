@@ -30,6 +30,9 @@ pub struct Options {
     pub hello_timeout: Duration,
     pub max_puts_in_flight: usize,
     pub put_timeout: Duration,
+    /// The ingest → uploader link's PKI: mutual TLS when set (the real path, which
+    /// [`Pipeline::start`] always takes: it makes one when there is none); plaintext otherwise.
+    pub pki: Option<crate::pki::DevPki>,
 }
 
 impl Default for Options {
@@ -50,6 +53,7 @@ impl Default for Options {
             hello_timeout: Duration::from_secs(5),
             max_puts_in_flight: 64,
             put_timeout: Duration::from_secs(60),
+            pki: None,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct Pipeline {
     pub uploader_http: SocketAddr,
     pub cert_der: Vec<u8>,
     key_der: Vec<u8>,
+    /// The ingest → uploader link's PKI (mutual TLS).
+    pub pki: crate::pki::DevPki,
     pub spool_dir: PathBuf,
     opts: Options,
     s3_addr: SocketAddr,
@@ -94,6 +100,20 @@ pub async fn start_s3(
     Ok((format!("http://{addr}"), task))
 }
 
+/// A gRPC channel to the uploader at `addr`: mutual TLS with `tls` (checking the uploader's
+/// certificate for `localhost`), or plaintext.
+pub async fn uploader_channel(
+    addr: SocketAddr,
+    tls: Option<&spillway_proto::link::LinkTls>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = match tls {
+        Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls.client("localhost"))?,
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    Ok(endpoint.connect().await?)
+}
+
 /// Uploader configuration against the embedded store.
 pub fn uploader_config(
     spool_dir: PathBuf,
@@ -110,6 +130,9 @@ pub fn uploader_config(
     c.drain_timeout = opts.drain_timeout;
     c.max_puts_in_flight = opts.max_puts_in_flight;
     c.put_timeout = opts.put_timeout;
+    if let Some(pki) = &opts.pki {
+        c.link = spillway_proto::link::Link::Tls(pki.uploader_tls());
+    }
     c.credentials = Some(spillway_uploader::StaticCredentials {
         access_key_id: crate::s3::ACCESS_KEY.into(),
         secret_access_key: crate::s3::SECRET_KEY.into(),
@@ -118,7 +141,12 @@ pub fn uploader_config(
 }
 
 impl Pipeline {
-    pub async fn start(opts: Options) -> anyhow::Result<Self> {
+    pub async fn start(mut opts: Options) -> anyhow::Result<Self> {
+        let pki = match &opts.pki {
+            Some(pki) => pki.clone(),
+            None => crate::pki::DevPki::generate()?,
+        };
+        opts.pki = Some(pki.clone());
         let dir = tempfile::tempdir()?;
         let s3_stop = CancellationToken::new();
         let s3_root = dir.path().join("s3");
@@ -160,6 +188,7 @@ impl Pipeline {
             uploader_http,
             cert_der,
             key_der,
+            pki,
             spool_dir,
             opts: opts_kept,
             s3_addr,
@@ -202,23 +231,20 @@ impl Pipeline {
         request: spillway_proto::uploader::PutChunkRequest,
     ) -> Result<spillway_proto::uploader::PutChunkResponse, tonic::Status> {
         use spillway_proto::uploader::uploader_client::UploaderClient;
-        let mut client = UploaderClient::connect(format!("http://{}", self.uploader_grpc))
+        let channel = self
+            .uploader_channel()
             .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?
-            .max_encoding_message_size(64 * 1024 * 1024);
+            .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+        let mut client = UploaderClient::new(channel).max_encoding_message_size(64 * 1024 * 1024);
         client
             .put_chunk(request)
             .await
             .map(tonic::Response::into_inner)
     }
 
-    /// A gRPC channel to the uploader, as an ingest (or a rogue client) opens one.
+    /// A gRPC channel to the uploader, as an ingest opens one (with ingest's certificate).
     pub async fn uploader_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
-        Ok(
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.uploader_grpc))?
-                .connect()
-                .await?,
-        )
+        uploader_channel(self.uploader_grpc, Some(&self.pki.ingest_tls())).await
     }
 
     /// The object at `key` in the pipeline's bucket, `None` when there is none.
@@ -395,7 +421,11 @@ fn ingest_config(
         cert_chain: vec![rustls_pki_types::CertificateDer::from(cert_der.to_vec())],
         key: rustls_pki_types::PrivateKeyDer::Pkcs8(key_der.to_vec().into()),
     };
-    let mut c = spillway_ingest::Config::local(format!("http://{uploader}"), tls);
+    let scheme = if opts.pki.is_some() { "https" } else { "http" };
+    let mut c = spillway_ingest::Config::local(format!("{scheme}://{uploader}"), tls);
+    if let Some(pki) = &opts.pki {
+        c.link = spillway_proto::link::Link::Tls(pki.ingest_tls());
+    }
     c.chunk_seconds = opts.chunk_seconds;
     c.max_frame_bytes = opts.max_frame_bytes;
     c.idle_timeout = opts.idle_timeout;

@@ -93,12 +93,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     for (i, node) in cluster.uploaders.iter().enumerate() {
         println!(
-            "  uploader {i}  grpc://{}  ops http://{}/metrics  spool {}",
+            "  uploader {i}  grpc+tls://{}  ops http://{}/metrics  spool {}",
             node.grpc,
             node.http,
             cluster.spool_dir(i).display()
         );
     }
+    println!(
+        "  link        mutual TLS, CA and certificates in {}",
+        cluster
+            .pki_files
+            .ca
+            .parent()
+            .map_or_else(String::new, |d| d.display().to_string())
+    );
     println!(
         "  s3          {s3_endpoint}  bucket {BUCKET}  (access key {}, files in {})",
         crate::s3::ACCESS_KEY,

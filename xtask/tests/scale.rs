@@ -29,6 +29,7 @@ async fn ingest_fails_over_when_one_of_three_uploaders_dies_and_its_spool_drains
             chunk_seconds: 1,
             workers: 2,
             bucket: "scale".into(),
+            pki: Some(xtask::pki::DevPki::generate().unwrap()),
             ..Options::default()
         };
         let mut uploaders = Vec::new();
@@ -42,8 +43,10 @@ async fn ingest_fails_over_when_one_of_three_uploaders_dies_and_its_spool_drains
         let mut config = spillway_ingest::Config::local(String::new(), tls);
         config.uploaders = uploaders
             .iter()
-            .map(|u| spillway_ingest::forward::Target::Url(format!("http://{}", u.grpc)))
+            .map(|u| spillway_ingest::forward::Target::Url(format!("https://{}", u.grpc)))
             .collect();
+        // The link as deployed: mutual TLS.
+        config.link = spillway_proto::link::Link::Tls(opts.pki.as_ref().unwrap().ingest_tls());
         config.chunk_seconds = 1;
         let quic = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let quic_addr = quic.local_addr().unwrap();

@@ -356,3 +356,87 @@ async fn puts_beyond_the_in_flight_cap_are_refused_at_once_and_trickling_ones_ti
     .await
     .expect("bounded in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uploader_answers_only_clients_holding_a_certificate_of_its_ca() {
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(Options {
+            chunk_seconds: 1,
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        let pcm = vec![3u8; 16_000];
+        let put = spillway_proto::uploader::PutChunkRequest {
+            id: Some(spillway_proto::uploader::ChunkId {
+                uid: "mallory".into(),
+                session: "rogue".into(),
+                seq: 0,
+            }),
+            sample_rate: 8_000,
+            chunk_samples: 8_000,
+            first_sample: 0,
+            crc32c: spillway_proto::checksum::crc32c(&pcm),
+            pcm: pcm.into(),
+        };
+        let attempt = |channel: anyhow::Result<tonic::transport::Channel>| {
+            let put = put.clone();
+            async move {
+                let channel = channel?;
+                let mut client =
+                    spillway_proto::uploader::uploader_client::UploaderClient::new(channel);
+                client.put_chunk(put).await?;
+                anyhow::Ok(())
+            }
+        };
+        let addr = p.uploader_grpc;
+        // Plaintext: no TLS at all.
+        let plain = attempt(xtask::pipeline::uploader_channel(addr, None).await).await;
+        assert!(plain.is_err(), "a plaintext client was answered");
+        // TLS that trusts the uploader but shows no certificate of its own.
+        let pki = xtask::pki::DevPki::generate().unwrap();
+        let no_cert = async {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(p_ca(&p).as_bytes()))
+                .domain_name("localhost");
+            anyhow::Ok(
+                tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+                    .tls_config(tls)?
+                    .connect()
+                    .await?,
+            )
+        };
+        assert!(
+            attempt(no_cert.await).await.is_err(),
+            "a client without a certificate was answered"
+        );
+        // A client certificate from another CA (that trusts the uploader's CA).
+        let forged = spillway_proto::link::LinkTls::from_pem(
+            p_ca(&p).as_bytes(),
+            pki.ingest.cert.as_bytes(),
+            pki.ingest.key.as_bytes(),
+        );
+        let other_ca = attempt(xtask::pipeline::uploader_channel(addr, Some(&forged)).await).await;
+        assert!(
+            other_ca.is_err(),
+            "a certificate of another CA was accepted"
+        );
+        // Nothing reached the service; ingest's own certificate does.
+        let m = p.uploader_metrics().await.unwrap();
+        assert_eq!(
+            metric(&m, "spillway_uploader_puts_total{result=\"stored\"}"),
+            0.0
+        );
+        p.put_chunk(put.clone())
+            .await
+            .expect("ingest's certificate is accepted");
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+/// The pipeline's link CA (PEM).
+fn p_ca(p: &Pipeline) -> String {
+    p.pki.ca.clone()
+}

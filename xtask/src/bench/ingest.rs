@@ -47,7 +47,7 @@ impl Uploader for Discard {
     }
 }
 
-async fn discard_uploader(stop: CancellationToken) -> anyhow::Result<SocketAddr> {
+async fn discard_uploader(env: &Env, stop: CancellationToken) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let limit = spillway_proto::validate::max_chunk_bytes(60) + 64 * 1024;
@@ -58,6 +58,7 @@ async fn discard_uploader(stop: CancellationToken) -> anyhow::Result<SocketAddr>
         // The real uploader's HTTP/2 windows: with h2's 64 KiB defaults every chunk waits on
         // window updates, which no deployed uploader does.
         tonic::transport::Server::builder()
+            .tls_config(env.pki.uploader_tls().server())?
             .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
             .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
             .add_service(service)
@@ -132,30 +133,26 @@ async fn ingest(
     (sessions, budget): (usize, u64),
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let (quic, http) = (free_udp()?, free_tcp()?);
-    let mut p = Proc::spawn(
-        name,
-        &env.bin.join("ingest"),
-        &[
-            "--listen".into(),
-            quic.to_string(),
-            "--http-listen".into(),
-            http.to_string(),
-            "--uploader".into(),
-            format!("http://{uploader}"),
-            "--tls-cert".into(),
-            tls.cert.display().to_string(),
-            "--tls-key".into(),
-            tls.key.display().to_string(),
-            "--chunk-seconds".into(),
-            chunk_seconds.to_string(),
-            "--max-sessions".into(),
-            sessions.to_string(),
-            "--max-buffered-bytes".into(),
-            budget.to_string(),
-        ],
-        &[],
-        &env.logs,
-    )?;
+    let mut args = env.pki_files.ingest_args();
+    args.extend([
+        "--listen".into(),
+        quic.to_string(),
+        "--http-listen".into(),
+        http.to_string(),
+        "--uploader".into(),
+        format!("https://{uploader}"),
+        "--tls-cert".into(),
+        tls.cert.display().to_string(),
+        "--tls-key".into(),
+        tls.key.display().to_string(),
+        "--chunk-seconds".into(),
+        chunk_seconds.to_string(),
+        "--max-sessions".into(),
+        sessions.to_string(),
+        "--max-buffered-bytes".into(),
+        budget.to_string(),
+    ]);
+    let mut p = Proc::spawn(name, &env.bin.join("ingest"), &args, &[], &env.logs)?;
     ready(http, &mut p).await?;
     Ok((p, quic, http))
 }
@@ -555,7 +552,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
 
     eprintln!("== ingest: vs raw QUIC");
     let stop = CancellationToken::new();
-    let discard = discard_uploader(stop.clone()).await?;
+    let discard = discard_uploader(env, stop.clone()).await?;
     let (devices, chunks) = if env.quick { (4, 4) } else { (16, 30) };
     let bytes = chunks * 60 * BYTES_PER_SECOND;
     let total = (devices as u64 * bytes) as f64;
@@ -606,7 +603,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
 
     eprintln!("== ingest: memory with every session holding a chunk in progress");
     let (mem_seconds, mem_devices) = if env.quick { (2, 20) } else { (60, 1000) };
-    let discard = discard_uploader(stop.clone()).await?;
+    let discard = discard_uploader(env, stop.clone()).await?;
     let mem = memory(env, &tls, discard, mem_seconds, mem_devices).await?;
     stop.cancel();
     eprintln!(
@@ -622,7 +619,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     eprintln!("== ingest: peak RSS at full speed against deploy/'s bound for its flags");
     let (sessions, budget) = (16usize, 64u64 << 20);
     let bound_stop = CancellationToken::new();
-    let discard = discard_uploader(bound_stop.clone()).await?;
+    let discard = discard_uploader(env, bound_stop.clone()).await?;
     let (proc, quic, _) =
         ingest(env, &tls, discard, 60, "ingest-bound", (sessions, budget)).await?;
     let pid = proc.id().context("ingest pid")?;

@@ -147,6 +147,10 @@ pub struct Env {
     pub logs: PathBuf,
     pub store_dir: PathBuf,
     pub latency: Duration,
+    /// The ingest → uploader link's PKI: every daemon and client of the run uses mutual TLS,
+    /// as deploy/ does.
+    pub pki: crate::pki::DevPki,
+    pub pki_files: crate::pki::PkiFiles,
 }
 
 /// The benchmark's groups, in the order they run.
@@ -197,7 +201,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .disk_mb_s
         .map(|mb| throttle::limit_writes(&dir, mb))
         .transpose()?;
+    let pki = crate::pki::DevPki::generate()?;
+    let pki_files = pki.write(&dir)?;
     let env = Env {
+        pki,
+        pki_files,
         quick: args.quick,
         bin,
         logs: dir.join("logs"),
@@ -421,26 +429,28 @@ pub async fn uploader(
 ) -> anyhow::Result<UploaderProc> {
     let (grpc, http) = (free_tcp()?, free_tcp()?);
     let started = std::time::Instant::now();
+    let mut args: Vec<String> = env.pki_files.uploader_args();
+    args.extend([
+        "--listen".into(),
+        grpc.to_string(),
+        "--http-listen".into(),
+        http.to_string(),
+        "--spool-dir".into(),
+        spool.display().to_string(),
+        "--spool-max-bytes".into(),
+        (64u64 << 30).to_string(),
+        "--s3-endpoint".into(),
+        endpoint.into(),
+        "--bucket".into(),
+        crate::cluster::BUCKET.into(),
+        "--create-bucket".into(),
+        "--drain-timeout".into(),
+        "1s".into(),
+    ]);
     let mut proc = Proc::spawn(
         name,
         &env.bin.join("uploader"),
-        &[
-            "--listen".into(),
-            grpc.to_string(),
-            "--http-listen".into(),
-            http.to_string(),
-            "--spool-dir".into(),
-            spool.display().to_string(),
-            "--spool-max-bytes".into(),
-            (64u64 << 30).to_string(),
-            "--s3-endpoint".into(),
-            endpoint.into(),
-            "--bucket".into(),
-            crate::cluster::BUCKET.into(),
-            "--create-bucket".into(),
-            "--drain-timeout".into(),
-            "1s".into(),
-        ],
+        &args,
         &[
             ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
             ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),

@@ -21,7 +21,11 @@ use crate::pipeline::{http_get, metric};
 const CLIENTS: usize = 8;
 
 /// `chunks` full chunks through `PutChunk`, `CLIENTS` at a time; returns the wall time.
-async fn put_chunks(grpc: std::net::SocketAddr, chunks: u64) -> anyhow::Result<Duration> {
+async fn put_chunks(
+    grpc: std::net::SocketAddr,
+    tls: &spillway_proto::link::LinkTls,
+    chunks: u64,
+) -> anyhow::Result<Duration> {
     let limit = CHUNK_BYTES * 2;
     // A connection per client, as an uploader has one from each ingest in front of it: through
     // a single HTTP/2 connection (one ingest) commits ran at about 300 MB/s, that connection's
@@ -29,7 +33,8 @@ async fn put_chunks(grpc: std::net::SocketAddr, chunks: u64) -> anyhow::Result<D
     let mut channels = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
         channels.push(
-            tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?
+            tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))?
+                .tls_config(tls.client("localhost"))?
                 .tcp_nodelay(true)
                 .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
                 .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
@@ -127,7 +132,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     let u = uploader(env, "uploader-commit", &spool, &dead).await?;
     let (proc, grpc) = (u.proc, u.grpc);
     let pid = proc.id().context("uploader pid")?;
-    let took = put_chunks(grpc, chunks).await?;
+    let took = put_chunks(grpc, &env.pki.ingest_tls(), chunks).await?;
     let ours = bytes / took.as_secs_f64() / MB;
     let (peak, now) = rss(pid)?;
     let raw = append_fdatasync(&env.dir.join("append.bin"), chunks)?;
