@@ -280,6 +280,8 @@ pub struct ResumeReport {
     pub errors: Vec<spillway_proto::device::Error>,
     /// Connections made after the first.
     pub reconnects: u32,
+    /// Acks whose receipt (CRC32C) did not match the audio sent; that audio was resent.
+    pub receipt_mismatches: u32,
 }
 
 enum StreamEnd {
@@ -384,8 +386,22 @@ impl Driver {
         };
         match message.kind {
             Some(server_message::Kind::Ack(ack)) => {
-                if let Err(e) = self.outbox.on_ack(ack.first_sample, ack.end_sample) {
-                    return Some(StreamEnd::Fatal(e.into()));
+                match self
+                    .outbox
+                    .on_ack(ack.first_sample, ack.end_sample, ack.crc32c)
+                {
+                    Ok(()) => {}
+                    // Committed, but not what was sent: keep it, say so, resend from there.
+                    Err(e @ crate::outbox::OutboxError::ReceiptMismatch { .. }) => {
+                        tracing::error!(error = %e, "receipt mismatch");
+                        self.report.errors.push(spillway_proto::device::Error {
+                            code: ErrorCode::Unspecified as i32,
+                            message: e.to_string(),
+                        });
+                        self.report.receipt_mismatches += 1;
+                        return Some(StreamEnd::Retry(e.to_string()));
+                    }
+                    Err(e) => return Some(StreamEnd::Fatal(e.into())),
                 }
                 self.report.acks.push(ack);
                 None

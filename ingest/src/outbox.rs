@@ -25,6 +25,16 @@ pub enum OutboxError {
     AckOutOfOrder { first: u64, end: u64, expected: u64 },
     #[error("ack up to sample {end} covers audio never sent (sent up to sample {sent})")]
     AckBeyondSent { end: u64, sent: u64 },
+    /// The receipt does not match what the device sent: the audio is kept and resent.
+    #[error(
+        "ack for samples [{first}, {end}) has receipt crc32c {committed:08x}, but the device sent {sent:08x}: kept for resending"
+    )]
+    ReceiptMismatch {
+        first: u64,
+        end: u64,
+        committed: u32,
+        sent: u32,
+    },
 }
 
 /// Unacknowledged audio of one session.
@@ -116,8 +126,11 @@ impl Outbox {
         self.sent >= self.base + self.buf.len() as u64
     }
 
-    /// Ingest acknowledged samples `[first, end)`: they are durable, so the outbox forgets them.
-    pub fn on_ack(&mut self, first: u64, end: u64) -> Result<(), OutboxError> {
+    /// Ingest acknowledged samples `[first, end)` with receipt `crc32c` (the CRC32C of the bytes
+    /// committed; `None` from an ingest that sends none). They are durable and, when the receipt
+    /// matches what was sent, the outbox forgets them; on a mismatch it keeps them and answers
+    /// [`OutboxError::ReceiptMismatch`]: the caller reconnects and resends from `first`.
+    pub fn on_ack(&mut self, first: u64, end: u64, crc32c: Option<u32>) -> Result<(), OutboxError> {
         let expected = self.resume_from();
         if first != expected || end < first {
             return Err(OutboxError::AckOutOfOrder {
@@ -134,6 +147,17 @@ impl Outbox {
             });
         }
         let n = (end_byte - self.base) as usize;
+        if let Some(committed) = crc32c {
+            let sent = spillway_proto::checksum::crc32c(&self.buf[..n]);
+            if sent != committed {
+                return Err(OutboxError::ReceiptMismatch {
+                    first,
+                    end,
+                    committed,
+                    sent,
+                });
+            }
+        }
         self.buf.advance(n);
         self.base = end_byte;
         Ok(())
@@ -167,7 +191,7 @@ mod tests {
         assert_eq!(o.room(), 0);
         o.on_accepted(0).unwrap();
         assert_eq!(drain(&mut o, 7).len(), 100);
-        o.on_ack(0, 30).unwrap();
+        o.on_ack(0, 30, None).unwrap();
         assert_eq!((o.held(), o.room(), o.resume_from()), (40, 60, 30));
 
         // The connection dies; ingest accepts the new stream at the resume point.
@@ -175,7 +199,7 @@ mod tests {
         let resent = drain(&mut o, 1000);
         assert_eq!(resent.len(), 40, "everything unacknowledged goes out again");
         assert_eq!(resent[..], [[1u8; 0].as_slice(), &[2; 40]].concat()[..]);
-        o.on_ack(30, 50).unwrap();
+        o.on_ack(30, 50, None).unwrap();
         o.finish();
         assert!(o.is_done());
     }
@@ -191,14 +215,14 @@ mod tests {
         o.on_accepted(0).unwrap();
         o.on_sent(10);
         assert!(matches!(
-            o.on_ack(0, 6),
+            o.on_ack(0, 6, None),
             Err(OutboxError::AckBeyondSent { .. })
         ));
         assert!(matches!(
-            o.on_ack(1, 2),
+            o.on_ack(1, 2, None),
             Err(OutboxError::AckOutOfOrder { .. })
         ));
-        o.on_ack(0, 5).unwrap();
+        o.on_ack(0, 5, None).unwrap();
         assert!(matches!(
             o.on_accepted(0),
             Err(OutboxError::StartOutside { .. }),
@@ -213,7 +237,36 @@ mod tests {
         o.on_accepted(0).unwrap();
         drain(&mut o, 100);
         assert!(!o.is_done());
-        o.on_ack(0, 2).unwrap();
+        o.on_ack(0, 2, None).unwrap();
         assert!(o.is_done());
+    }
+
+    #[test]
+    fn audio_is_freed_only_when_the_receipt_matches_what_was_sent() {
+        let mut o = Outbox::new(100);
+        let pcm: Vec<u8> = (0..40u8).collect();
+        o.push(&pcm);
+        o.on_accepted(0).unwrap();
+        drain(&mut o, 100);
+        let good = spillway_proto::checksum::crc32c(&pcm[..20]);
+        // The uploader committed other bytes: nothing is forgotten, the error says so.
+        let err = o.on_ack(0, 10, Some(good ^ 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OutboxError::ReceiptMismatch {
+                    first: 0,
+                    end: 10,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!((o.held(), o.resume_from()), (40, 0), "kept for resending");
+        // Resent and committed right: freed.
+        o.on_accepted(o.resume_from()).unwrap();
+        drain(&mut o, 100);
+        o.on_ack(0, 10, Some(good)).unwrap();
+        assert_eq!((o.held(), o.resume_from()), (20, 10));
     }
 }

@@ -507,11 +507,20 @@ async fn forward_loop(
         };
         metrics.chunks_acked.inc();
         metrics.acked_bytes.inc_by(chunk.pcm.len() as u64);
+        // The receipt: the CRC32C the uploader committed, which the device checks against
+        // what it sent. ingest checks it too: a difference means the bytes changed between
+        // ingest and the uploader's disk.
+        if response.crc32c != chunk.crc32c {
+            tracing::error!(uid = %params.uid, session = %params.session, seq = chunk.seq,
+                ours = format!("{:08x}", chunk.crc32c), committed = format!("{:08x}", response.crc32c),
+                "the uploader committed other bytes than ingest sent");
+        }
         let ack = Ack {
             seq: chunk.seq,
             first_sample: chunk.first_sample,
             end_sample: chunk.end_sample(),
             key: response.key,
+            crc32c: Some(response.crc32c),
         };
         // Committed: the audio and its share of the budget are free before the device is
         // told, so a device that stops reading holds no memory.

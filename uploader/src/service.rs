@@ -135,6 +135,8 @@ impl Uploader for Service {
                 status
             })?;
         let key = self.template.key_of(&self.prefix, &record);
+        // Checked against the PCM above; every outcome below commits exactly these samples.
+        let crc32c = record.crc32c;
         let started = std::time::Instant::now();
         let outcome = self.spool.commit(&record).await.map_err(|e| {
             let (reason, status) = match &e {
@@ -171,6 +173,7 @@ impl Uploader for Service {
         Ok(Response::new(PutChunkResponse {
             key,
             newly_stored: outcome != Committed::Duplicate,
+            crc32c,
         }))
     }
 }

@@ -220,6 +220,8 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             ingests: 1,
             uploader_args: s.uploader_args.clone(),
             ingest_args: s.ingest_args.clone(),
+            // As deployed: devices prove their uid, and the link is mutual TLS.
+            device_auth: true,
         };
         let row = tokio::time::timeout(
             outage + Duration::from_secs(240),
@@ -314,7 +316,7 @@ fn devices(
     c: &Cluster,
     n: usize,
     seconds: f64,
-) -> Vec<tokio::task::JoinHandle<anyhow::Result<ResumedReport>>> {
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<ResumedReport>>>> {
     (0..n)
         .map(|d| {
             let mut spec = DeviceSpec::synthetic(
@@ -324,6 +326,7 @@ fn devices(
                 seconds,
                 100 + d as u64,
             );
+            spec.token = c.token(&spec.uid)?;
             // Ten times real time: 40 s of audio in about 4 s.
             spec.speed = 10.0;
             spec.mean_frame_bytes = 1_600;
@@ -332,9 +335,9 @@ fn devices(
             config.idle_timeout = Duration::from_secs(2);
             config.max_backoff = Duration::from_secs(1);
             config.give_up_after = Some(Duration::from_secs(180));
-            tokio::spawn(
-                async move { run_resuming_device(config, spec, &Progress::hidden()).await },
-            )
+            Ok(tokio::spawn(async move {
+                run_resuming_device(config, spec, &Progress::hidden()).await
+            }))
         })
         .collect()
 }
@@ -353,7 +356,7 @@ async fn scenario(
         audio_seconds: seconds * n_devices as f64,
         ..Row::default()
     };
-    let load = devices(&c, n_devices, seconds);
+    let load = devices(&c, n_devices, seconds)?;
     let spool_empty = |c: &Cluster| {
         let addrs: Vec<_> = c.uploaders.iter().map(|u| u.http).collect();
         async move {

@@ -197,6 +197,9 @@ pub struct ClusterOptions {
     /// Extra flags for every uploader and every ingest.
     pub uploader_args: Vec<String>,
     pub ingest_args: Vec<String>,
+    /// Devices prove their uid with a signed token (`--auth token`, a fresh key in the
+    /// cluster's directory); otherwise ingest runs `--auth none`.
+    pub device_auth: bool,
 }
 
 /// An uploader's fixed addresses and, while it runs, its process.
@@ -228,6 +231,8 @@ pub struct Cluster {
     /// The ingest → uploader link's throwaway PKI (mutual TLS), and its files under `dir/pki`.
     pub pki: crate::pki::DevPki,
     pub pki_files: crate::pki::PkiFiles,
+    /// The token keys ingest verifies with (`--auth token`), and their file.
+    pub token_keys: Option<(spillway_ingest::auth::Keyring, PathBuf)>,
     s3: Option<Proc>,
 }
 
@@ -262,7 +267,16 @@ impl Cluster {
             .collect::<anyhow::Result<_>>()?;
         let pki = crate::pki::DevPki::generate()?;
         let pki_files = pki.write(&dir)?;
+        let token_keys = if opts.device_auth {
+            let line = spillway_ingest::auth::token::new_key_line("k1")?;
+            let path = dir.join("token-keys");
+            std::fs::write(&path, format!("{line}\n"))?;
+            Some((spillway_ingest::auth::Keyring::parse(&line)?, path))
+        } else {
+            None
+        };
         let mut cluster = Self {
+            token_keys,
             pki,
             pki_files,
             logs: dir.join("logs"),
@@ -295,6 +309,18 @@ impl Cluster {
             cluster.start_daemon(Daemon::Ingest(i)).await?;
         }
         Ok(cluster)
+    }
+
+    /// A device token for `uid`, valid for a day (empty when ingest runs `--auth none`).
+    pub fn token(&self, uid: &str) -> anyhow::Result<String> {
+        let Some((keys, _)) = &self.token_keys else {
+            return Ok(String::new());
+        };
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + 86_400;
+        Ok(keys.issue(None, &spillway_ingest::auth::Scope::Uid(uid.to_owned()), expires)?)
     }
 
     /// The spool directory of uploader `i`.
@@ -411,6 +437,14 @@ impl Cluster {
                     args.push(format!("https://{}", u.grpc));
                 }
                 args.extend(self.pki_files.ingest_args());
+                if let Some((_, keys)) = &self.token_keys {
+                    args.extend([
+                        "--auth".into(),
+                        "token".into(),
+                        "--token-keys".into(),
+                        keys.display().to_string(),
+                    ]);
+                }
                 args.extend(self.opts.ingest_args.iter().cloned());
                 let http = node.http;
                 let mut p = Proc::spawn(

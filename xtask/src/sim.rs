@@ -291,9 +291,16 @@ pub async fn verify_device(
             (ack.seq, ack.first_sample, ack.end_sample),
             (k, first, end)
         );
+        let want = spec.source.bytes(first * 2, ((end - first) * 2) as usize);
+        // The receipt names exactly the bytes sent.
+        let sent = spillway_proto::checksum::crc32c(&want);
+        ensure!(
+            ack.crc32c == Some(sent),
+            "ack {k}: receipt {:?}, but the audio sent has crc32c {sent:08x}",
+            ack.crc32c
+        );
         let body = get_when_present(s3, bucket, &ack.key, deadline).await?;
         let pcm = wav_pcm(&body, spec.sample_rate).with_context(|| ack.key.clone())?;
-        let want = spec.source.bytes(first * 2, ((end - first) * 2) as usize);
         if pcm != want {
             bail!(
                 "{}: PCM differs from what was sent ({} vs {} bytes)",

@@ -44,6 +44,10 @@ pub struct UpArgs {
     /// (non-zero on any difference). Starts from an empty state directory.
     #[arg(long)]
     pub verify: bool,
+    /// How devices prove their uid: `none` (anyone may write as any uid; local runs) or
+    /// `token` (a signed token per device, as deployed).
+    #[arg(long, value_enum, default_value_t = spillway_ingest::config::AuthMode::None)]
+    pub auth: spillway_ingest::config::AuthMode,
     /// State directory: object store, spool, logs, certificate.
     #[arg(long, default_value = ".spillway/up")]
     pub dir: PathBuf,
@@ -75,6 +79,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         ingests: usize::from(args.ingests),
         uploader_args: Vec::new(),
         ingest_args: Vec::new(),
+        device_auth: args.auth == spillway_ingest::config::AuthMode::Token,
     })
     .await?;
     let ingests: Vec<SocketAddr> = cluster.ingests.iter().map(|i| i.quic).collect();
@@ -119,7 +124,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         tokio::signal::ctrl_c().await?;
         Ok(())
     } else {
-        simulate(&args, &ingests, &cert, &s3_endpoint).await
+        let token = |uid: &str| cluster.token(uid);
+        simulate(&args, &ingests, &cert, &s3_endpoint, &token).await
     };
     println!("stopping");
     let stopped = cluster.stop().await;
@@ -132,6 +138,7 @@ async fn simulate(
     ingests: &[SocketAddr],
     cert: &[u8],
     s3_endpoint: &str,
+    token: &dyn Fn(&str) -> anyhow::Result<String>,
 ) -> anyhow::Result<()> {
     let (source_for, rate): (Box<dyn Fn(u64) -> Source>, u32) = match &args.wav {
         Some(path) => {
@@ -166,8 +173,10 @@ async fn simulate(
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for d in 0..args.devices {
+        let uid = format!("device-{d:03}");
         let spec = DeviceSpec {
-            uid: format!("device-{d:03}"),
+            token: token(&uid)?,
+            uid,
             session: format!("run-{run_id}"),
             sample_rate: rate,
             samples,
@@ -175,7 +184,6 @@ async fn simulate(
             mean_frame_bytes: (rate as usize / 10).max(1),
             source: source_for(d as u64 + 1),
             seed: d as u64,
-            token: String::new(),
         };
         let ingest = ingests[d % ingests.len()];
         let (cert, progress) = (cert.to_vec(), progress.clone());
