@@ -65,10 +65,12 @@ impl Device {
         alpn: &[u8],
         idle_timeout: Duration,
     ) -> anyhow::Result<Self> {
+        // The unspecified address of the server's family: the kernel picks the route, so a
+        // remote ingest is reachable (a loopback socket can only reach loopback).
         let bind: SocketAddr = if server.is_ipv4() {
-            ([127, 0, 0, 1], 0).into()
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
-            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let mut endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
         endpoint.set_default_client_config(client_config(trusted, alpn, idle_timeout)?);
@@ -282,6 +284,8 @@ pub struct ResumeReport {
     pub reconnects: u32,
     /// Acks whose receipt (CRC32C) did not match the audio sent; that audio was resent.
     pub receipt_mismatches: u32,
+    /// When each ack of `acks` arrived, since the session started.
+    pub acked_at: Vec<Duration>,
 }
 
 enum StreamEnd {
@@ -308,6 +312,7 @@ pub async fn stream_resuming(
         pending: None,
         input_open: true,
         report: ResumeReport::default(),
+        started: Instant::now(),
     };
     let new_backoff = || {
         backon::ExponentialBuilder::default()
@@ -349,6 +354,7 @@ struct Driver {
     pending: Option<Bytes>,
     input_open: bool,
     report: ResumeReport,
+    started: Instant,
 }
 
 impl Driver {
@@ -404,6 +410,7 @@ impl Driver {
                     Err(e) => return Some(StreamEnd::Fatal(e.into())),
                 }
                 self.report.acks.push(ack);
+                self.report.acked_at.push(self.started.elapsed());
                 None
             }
             Some(server_message::Kind::Error(e)) => {

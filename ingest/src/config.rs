@@ -31,7 +31,7 @@ fn parse_target(s: &str) -> Result<Target, String> {
 pub struct Args {
     /// A tool instead of the daemon.
     #[command(subcommand)]
-    pub command: Option<crate::auth::cli::Command>,
+    pub command: Option<crate::cli::Command>,
     /// UDP address the QUIC device endpoint listens on.
     #[arg(long, env = "SPILLWAY_INGEST_LISTEN", default_value = "127.0.0.1:4433")]
     pub listen: SocketAddr,

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod balance;
 pub mod budget;
 pub mod chunker;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod forward;

@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let mut args = spillway_ingest::Args::parse();
     if let Some(command) = args.command.take() {
-        return command.run();
+        return command.run().await;
     }
     spillway_proto::ops::init_tracing(args.log_format);
     let (listen, http_listen) = (args.listen, args.http_listen);

@@ -313,14 +313,32 @@ impl Cluster {
 
     /// A device token for `uid`, valid for a day (empty when ingest runs `--auth none`).
     pub fn token(&self, uid: &str) -> anyhow::Result<String> {
-        let Some((keys, _)) = &self.token_keys else {
-            return Ok(String::new());
-        };
         let expires = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs()
             + 86_400;
-        Ok(keys.issue(None, &spillway_ingest::auth::Scope::Uid(uid.to_owned()), expires)?)
+        self.token_until(uid, expires)
+    }
+
+    /// A device token for `uid` that expires at `expires` (Unix seconds).
+    pub fn token_until(&self, uid: &str, expires: u64) -> anyhow::Result<String> {
+        let Some((keys, _)) = &self.token_keys else {
+            return Ok(String::new());
+        };
+        Ok(keys.issue(
+            None,
+            &spillway_ingest::auth::Scope::Uid(uid.to_owned()),
+            expires,
+        )?)
+    }
+
+    /// The process id of a running daemon.
+    pub fn pid(&self, d: Daemon) -> Option<u32> {
+        match d {
+            Daemon::Store => self.s3.as_ref()?.id(),
+            Daemon::Uploader(i) => self.uploaders.get(i)?.proc.as_ref()?.id(),
+            Daemon::Ingest(i) => self.ingests.get(i)?.proc.as_ref()?.id(),
+        }
     }
 
     /// The spool directory of uploader `i`.

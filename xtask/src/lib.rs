@@ -9,6 +9,7 @@
 //! - [`bench`]: `cargo xtask bench`, figures against same-run baselines.
 //! - [`deploy_check`]: `cargo xtask deploy-check`, the Kubernetes manifests validated offline.
 
+pub mod attack;
 pub mod bench;
 pub mod chaos;
 pub mod cluster;

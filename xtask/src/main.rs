@@ -17,6 +17,9 @@ enum Cmd {
     /// Kill, starve and damage a running cluster under load; audit that nothing acknowledged
     /// was lost or duplicated.
     Chaos(xtask::chaos::ChaosArgs),
+    /// Attack a cluster of the real binaries beside honest devices; report what each attack got
+    /// (must be nothing) and what the honest devices lost (must be nothing).
+    Attack(xtask::attack::AttackArgs),
     /// Measure Spillway against baselines run on the same machine in the same run; write
     /// target/bench/results.json (and, with --record, BENCHMARKS.md).
     Bench(xtask::bench::BenchArgs),
@@ -57,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Up(args) => xtask::up::up(args).await,
         Cmd::Chaos(args) => xtask::chaos::chaos(args).await,
+        Cmd::Attack(args) => xtask::attack::attack(args).await,
         Cmd::Bench(args) => xtask::bench::bench(args).await,
         Cmd::DeployCheck(args) => xtask::deploy_check::deploy_check(args),
         Cmd::Pki { dir } => {

@@ -400,6 +400,9 @@ pub struct Audit {
     pub lost: usize,
     /// Objects stored for the session that no ack names (a second copy of some audio).
     pub duplicated: usize,
+    /// Copies set aside beside an original (`{key}.conflict-{crc32c}`: other audio put under an
+    /// acknowledged chunk's id, which never replaces it). Not duplicates of acknowledged audio.
+    pub set_aside: usize,
     /// Problems with the acks themselves (gaps, overlaps, audio never acknowledged).
     pub ack_problems: Vec<String>,
 }
@@ -448,10 +451,14 @@ pub async fn audit_resumed(
         ));
     }
     let prefix = format!("{}/{}/", spec.uid, spec.session);
-    let stored = keys_under(s3, bucket, &prefix).await?;
+    let (aside, stored): (std::collections::BTreeSet<String>, _) = keys_under(s3, bucket, &prefix)
+        .await?
+        .into_iter()
+        .partition(|k| k.contains(".conflict-"));
     audit.acked = keys.len();
     audit.objects = stored.len();
     audit.duplicated = stored.difference(&keys).count();
+    audit.set_aside = aside.len();
     Ok(audit)
 }
 

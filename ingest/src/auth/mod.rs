@@ -7,7 +7,6 @@
 //!
 //! Sans-IO: the caller passes the time.
 
-pub mod cli;
 pub mod token;
 
 use std::time::SystemTime;

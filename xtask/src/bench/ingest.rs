@@ -137,6 +137,10 @@ async fn ingest(
     let (quic, http) = (free_udp()?, free_tcp()?);
     let mut args = env.pki_files.ingest_args();
     args.extend([
+        "--auth".into(),
+        "token".into(),
+        "--token-keys".into(),
+        token_keys(env)?.display().to_string(),
         "--listen".into(),
         quic.to_string(),
         "--http-listen".into(),
@@ -159,16 +163,29 @@ async fn ingest(
     Ok((p, quic, http))
 }
 
-fn hello(uid: &str) -> Hello {
-    Hello {
+/// The bench's device-token key (not a secret: it exists for the length of a run). ingest runs
+/// `--auth token`, as deployed, so every hello's token is verified.
+const TOKEN_KEY: &str = "bench AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// Writes the token key file ingest reads; returns its path.
+fn token_keys(env: &Env) -> anyhow::Result<std::path::PathBuf> {
+    let path = env.dir.join("token-keys");
+    std::fs::write(&path, format!("{TOKEN_KEY}\n"))?;
+    Ok(path)
+}
+
+fn hello(uid: &str) -> anyhow::Result<Hello> {
+    let keys = spillway_ingest::auth::Keyring::parse(TOKEN_KEY)?;
+    let scope = spillway_ingest::auth::Scope::Uid(uid.to_owned());
+    Ok(Hello {
         uid: uid.into(),
         session: "bench".into(),
         sample_rate: 16_000,
         encoding: Encoding::PcmS16le as i32,
         channels: 1,
-        token: String::new(),
+        token: keys.issue(None, &scope, u64::from(u32::MAX))?,
         resume_from: 0,
-    }
+    })
 }
 
 /// Sends `bytes` of audio as fast as flow control allows, in frames of (at most) `frame`.
@@ -203,7 +220,7 @@ async fn blast(
         tasks.spawn(async move {
             let device = Device::connect(server, "localhost", &cert).await?;
             let (mut tx, rx) = device.open().await?;
-            tx.hello(hello(&format!("blast-{d}"))).await?;
+            tx.hello(hello(&format!("blast-{d}"))?).await?;
             send(&mut tx, &payload, bytes).await?;
             tx.finish()?;
             rx.collect().await?;
@@ -369,7 +386,7 @@ async fn realtime(
             tokio::time::sleep_until(start.into()).await;
             let device = Device::connect_on(&socket, quic, "localhost", &cert).await?;
             let (mut tx, mut rx) = device.open().await?;
-            tx.hello(hello(&format!("rt-{d:05}"))).await?;
+            tx.hello(hello(&format!("rt-{d:05}"))?).await?;
             let total = chunk_bytes * chunks;
             let ends: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
             let reader = {
@@ -509,7 +526,7 @@ async fn memory(
             let filled = async {
                 let device = Device::connect(quic, "localhost", &cert).await?;
                 let (mut tx, rx) = device.open().await?;
-                tx.hello(hello(&format!("mem-{d:05}"))).await?;
+                tx.hello(hello(&format!("mem-{d:05}"))?).await?;
                 send(&mut tx, &frame, hold).await?;
                 anyhow::Ok((device, tx, rx))
             }

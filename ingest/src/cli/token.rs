@@ -6,15 +6,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use spillway_proto::validate;
 
-use super::token::{Scope, new_key_line};
-
-/// Subcommands of the `ingest` binary.
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum Command {
-    /// Device tokens and their keys.
-    #[command(subcommand)]
-    Token(Token),
-}
+use crate::auth::token::{Scope, new_key_line};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Token {
@@ -50,11 +42,10 @@ pub enum Token {
     },
 }
 
-impl Command {
+impl Token {
     /// Runs the subcommand; its output goes to stdout.
     pub fn run(self) -> anyhow::Result<()> {
-        let Command::Token(token) = self;
-        match token {
+        match self {
             Token::NewKey { kid } => println!("{}", new_key_line(&kid)?),
             Token::Issue {
                 token_keys,
