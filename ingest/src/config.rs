@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use spillway_proto::ops::LogFormat;
 
-use spillway_proto::link::{Link, LinkTls};
+use spillway_proto::link::Link;
 
 use crate::auth::{Auth, Keyring};
 
@@ -105,29 +105,13 @@ pub struct Args {
     /// default only when --listen is a loopback address).
     #[arg(long, env = "SPILLWAY_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
-    /// PEM CA certificate(s) every uploader's certificate must chain to. With --internal-cert
-    /// and --internal-key, ingest talks to uploaders over mutually authenticated TLS
-    /// (`--uploader https://...` or `dns://...`).
-    #[arg(long, env = "SPILLWAY_INTERNAL_CA", requires_all = ["internal_cert", "internal_key"])]
-    pub internal_ca: Option<PathBuf>,
-    /// PEM client certificate chain ingest presents to uploaders.
-    #[arg(long, env = "SPILLWAY_INTERNAL_CERT", requires_all = ["internal_ca", "internal_key"])]
-    pub internal_cert: Option<PathBuf>,
-    /// PEM private key of --internal-cert.
-    #[arg(long, env = "SPILLWAY_INTERNAL_KEY", requires_all = ["internal_ca", "internal_cert"])]
-    pub internal_key: Option<PathBuf>,
+    /// The link to the uploaders (`--uploader https://...` or `dns://...` with TLS).
+    #[command(flatten)]
+    pub link: spillway_proto::link::LinkArgs,
     /// The name every uploader's certificate must carry (default: the host each --uploader
     /// names; for `dns://NAME:PORT`, NAME).
     #[arg(long, env = "SPILLWAY_INTERNAL_SERVER_NAME")]
     pub internal_server_name: Option<String>,
-    /// Talk to uploaders in plaintext with no authentication (`--uploader http://...`). Only for
-    /// a private loopback setup.
-    #[arg(
-        long,
-        env = "SPILLWAY_INSECURE_INTERNAL",
-        conflicts_with = "internal_ca"
-    )]
-    pub insecure_internal: bool,
     /// File of token keys, one `<kid> <base64 secret>` per line (`ingest token new-key` makes
     /// one); every key verifies, the first signs. Required by --auth token.
     #[arg(long, env = "SPILLWAY_TOKEN_KEYS")]
@@ -309,13 +293,7 @@ impl Args {
                 self.listen
             ),
         };
-        let link = match (&self.internal_ca, &self.internal_cert, &self.internal_key) {
-            (Some(ca), Some(cert), Some(key)) => Link::Tls(LinkTls::from_files(ca, cert, key)?),
-            _ if self.insecure_internal => Link::Insecure,
-            _ => anyhow::bail!(
-                "the link to the uploaders needs --internal-ca, --internal-cert and --internal-key (mutual TLS), or --insecure-internal for plaintext"
-            ),
-        };
+        let link = self.link.link()?.ok_or(spillway_proto::link::NoLink)?;
         let config = Config {
             uploaders: self.uploader,
             uploader_refresh: self.uploader_refresh,

@@ -113,3 +113,50 @@ impl LinkTls {
             .timeout(HANDSHAKE_TIMEOUT)
     }
 }
+
+/// The link's flags, the same on both daemons (`#[command(flatten)]`).
+#[cfg(feature = "ops")]
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LinkArgs {
+    /// PEM CA certificate(s) the peer's certificate must chain to (ingest's client certificate
+    /// on the uploader; every uploader's on ingest). With --internal-cert and --internal-key the
+    /// ingest → uploader link is mutually authenticated TLS.
+    #[arg(long, env = "SPILLWAY_INTERNAL_CA", requires_all = ["internal_cert", "internal_key"])]
+    pub internal_ca: Option<PathBuf>,
+    /// PEM certificate chain this daemon presents on the link.
+    #[arg(long, env = "SPILLWAY_INTERNAL_CERT", requires_all = ["internal_ca", "internal_key"])]
+    pub internal_cert: Option<PathBuf>,
+    /// PEM private key of --internal-cert.
+    #[arg(long, env = "SPILLWAY_INTERNAL_KEY", requires_all = ["internal_ca", "internal_cert"])]
+    pub internal_key: Option<PathBuf>,
+    /// Plaintext, unauthenticated link: anyone who reaches the uploader's --listen can put
+    /// chunks. Only for a private loopback setup.
+    #[arg(
+        long,
+        env = "SPILLWAY_INSECURE_INTERNAL",
+        conflicts_with = "internal_ca"
+    )]
+    pub insecure_internal: bool,
+}
+
+/// Neither TLS material nor `--insecure-internal` was given.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the ingest → uploader link needs --internal-ca, --internal-cert and --internal-key (mutual TLS), or --insecure-internal for plaintext"
+)]
+pub struct NoLink;
+
+#[cfg(feature = "ops")]
+impl LinkArgs {
+    /// The link these flags ask for. `None` when they ask for nothing (the caller decides
+    /// whether that is an error: it is for a daemon that serves or calls the link).
+    pub fn link(&self) -> Result<Option<Link>, LinkError> {
+        match (&self.internal_ca, &self.internal_cert, &self.internal_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                Ok(Some(Link::Tls(LinkTls::from_files(ca, cert, key)?)))
+            }
+            _ if self.insecure_internal => Ok(Some(Link::Insecure)),
+            _ => Ok(None),
+        }
+    }
+}

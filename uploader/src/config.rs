@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use spillway_proto::ops::LogFormat;
 
-use spillway_proto::link::{Link, LinkTls};
+use spillway_proto::link::Link;
 
 use crate::adaptive::{Bounds, Workers};
 use crate::object::KeyTemplate;
@@ -131,24 +131,9 @@ pub struct Flags {
     /// Log format.
     #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// PEM CA certificate(s) that every ingest's client certificate must chain to. With
-    /// --internal-cert and --internal-key, the gRPC listener is mutually authenticated TLS.
-    #[arg(long, env = "SPILLWAY_INTERNAL_CA", requires_all = ["internal_cert", "internal_key"])]
-    pub internal_ca: Option<PathBuf>,
-    /// PEM certificate chain the uploader presents to ingest.
-    #[arg(long, env = "SPILLWAY_INTERNAL_CERT", requires_all = ["internal_ca", "internal_key"])]
-    pub internal_cert: Option<PathBuf>,
-    /// PEM private key of --internal-cert.
-    #[arg(long, env = "SPILLWAY_INTERNAL_KEY", requires_all = ["internal_ca", "internal_cert"])]
-    pub internal_key: Option<PathBuf>,
-    /// Serve gRPC in plaintext with no authentication: anyone who reaches --listen can put
-    /// chunks. Only for a private loopback setup.
-    #[arg(
-        long,
-        env = "SPILLWAY_INSECURE_INTERNAL",
-        conflicts_with = "internal_ca"
-    )]
-    pub insecure_internal: bool,
+    /// The gRPC link's security.
+    #[command(flatten)]
+    pub link: spillway_proto::link::LinkArgs,
 }
 
 /// The value of `--workers`.
@@ -240,10 +225,8 @@ pub enum ConfigError {
     Bucket(String),
     #[error("--key-template: {0}")]
     KeyTemplate(#[from] crate::object::TemplateError),
-    #[error(
-        "the gRPC link to ingest needs --internal-ca, --internal-cert and --internal-key (mutual TLS), or --insecure-internal for plaintext"
-    )]
-    NoLink,
+    #[error(transparent)]
+    NoLink(spillway_proto::link::NoLink),
     #[error(transparent)]
     LinkTls(#[from] spillway_proto::link::LinkError),
 }
@@ -355,10 +338,10 @@ impl Flags {
                 (self.workers_max.clamp(1, MAX_WORKERS), Some(bounds))
             }
         };
-        let link = match (&self.internal_ca, &self.internal_cert, &self.internal_key) {
-            (Some(ca), Some(cert), Some(key)) => Link::Tls(LinkTls::from_files(ca, cert, key)?),
-            _ if self.insecure_internal || !serves => Link::Insecure,
-            _ => return Err(ConfigError::NoLink),
+        let link = match self.link.link()? {
+            Some(link) => link,
+            None if !serves => Link::Insecure,
+            None => return Err(ConfigError::NoLink(spillway_proto::link::NoLink)),
         };
         let config = Config {
             key_template: self.key_template.parse()?,

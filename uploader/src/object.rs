@@ -155,6 +155,11 @@ pub const WAV_HEADROOM: usize = 64;
 /// The WAV header for `pcm_len` bytes of PCM s16le mono at `sample_rate`: what [`wav`] puts in
 /// front of the PCM.
 pub fn wav_header(pcm_len: usize, sample_rate: u32) -> Result<Vec<u8>, hound::Error> {
+    // hound divides by the rate and multiplies it: outside the rates a chunk may have, it would
+    // panic, not fail.
+    if spillway_proto::validate::sample_rate(sample_rate).is_err() {
+        return Err(hound::Error::Unsupported);
+    }
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate,

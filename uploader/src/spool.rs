@@ -99,6 +99,37 @@ impl Record {
     pub fn intact(&self) -> bool {
         spillway_proto::checksum::crc32c(&self.pcm) == self.crc32c
     }
+
+    /// True when the record is intact and its fields obey the rules `PutChunk` enforced when it
+    /// was committed (valid ids and sample rate, whole samples inside its chunk). A record file
+    /// read back from disk is trusted only then: damage outside the PCM (which the CRC32C does
+    /// not cover) or a stray file must be quarantined, never uploaded or panicked on.
+    pub fn sound(&self) -> bool {
+        let samples = (self.pcm.len() / spillway_proto::BYTES_PER_SAMPLE) as u64;
+        let start = self.seq.checked_mul(self.chunk_samples);
+        let end = start.and_then(|s| s.checked_add(self.chunk_samples));
+        let inside = match (start, end) {
+            (Some(start), Some(end)) => {
+                self.first_sample >= start
+                    && self
+                        .first_sample
+                        .checked_add(samples)
+                        .is_some_and(|e| e <= end)
+            }
+            _ => false,
+        };
+        spillway_proto::validate::id(&self.uid).is_ok()
+            && spillway_proto::validate::id(&self.session).is_ok()
+            && spillway_proto::validate::sample_rate(self.sample_rate).is_ok()
+            && self.chunk_samples > 0
+            && !self.pcm.is_empty()
+            && self
+                .pcm
+                .len()
+                .is_multiple_of(spillway_proto::BYTES_PER_SAMPLE)
+            && inside
+            && self.intact()
+    }
 }
 
 /// A record read back from its file for upload.
@@ -974,7 +1005,10 @@ impl Spool {
         std::io::Read::read_to_end(&mut file, &mut buf)?;
         Ok(Spooled::decode(buf).filter(|s| {
             let r = &s.record;
-            r.intact() && same_id(r, meta) && r.crc32c == meta.crc32c
+            r.sound()
+                && same_id(r, meta)
+                && r.crc32c == meta.crc32c
+                && (r.sample_rate, r.chunk_samples) == (meta.sample_rate, meta.chunk_samples)
         }))
     }
 
@@ -1277,7 +1311,7 @@ impl Spool {
             return Ok(());
         }
         let bytes = std::fs::read(path)?;
-        let Some(record) = Record::decode(bytes.as_slice()).ok().filter(Record::intact) else {
+        let Some(record) = Record::decode(bytes.as_slice()).ok().filter(Record::sound) else {
             tracing::error!(pos, "unindexed spool file fails its checks; quarantined");
             ignore_missing(std::fs::rename(path, self.quarantine_path(pos)))?;
             found.quarantined += 1;
@@ -1333,14 +1367,15 @@ impl Spool {
 mod tests {
     use super::*;
 
+    /// A record of chunk `seq` (60 s chunks at 8 kHz, as `PutChunk` would accept it).
     fn record(seq: u64, pcm: &[u8]) -> Record {
         Record {
             uid: "u".into(),
             session: "s".into(),
             seq,
             sample_rate: 8000,
-            chunk_samples: 8000,
-            first_sample: seq * 8000,
+            chunk_samples: 480_000,
+            first_sample: seq * 480_000,
             crc32c: crc32c::crc32c(pcm),
             pcm: Bytes::copy_from_slice(pcm),
         }
@@ -1397,13 +1432,11 @@ mod tests {
             wav[wav.len() - pcm.len()..].as_ptr(),
             "the body is laid out around the PCM read, not copied"
         );
-        let (Some((_, empty)), 0) = spool.next_from(pos + 1).unwrap() else {
-            panic!("no second record")
+        // An empty record (which PutChunk refuses) read back from disk is not sound: it is
+        // quarantined, never uploaded.
+        let (None, 1) = spool.next_from(pos + 1).unwrap() else {
+            panic!("the empty record was not quarantined")
         };
-        assert_eq!(
-            &empty.wav.unwrap()[..],
-            &crate::object::wav(b"", 8_000).unwrap()[..]
-        );
     }
 
     #[test]

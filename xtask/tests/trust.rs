@@ -305,18 +305,7 @@ async fn puts_beyond_the_in_flight_cap_are_refused_at_once_and_trickling_ones_ti
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         // A whole put beyond them is refused at once, before its body is read.
         let pcm = vec![1u8; 16_000];
-        let put = spillway_proto::uploader::PutChunkRequest {
-            id: Some(spillway_proto::uploader::ChunkId {
-                uid: "mallory".into(),
-                session: "flood".into(),
-                seq: 0,
-            }),
-            sample_rate: 8_000,
-            chunk_samples: 8_000,
-            first_sample: 0,
-            crc32c: spillway_proto::checksum::crc32c(&pcm),
-            pcm: pcm.into(),
-        };
+        let put = mallory_put("flood", pcm);
         let refused = loop {
             let started = tokio::time::Instant::now();
             match p.put_chunk(put.clone()).await {
@@ -367,18 +356,7 @@ async fn the_uploader_answers_only_clients_holding_a_certificate_of_its_ca() {
         .await
         .expect("pipeline");
         let pcm = vec![3u8; 16_000];
-        let put = spillway_proto::uploader::PutChunkRequest {
-            id: Some(spillway_proto::uploader::ChunkId {
-                uid: "mallory".into(),
-                session: "rogue".into(),
-                seq: 0,
-            }),
-            sample_rate: 8_000,
-            chunk_samples: 8_000,
-            first_sample: 0,
-            crc32c: spillway_proto::checksum::crc32c(&pcm),
-            pcm: pcm.into(),
-        };
+        let put = mallory_put("rogue", pcm);
         let attempt = |channel: anyhow::Result<tonic::transport::Channel>| {
             let put = put.clone();
             async move {
@@ -434,6 +412,22 @@ async fn the_uploader_answers_only_clients_holding_a_certificate_of_its_ca() {
     })
     .await
     .expect("bounded in time");
+}
+
+/// A one-second chunk of `pcm` at 8 kHz for uid `mallory`, as a rogue client would put it.
+fn mallory_put(session: &str, pcm: Vec<u8>) -> spillway_proto::uploader::PutChunkRequest {
+    spillway_proto::uploader::PutChunkRequest {
+        id: Some(spillway_proto::uploader::ChunkId {
+            uid: "mallory".into(),
+            session: session.into(),
+            seq: 0,
+        }),
+        sample_rate: 8_000,
+        chunk_samples: 8_000,
+        first_sample: 0,
+        crc32c: spillway_proto::checksum::crc32c(&pcm),
+        pcm: pcm.into(),
+    }
 }
 
 /// The pipeline's link CA (PEM).
