@@ -46,6 +46,37 @@ impl Device {
         Self::connect_with_alpn(server, server_name, trusted, spillway_proto::ALPN).await
     }
 
+    /// Like [`Device::connect`], presenting `identity` (the device's client certificate, for an
+    /// ingest running `--auth mtls`).
+    pub async fn connect_as(
+        server: SocketAddr,
+        server_name: &str,
+        trusted: &[u8],
+        identity: &crate::tls::TlsMaterial,
+    ) -> anyhow::Result<Self> {
+        let bind: SocketAddr = if server.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
+        let config = client_config_with(
+            trusted,
+            spillway_proto::ALPN,
+            Duration::from_secs(30),
+            Some(identity),
+        )?;
+        let conn = endpoint
+            .connect_with(config, server, server_name)?
+            .await
+            .with_context(|| format!("connecting to ingest at {server}"))?;
+        Ok(Self {
+            endpoint,
+            conn,
+            shared: false,
+        })
+    }
+
     /// Like [`Device::connect`] with another ALPN (tests use it to check refusal).
     pub async fn connect_with_alpn(
         server: SocketAddr,
@@ -141,7 +172,16 @@ fn client_config(
     alpn: &[u8],
     idle_timeout: Duration,
 ) -> anyhow::Result<quinn::ClientConfig> {
-    let mut config = crate::tls::client_config(&[trusted], alpn)?;
+    client_config_with(trusted, alpn, idle_timeout, None)
+}
+
+fn client_config_with(
+    trusted: &[u8],
+    alpn: &[u8],
+    idle_timeout: Duration,
+    identity: Option<&crate::tls::TlsMaterial>,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let mut config = crate::tls::client_config_with(&[trusted], alpn, identity)?;
     let mut transport = quinn::TransportConfig::default();
     // A device only sends: ingest's ACKs are nearly all it hears back. By default ingest would
     // acknowledge every second packet, and sending those ACKs took a quarter of its CPU at full

@@ -101,10 +101,14 @@ pub struct Args {
     #[arg(long, env = "SPILLWAY_MAX_BUFFERED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_buffered_bytes: usize,
     /// How devices prove their uid: `token` (every hello carries a token signed with a key of
-    /// --token-keys, naming the uid it may write as) or `none` (anyone may write as any uid; the
-    /// default only when --listen is a loopback address).
+    /// --token-keys, naming the uid it may write as), `mtls` (a client certificate of
+    /// --device-ca naming the uid in a SAN URI spillway:uid:<uid>) or `none` (anyone may write as
+    /// any uid; the default only when --listen is a loopback address).
     #[arg(long, env = "SPILLWAY_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
+    /// PEM CA certificate(s) devices' client certificates must chain to (--auth mtls).
+    #[arg(long, env = "SPILLWAY_DEVICE_CA")]
+    pub device_ca: Option<PathBuf>,
     /// The link to the uploaders (`--uploader https://...` or `dns://...` with TLS).
     #[command(flatten)]
     pub link: spillway_proto::link::LinkArgs,
@@ -134,6 +138,8 @@ pub struct Config {
     pub uploaders: Vec<Target>,
     pub uploader_refresh: Duration,
     pub tls: TlsMaterial,
+    /// Roots devices' client certificates must chain to (`--auth mtls`).
+    pub device_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     pub chunk_seconds: u32,
     pub idle_timeout: Duration,
     pub max_frame_bytes: usize,
@@ -189,6 +195,8 @@ pub enum ConfigError {
 pub enum AuthMode {
     None,
     Token,
+    /// Client certificates of --device-ca.
+    Mtls,
 }
 
 impl Config {
@@ -198,6 +206,7 @@ impl Config {
             uploaders: vec![Target::Url(uploader)],
             uploader_refresh: Duration::from_secs(5),
             tls,
+            device_ca: None,
             chunk_seconds: 60,
             idle_timeout: Duration::from_secs(30),
             max_frame_bytes: spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES,
@@ -275,7 +284,19 @@ impl Args {
                 tls
             }
         };
+        anyhow::ensure!(
+            self.device_ca.is_none() || self.auth == Some(AuthMode::Mtls),
+            "--device-ca goes with --auth mtls"
+        );
+        let mut device_ca = None;
         let auth = match (self.auth, &self.token_keys) {
+            (Some(AuthMode::Mtls), _) => {
+                let path = self.device_ca.as_deref().context(
+                    "--auth mtls needs --device-ca FILE (the CA of device certificates)",
+                )?;
+                device_ca = Some(crate::tls::pem_certificates(path)?);
+                Auth::Certificates
+            }
             (Some(AuthMode::Token), Some(path)) => Auth::Tokens(load_keys(path)?),
             (Some(AuthMode::Token), None) => {
                 anyhow::bail!(
@@ -298,6 +319,7 @@ impl Args {
             uploaders: self.uploader,
             uploader_refresh: self.uploader_refresh,
             tls,
+            device_ca,
             chunk_seconds: self.chunk_seconds,
             idle_timeout: self.idle_timeout,
             max_frame_bytes: self.max_frame_bytes,

@@ -116,7 +116,7 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
 
-    let mut server_config = tls::server_config(&config.tls)?;
+    let mut server_config = tls::server_config(&config.tls, config.device_ca.as_deref())?;
     server_config.transport_config(Arc::new(transport_config()));
     let quic_addr = listeners.quic.local_addr();
     let endpoint = quinn::Endpoint::new(
@@ -188,6 +188,9 @@ pub async fn run(
         ),
         auth::Auth::Tokens(keys) => {
             tracing::info!(kids = ?keys.kids().collect::<Vec<_>>(), "devices authenticate with signed tokens");
+        }
+        auth::Auth::Certificates => {
+            tracing::info!("devices authenticate with client certificates of --device-ca");
         }
     }
     tracing::info!(quic = %ops::describe(quic_addr), http = %ops::describe(http_addr),

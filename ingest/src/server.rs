@@ -115,6 +115,11 @@ pub(crate) async fn connection(
     };
     shared.metrics.connections.inc();
     tracing::debug!(%remote, "connection accepted");
+    // With `--auth mtls` the handshake verified the device's certificate; who it names holds
+    // for every stream of the connection.
+    let certified = matches!(shared.limits.auth.as_ref(), crate::auth::Auth::Certificates)
+        .then(|| crate::auth::cert::scope_of_connection(&conn))
+        .flatten();
     // A connection with no session for the idle timeout is closed: a flood of connections
     // that never send (or only open streams that are refused) cannot pin ingest's memory or its
     // connection slots (the seed's ghost connections held 15 MiB each).
@@ -152,8 +157,9 @@ pub(crate) async fn connection(
             () = shared.shutdown.cancelled() => return,
         };
         let (shared2, occupancy2) = (Arc::clone(&shared), Arc::clone(&occupancy));
+        let certified = certified.clone();
         shared.tasks.spawn(async move {
-            stream(tx, rx, shared2, &occupancy2).await;
+            stream(tx, rx, shared2, &occupancy2, certified).await;
         });
     }
 }
@@ -189,13 +195,15 @@ async fn stream(
     rx: quinn::RecvStream,
     shared: Arc<Shared>,
     occupancy: &Occupancy,
+    certified: Option<crate::auth::Scope>,
 ) {
     let writer: Writer = Arc::new(Mutex::new(FramedWrite::new(
         tx,
         spillway_proto::framing::codec(shared.max_frame_bytes),
     )));
     let mut reader = FramedRead::new(rx, spillway_proto::framing::codec(shared.max_frame_bytes));
-    let mut session = Session::new(shared.limits.clone(), std::time::SystemTime::now());
+    let mut session =
+        Session::new(shared.limits.clone(), std::time::SystemTime::now()).certified(certified);
     let first = tokio::select! {
         biased;
         () = shared.shutdown.cancelled() => return close(&writer, None).await,

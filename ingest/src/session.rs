@@ -75,6 +75,8 @@ pub struct Session {
     /// When the stream opened: credentials are checked as of then (the hello must follow
     /// within ingest's hello deadline).
     opened: SystemTime,
+    /// What the connection's verified client certificate names (`--auth mtls`).
+    certified: Option<crate::auth::Scope>,
 }
 
 impl Session {
@@ -83,7 +85,15 @@ impl Session {
             limits,
             phase: Phase::AwaitHello,
             opened,
+            certified: None,
         }
+    }
+
+    /// The scope the connection's client certificate names, checked with `--auth mtls`.
+    #[must_use]
+    pub fn certified(mut self, scope: Option<crate::auth::Scope>) -> Self {
+        self.certified = scope;
+        self
     }
 
     /// The accepted parameters, once the hello is through.
@@ -167,10 +177,17 @@ impl Session {
             .map_err(|e| Refusal::new(ErrorCode::InvalidUid, format!("uid {e}")))?;
         self.limits
             .auth
-            .authorize(&hello.uid, &hello.token, self.opened)
+            .authorize(
+                &hello.uid,
+                &hello.token,
+                self.certified.as_ref(),
+                self.opened,
+            )
             .map_err(|denied| {
                 let code = match denied {
-                    Denied::Unauthenticated(_) => ErrorCode::Unauthenticated,
+                    Denied::Unauthenticated(_) | Denied::NoCertificateScope => {
+                        ErrorCode::Unauthenticated
+                    }
                     Denied::OtherUid { .. } => ErrorCode::PermissionDenied,
                 };
                 Refusal::new(code, denied.to_string())

@@ -71,11 +71,33 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// The QUIC server configuration: TLS 1.3, ALPN `spillway/1` only.
-pub fn server_config(tls: &TlsMaterial) -> anyhow::Result<quinn::ServerConfig> {
-    let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+/// The QUIC server configuration: TLS 1.3, ALPN `spillway/1` only. With `device_ca` (PEM roots,
+/// `--auth mtls`) every device must present a client certificate that chains to them.
+pub fn server_config(
+    tls: &TlsMaterial,
+    device_ca: Option<&[CertificateDer<'static>]>,
+) -> anyhow::Result<quinn::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match device_ca {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for root in roots {
+                store
+                    .add(root.clone())
+                    .context("adding a --device-ca certificate")?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(store),
+                provider(),
+            )
+            .build()
+            .context("building the device certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut crypto = builder
         .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())
         .context("TLS certificate and key do not match")?;
     crypto.alpn_protocols = vec![spillway_proto::ALPN.to_vec()];
@@ -83,18 +105,47 @@ pub fn server_config(tls: &TlsMaterial) -> anyhow::Result<quinn::ServerConfig> {
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
 
-/// A QUIC client configuration trusting `roots` (DER certificates) and offering `alpn`.
+/// Reads PEM certificates (a CA bundle).
+pub fn pem_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no PEM certificate",
+        path.display()
+    );
+    Ok(certs)
+}
+
+/// A QUIC client configuration trusting `roots` (DER certificates) and offering `alpn`;
+/// `identity` is the device's own certificate for an ingest running `--auth mtls`.
 pub fn client_config(roots: &[&[u8]], alpn: &[u8]) -> anyhow::Result<quinn::ClientConfig> {
+    client_config_with(roots, alpn, None)
+}
+
+/// [`client_config`] presenting `identity`.
+pub fn client_config_with(
+    roots: &[&[u8]],
+    alpn: &[u8],
+    identity: Option<&TlsMaterial>,
+) -> anyhow::Result<quinn::ClientConfig> {
     let mut store = rustls::RootCertStore::empty();
     for der in roots {
         store
             .add(CertificateDer::from(der.to_vec()))
             .context("adding a trusted certificate")?;
     }
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(store)
-        .with_no_client_auth();
+        .with_root_certificates(store);
+    let mut crypto = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(id.cert_chain.clone(), id.key.clone_key())
+            .context("device certificate and key do not match")?,
+    };
     crypto.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))

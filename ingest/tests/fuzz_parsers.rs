@@ -909,7 +909,7 @@ proptest! {
         // Through a session, the same token never opens a stream for alice or anyone else.
         let auth = Auth::Tokens(keys);
         for uid in ["alice", "bob", "alice2"] {
-            prop_assert!(auth.authorize(uid, &mutated, at(now)).is_err());
+            prop_assert!(auth.authorize(uid, &mutated, None, at(now)).is_err());
         }
     }
 

@@ -1742,11 +1742,17 @@ fn check_daemon(
                 });
             }
             // Devices prove their uid: a fleet's ingest never runs `--auth none`.
-            report.expect(flags.get("auth") == Some("token"), || {
-                format!("{at_c}: ingest must run --auth token (devices write only as the uid their token names)")
+            let auth = flags.get("auth");
+            report.expect(matches!(auth, Some("token" | "mtls")), || {
+                format!("{at_c}: ingest must run --auth token or --auth mtls (devices write only as the uid their credential names)")
             });
-            report.expect(secret_file(pod, flags, &mounts, "token-keys"), || {
-                format!("{at_c}: --token-keys must name a file of a mounted Secret")
+            let material = if auth == Some("mtls") {
+                "device-ca"
+            } else {
+                "token-keys"
+            };
+            report.expect(secret_file(pod, flags, &mounts, material), || {
+                format!("{at_c}: --{material} must name a file of a mounted Secret")
             });
             let (b, s, f, secs) = (
                 get_u128("max-buffered-bytes"),

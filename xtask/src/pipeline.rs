@@ -25,6 +25,8 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// Device tokens verified with these keys (`--auth token`); `None` is `--auth none`.
     pub token_keys: Option<spillway_ingest::auth::Keyring>,
+    /// Device client certificates must chain to these roots (`--auth mtls`).
+    pub device_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     pub max_sessions: usize,
     pub max_sessions_per_uid: usize,
     pub hello_timeout: Duration,
@@ -48,6 +50,7 @@ impl Default for Options {
             max_buffered_bytes: 256 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
             token_keys: None,
+            device_ca: None,
             max_sessions: 256,
             max_sessions_per_uid: 4,
             hello_timeout: Duration::from_secs(5),
@@ -435,6 +438,10 @@ fn ingest_config(
     c.hello_timeout = opts.hello_timeout;
     if let Some(keys) = &opts.token_keys {
         c.auth = std::sync::Arc::new(spillway_ingest::auth::Auth::Tokens(keys.clone()));
+    }
+    if let Some(roots) = &opts.device_ca {
+        c.auth = std::sync::Arc::new(spillway_ingest::auth::Auth::Certificates);
+        c.device_ca = Some(roots.clone());
     }
     c
 }

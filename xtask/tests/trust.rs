@@ -434,3 +434,100 @@ fn mallory_put(session: &str, pcm: Vec<u8>) -> spillway_proto::uploader::PutChun
 fn p_ca(p: &Pipeline) -> String {
     p.pki.ca.clone()
 }
+
+/// A CA for device certificates and a certificate it signs naming `uri` (a SAN URI).
+fn device_pki() -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "device-ca");
+    let cert = params.self_signed(&key).unwrap();
+    (cert, rcgen::Issuer::new(params, key))
+}
+
+fn device_cert(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    uri: &str,
+) -> spillway_ingest::tls::TlsMaterial {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, issuer).unwrap();
+    spillway_ingest::tls::TlsMaterial {
+        cert_chain: vec![cert.der().clone()],
+        key: rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mtls_a_device_writes_only_as_the_uid_its_certificate_names() {
+    tokio::time::timeout(LIMIT, async {
+        let (ca, issuer) = device_pki();
+        let p = Pipeline::start(Options {
+            chunk_seconds: 1,
+            device_ca: Some(vec![ca.der().clone()]),
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        let alice = device_cert(&issuer, "spillway:uid:alice");
+        let device = Device::connect_as(p.ingest_quic, "localhost", &p.cert_der, &alice)
+            .await
+            .expect("alice's certificate is accepted");
+        let report = run_device(
+            &device,
+            DeviceSpec::synthetic("alice", "walk", 8_000, 2.0, 11),
+            &Progress::hidden(),
+        )
+        .await
+        .expect("alice streams as alice");
+        let s3 = p.s3().await;
+        assert_eq!(
+            verify_device(&s3, &p.bucket, &report, Duration::from_secs(30))
+                .await
+                .expect("stored"),
+            2
+        );
+        let e = refusal(&device, hello("bob", "x", "")).await;
+        assert_eq!(e.code, ErrorCode::PermissionDenied as i32, "{e:?}");
+        device.close().await;
+        // No certificate, or one of another CA: the handshake fails (TLS 1.3 tells the client
+        // after its side finished, so the first stream is where it shows).
+        assert!(
+            !gets_in(p.device().await).await,
+            "a device without a certificate got in"
+        );
+        let (_, stranger) = device_pki();
+        let forged = device_cert(&stranger, "spillway:uid:alice");
+        let connected = Device::connect_as(p.ingest_quic, "localhost", &p.cert_der, &forged).await;
+        assert!(
+            !gets_in(connected).await,
+            "a certificate of another CA got in"
+        );
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}
+
+/// True when a session as `alice` is accepted on this connection.
+async fn gets_in(device: anyhow::Result<Device>) -> bool {
+    let Ok(device) = device else { return false };
+    let Ok((mut tx, mut rx)) = device.open().await else {
+        return false;
+    };
+    if tx.hello(hello("alice", "x", "")).await.is_err() {
+        return false;
+    }
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.next()).await;
+    matches!(
+        first,
+        Ok(Ok(Some(ServerMessage {
+            kind: Some(Kind::Accepted(_))
+        })))
+    )
+}

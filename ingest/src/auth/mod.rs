@@ -2,11 +2,14 @@
 //!
 //! - `--auth token`: the hello carries a token signed with one of ingest's keys
 //!   ([`token::Keyring`]); it names the uid (or uid prefix) the device may write as.
+//! - `--auth mtls`: the device's QUIC client certificate chains to `--device-ca` and names its
+//!   uid (or uid prefix) in a SAN URI ([`cert::scope_of`]).
 //! - `--auth none`: anyone may write as any uid. For local runs on loopback only; ingest logs a
 //!   warning at start, and refuses it on a non-loopback address unless it is asked for by name.
 //!
 //! Sans-IO: the caller passes the time.
 
+pub mod cert;
 pub mod token;
 
 use std::time::SystemTime;
@@ -20,6 +23,9 @@ pub enum Auth {
     None,
     /// Signed tokens, verified with these keys.
     Tokens(Keyring),
+    /// Client certificates: the QUIC handshake verified the device's certificate against
+    /// `--device-ca`, and the connection carries the scope it names ([`cert::scope_of`]).
+    Certificates,
 }
 
 /// Why a hello was not let in.
@@ -29,26 +35,37 @@ pub enum Denied {
     #[error(transparent)]
     Unauthenticated(#[from] TokenError),
     /// A valid credential for someone else: answered `PERMISSION_DENIED`.
-    #[error("the token lets this device write as {scope}, not as uid {uid:?}")]
+    #[error("the credential lets this device write as {scope}, not as uid {uid:?}")]
     OtherUid { scope: Scope, uid: String },
+    /// `--auth mtls`, but the connection's certificate names no uid.
+    #[error(
+        "the client certificate names no uid (a SAN URI spillway:uid:<uid> or spillway:uid-prefix:<p>)"
+    )]
+    NoCertificateScope,
 }
 
 impl Auth {
-    /// Lets `uid` in if `token` allows it as of `now`.
-    pub fn authorize(&self, uid: &str, token: &str, now: SystemTime) -> Result<(), Denied> {
-        match self {
-            Auth::None => Ok(()),
-            Auth::Tokens(keys) => {
-                let grant = keys.verify(token, now)?;
-                if grant.scope.allows(uid) {
-                    Ok(())
-                } else {
-                    Err(Denied::OtherUid {
-                        scope: grant.scope,
-                        uid: uid.to_owned(),
-                    })
-                }
-            }
+    /// Lets `uid` in if `token` (or, with certificates, the connection's `certified` scope)
+    /// allows it as of `now`.
+    pub fn authorize(
+        &self,
+        uid: &str,
+        token: &str,
+        certified: Option<&Scope>,
+        now: SystemTime,
+    ) -> Result<(), Denied> {
+        let scope = match self {
+            Auth::None => return Ok(()),
+            Auth::Tokens(keys) => keys.verify(token, now)?.scope,
+            Auth::Certificates => certified.cloned().ok_or(Denied::NoCertificateScope)?,
+        };
+        if scope.allows(uid) {
+            Ok(())
+        } else {
+            Err(Denied::OtherUid {
+                scope,
+                uid: uid.to_owned(),
+            })
         }
     }
 
@@ -57,6 +74,7 @@ impl Auth {
         match self {
             Auth::None => "none",
             Auth::Tokens(_) => "token",
+            Auth::Certificates => "mtls",
         }
     }
 }

@@ -80,7 +80,7 @@ pub async fn quic_sink(
     key: &std::path::Path,
 ) -> anyhow::Result<()> {
     let tls = spillway_ingest::tls::TlsMaterial::from_pem_files(cert, key)?;
-    let mut config = spillway_ingest::tls::server_config(&tls)?;
+    let mut config = spillway_ingest::tls::server_config(&tls, None)?;
     // ingest's own transport settings (windows, stream limits), so only ingest's work differs.
     config.transport_config(Arc::new(spillway_ingest::transport_config()));
     let endpoint = quinn::Endpoint::server(config, listen)?;
@@ -157,6 +157,13 @@ async fn ingest(
         sessions.to_string(),
         "--max-buffered-bytes".into(),
         budget.to_string(),
+        // Every simulated device shares 127.0.0.1 (and up to 2,000 connect at once): the
+        // per-source cap, and the retry a half-full endpoint asks of new addresses, would
+        // measure the caps, not ingest (ATTACKS.md measures those).
+        "--max-connections".into(),
+        "100000".into(),
+        "--max-connections-per-ip".into(),
+        "100000".into(),
     ]);
     let mut p = Proc::spawn(name, &env.bin.join("ingest"), &args, &[], &env.logs)?;
     ready(http, &mut p).await?;
