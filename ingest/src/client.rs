@@ -54,27 +54,13 @@ impl Device {
         trusted: &[u8],
         identity: &crate::tls::TlsMaterial,
     ) -> anyhow::Result<Self> {
-        let bind: SocketAddr = if server.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
         let config = client_config_with(
             trusted,
             spillway_proto::ALPN,
             Duration::from_secs(30),
             Some(identity),
         )?;
-        let conn = endpoint
-            .connect_with(config, server, server_name)?
-            .await
-            .with_context(|| format!("connecting to ingest at {server}"))?;
-        Ok(Self {
-            endpoint,
-            conn,
-            shared: false,
-        })
+        Self::connect_own(server, server_name, config).await
     }
 
     /// Like [`Device::connect`] with another ALPN (tests use it to check refusal).
@@ -96,6 +82,20 @@ impl Device {
         alpn: &[u8],
         idle_timeout: Duration,
     ) -> anyhow::Result<Self> {
+        Self::connect_own(
+            server,
+            server_name,
+            client_config(trusted, alpn, idle_timeout)?,
+        )
+        .await
+    }
+
+    /// Connects from a UDP socket of its own with `config`.
+    async fn connect_own(
+        server: SocketAddr,
+        server_name: &str,
+        config: quinn::ClientConfig,
+    ) -> anyhow::Result<Self> {
         // The unspecified address of the server's family: the kernel picks the route, so a
         // remote ingest is reachable (a loopback socket can only reach loopback).
         let bind: SocketAddr = if server.is_ipv4() {
@@ -103,10 +103,9 @@ impl Device {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
-        endpoint.set_default_client_config(client_config(trusted, alpn, idle_timeout)?);
+        let endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
         let conn = endpoint
-            .connect(server, server_name)?
+            .connect_with(config, server, server_name)?
             .await
             .with_context(|| format!("connecting to ingest at {server}"))?;
         Ok(Self {

@@ -63,6 +63,19 @@ pub fn max_chunk_bytes(chunk_seconds: u32) -> usize {
     chunk_seconds as usize * MAX_SAMPLE_RATE as usize * crate::BYTES_PER_SAMPLE
 }
 
+/// True when `samples` samples starting at session sample `first_sample` lie inside chunk
+/// `seq` of `chunk_samples` samples, `[seq·N, (seq+1)·N)`, without overflow.
+pub fn inside_chunk(seq: u64, chunk_samples: u64, first_sample: u64, samples: u64) -> bool {
+    let start = seq.checked_mul(chunk_samples);
+    let end = start.and_then(|s| s.checked_add(chunk_samples));
+    match (start, end) {
+        (Some(start), Some(end)) => {
+            first_sample >= start && first_sample.checked_add(samples).is_some_and(|e| e <= end)
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,18 +77,7 @@ impl Service {
             ));
         }
         // The piece must lie inside chunk seq: [seq·N, (seq+1)·N).
-        let start = id.seq.checked_mul(req.chunk_samples);
-        let end = start.and_then(|s| s.checked_add(req.chunk_samples));
-        let inside = match (start, end) {
-            (Some(start), Some(end)) => {
-                req.first_sample >= start
-                    && req
-                        .first_sample
-                        .checked_add(samples)
-                        .is_some_and(|e| e <= end)
-            }
-            _ => false,
-        };
+        let inside = validate::inside_chunk(id.seq, req.chunk_samples, req.first_sample, samples);
         if !inside {
             return Err(refuse(
                 "misaligned",

@@ -106,18 +106,12 @@ impl Record {
     /// not cover) or a stray file must be quarantined, never uploaded or panicked on.
     pub fn sound(&self) -> bool {
         let samples = (self.pcm.len() / spillway_proto::BYTES_PER_SAMPLE) as u64;
-        let start = self.seq.checked_mul(self.chunk_samples);
-        let end = start.and_then(|s| s.checked_add(self.chunk_samples));
-        let inside = match (start, end) {
-            (Some(start), Some(end)) => {
-                self.first_sample >= start
-                    && self
-                        .first_sample
-                        .checked_add(samples)
-                        .is_some_and(|e| e <= end)
-            }
-            _ => false,
-        };
+        let inside = spillway_proto::validate::inside_chunk(
+            self.seq,
+            self.chunk_samples,
+            self.first_sample,
+            samples,
+        );
         spillway_proto::validate::id(&self.uid).is_ok()
             && spillway_proto::validate::id(&self.session).is_ok()
             && spillway_proto::validate::sample_rate(self.sample_rate).is_ok()

@@ -22,7 +22,7 @@ use spillway_proto::device::{ServerMessage, server_message::Kind};
 use spillway_proto::uploader::{ChunkId, PutChunkRequest, uploader_client::UploaderClient};
 
 use crate::cluster::{BUCKET, Cluster, ClusterOptions, Daemon};
-use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_resumed, run_resuming_device};
+use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
 const RATE: u32 = 8_000;
 const CHUNK_SECONDS: u32 = 2;
@@ -355,16 +355,10 @@ async fn wait_honest(
 /// Reads every honest object back: each must hold exactly the audio sent.
 async fn audit(c: &Cluster, reports: &[ResumedReport], row: &mut Row) -> anyhow::Result<()> {
     let s3 = crate::s3::client(&c.s3_endpoint).await;
-    for r in reports {
-        let a = audit_resumed(&s3, BUCKET, r, Duration::from_secs(5)).await?;
-        row.honest_lost += a.lost;
-        row.honest_duplicated += a.duplicated;
-        row.problems.extend(
-            a.ack_problems
-                .into_iter()
-                .map(|p| format!("{}: {p}", r.spec.uid)),
-        );
-    }
+    let a = audit_all(&s3, BUCKET, reports, Duration::from_secs(5)).await?;
+    row.honest_lost += a.lost;
+    row.honest_duplicated += a.duplicated;
+    row.problems.extend(a.ack_problems);
     Ok(())
 }
 

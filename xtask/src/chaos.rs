@@ -4,7 +4,7 @@
 //! Each scenario starts a fresh [`Cluster`] (store, uploader and ingest as processes), streams
 //! audio from resuming devices ([`crate::sim::run_resuming_device`]), does its damage mid-load,
 //! waits for the devices to finish and the spool to drain, then audits the store: every
-//! acknowledged object must be there exactly once, byte for byte ([`crate::sim::audit_resumed`]).
+//! acknowledged object must be there exactly once, byte for byte ([`crate::sim::audit_all`]).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use anyhow::Context;
 
 use crate::cluster::{BUCKET, Cluster, ClusterOptions, Daemon, build_daemons};
 use crate::pipeline::{http_get, metric};
-use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_resumed, run_resuming_device};
+use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
@@ -597,18 +597,12 @@ where
         row.problems.push("the spool never drained".into());
     }
     let s3 = crate::s3::client(&c.s3_endpoint).await;
-    for r in &reports {
-        let a = audit_resumed(&s3, BUCKET, r, Duration::from_secs(5)).await?;
-        row.acked += a.acked;
-        row.objects += a.objects;
-        row.lost += a.lost;
-        row.duplicated += a.duplicated;
-        row.problems.extend(
-            a.ack_problems
-                .into_iter()
-                .map(|p| format!("{}: {p}", r.spec.uid)),
-        );
-    }
+    let a = audit_all(&s3, BUCKET, &reports, Duration::from_secs(5)).await?;
+    row.acked += a.acked;
+    row.objects += a.objects;
+    row.lost += a.lost;
+    row.duplicated += a.duplicated;
+    row.problems.extend(a.ack_problems);
     Ok(recovered)
 }
 

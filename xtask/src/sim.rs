@@ -462,6 +462,30 @@ pub async fn audit_resumed(
     Ok(audit)
 }
 
+/// [`audit_resumed`] for every session, added up; each ack problem names its uid.
+pub async fn audit_all(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    reports: &[ResumedReport],
+    wait: Duration,
+) -> anyhow::Result<Audit> {
+    let mut all = Audit::default();
+    for r in reports {
+        let a = audit_resumed(s3, bucket, r, wait).await?;
+        all.acked += a.acked;
+        all.objects += a.objects;
+        all.lost += a.lost;
+        all.duplicated += a.duplicated;
+        all.set_aside += a.set_aside;
+        all.ack_problems.extend(
+            a.ack_problems
+                .into_iter()
+                .map(|p| format!("{}: {p}", r.spec.uid)),
+        );
+    }
+    Ok(all)
+}
+
 /// The object keys under `prefix`, in order.
 pub async fn keys_under(
     s3: &aws_sdk_s3::Client,

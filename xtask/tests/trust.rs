@@ -375,7 +375,7 @@ async fn the_uploader_answers_only_clients_holding_a_certificate_of_its_ca() {
         let pki = xtask::pki::DevPki::generate().unwrap();
         let no_cert = async {
             let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(p_ca(&p).as_bytes()))
+                .ca_certificate(tonic::transport::Certificate::from_pem(p.pki.ca.as_bytes()))
                 .domain_name("localhost");
             anyhow::Ok(
                 tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
@@ -390,7 +390,7 @@ async fn the_uploader_answers_only_clients_holding_a_certificate_of_its_ca() {
         );
         // A client certificate from another CA (that trusts the uploader's CA).
         let forged = spillway_proto::link::LinkTls::from_pem(
-            p_ca(&p).as_bytes(),
+            p.pki.ca.as_bytes(),
             pki.ingest.cert.as_bytes(),
             pki.ingest.key.as_bytes(),
         );
@@ -428,11 +428,6 @@ fn mallory_put(session: &str, pcm: Vec<u8>) -> spillway_proto::uploader::PutChun
         crc32c: spillway_proto::checksum::crc32c(&pcm),
         pcm: pcm.into(),
     }
-}
-
-/// The pipeline's link CA (PEM).
-fn p_ca(p: &Pipeline) -> String {
-    p.pki.ca.clone()
 }
 
 /// A CA for device certificates and a certificate it signs naming `uri` (a SAN URI).
