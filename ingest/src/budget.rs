@@ -1,16 +1,22 @@
 //! Ingest's global memory budget (`--max-buffered-bytes`) for audio not yet acknowledged by the
 //! uploader.
 //!
-//! A session reserves one whole chunk (`chunk_seconds × sample_rate × 2` bytes, which is exactly
-//! what the chunker allocates) before it feeds audio into a new chunk; the reservation travels
-//! with the chunk to the forwarder and is released only when the uploader has committed it (or
-//! the session gave up on it). When the budget is spent, sessions wait for a reservation and so
-//! stop reading their streams: QUIC flow control slows the devices. Nothing is buffered beyond the
-//! budget and nothing is dropped.
+//! Memory is reserved as audio arrives, in two steps per chunk ([`next_reservation`]): a
+//! session reserves [`FIRST_STEP`] bytes before it feeds the first byte of a new chunk, and the
+//! rest of the chunk (`chunk_seconds × sample_rate × 2` bytes in all) once it has sent that much.
+//! The chunker's buffer grows to exactly what is reserved, so the budget counts what is held. A
+//! stranger who opens a session and trickles holds one first step, not a chunk, and only until
+//! `--chunk-fill-timeout`. The reservation travels with the chunk to the forwarder and is released
+//! only when the uploader has committed it (or the session gave up on it). When the budget is
+//! spent, sessions wait for a reservation and so stop reading their streams: QUIC flow control
+//! slows the devices. Nothing is buffered beyond the budget and nothing is dropped.
 //!
-//! No deadlock: a reservation is only ever waited for by a session that holds none, and every
-//! reservation held is either a chunk being filled by a device or a chunk on its way to the
-//! uploader, both of which finish (the idle timeout flushes a silent device's chunk).
+//! No deadlock, by configuration ([`min_budget`], checked at start): the only sessions that wait
+//! while holding memory are those waiting to grow a first step into a whole chunk. They hold at
+//! most `max_sessions × FIRST_STEP`, so at least one largest chunk's worth is always free for the
+//! first of them in the (fair, first-come) queue. Every other reservation is a chunk being filled
+//! by a reading session or one on its way to the uploader, and both finish (the idle timeout and
+//! the chunk fill timeout flush a silent or trickling device's chunk).
 
 use std::sync::Arc;
 
@@ -18,6 +24,30 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+
+/// The first reservation of every chunk, in bytes: 0.5 s of 16 kHz audio. Small, so a session
+/// that never sends more holds little; one step, so growing to a whole chunk copies little.
+pub const FIRST_STEP: usize = 16 * 1024;
+
+/// How many more bytes a session must reserve before it feeds more audio into a chunk of `room`
+/// bytes of which `pending` are filled and `held` reserved: `None` while the reservation still has
+/// space. Pure, so the step plan is tested without a budget.
+pub fn next_reservation(room: usize, held: usize, pending: usize) -> Option<usize> {
+    match held {
+        _ if pending < held => None,
+        0 => Some(FIRST_STEP.min(room)),
+        _ if held < room => Some(room - held),
+        _ => None,
+    }
+}
+
+/// The least `--max-buffered-bytes` that can never deadlock: every session holding a first step
+/// while one largest chunk (`chunk_seconds` at the highest sample rate) still fits.
+pub fn min_budget(max_sessions: usize, chunk_seconds: u32) -> usize {
+    max_sessions
+        .saturating_mul(FIRST_STEP)
+        .saturating_add(spillway_proto::validate::max_chunk_bytes(chunk_seconds))
+}
 
 /// The shared budget.
 #[derive(Debug, Clone)]
@@ -32,6 +62,21 @@ pub struct Budget {
 pub struct Reservation {
     permit: OwnedSemaphorePermit,
     metrics: Metrics,
+}
+
+impl Reservation {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> usize {
+        self.permit.num_permits()
+    }
+
+    /// Adds `more` to this reservation (a chunk's second step joining its first).
+    pub fn merge(&mut self, mut more: Reservation) {
+        // Every permit moves; `more` drops holding none and so returns nothing.
+        if let Some(moved) = more.permit.split(more.bytes()) {
+            self.permit.merge(moved);
+        }
+    }
 }
 
 impl Drop for Reservation {
@@ -89,6 +134,42 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_is_reserved_in_a_first_step_and_then_the_rest() {
+        let chunk = 1_920_000;
+        assert_eq!(next_reservation(chunk, 0, 0), Some(FIRST_STEP));
+        assert_eq!(next_reservation(chunk, FIRST_STEP, 10), None, "room left");
+        assert_eq!(
+            next_reservation(chunk, FIRST_STEP, FIRST_STEP),
+            Some(chunk - FIRST_STEP),
+            "the first step is full: the rest of the chunk"
+        );
+        assert_eq!(next_reservation(chunk, chunk, chunk - 2), None);
+        assert_eq!(
+            next_reservation(1_000, 0, 0),
+            Some(1_000),
+            "a chunk (or resumed piece) smaller than a step is reserved whole"
+        );
+        assert_eq!(min_budget(256, 60), 256 * FIRST_STEP + 5_760_000);
+    }
+
+    #[tokio::test]
+    async fn a_merged_step_is_returned_whole() {
+        let metrics = Metrics::default();
+        let budget = Budget::new(100, metrics.clone());
+        let never = CancellationToken::new();
+        let mut first = budget.reserve(10, &never).await.expect("fits");
+        first.merge(budget.reserve(60, &never).await.expect("fits"));
+        assert_eq!(first.bytes(), 70);
+        assert_eq!(metrics.buffered_bytes.get(), 70);
+        drop(first);
+        assert_eq!(metrics.buffered_bytes.get(), 0);
+        let _all = budget
+            .reserve(100, &never)
+            .await
+            .expect("all of it is free again");
+    }
 
     #[tokio::test]
     async fn waits_when_spent_and_resumes_when_a_reservation_is_returned() {

@@ -7,7 +7,8 @@
 //! - How the bytes were split into frames changes nothing, not even a split inside a sample.
 //! - The concatenation of all chunks is the input, minus at most one dangling odd byte at the end
 //!   (reported by [`Chunker::finish`]).
-//! - At most one chunk is buffered: memory per session is bounded by `2·N` bytes.
+//! - At most one chunk is buffered: memory per session is bounded by `2·N` bytes. A caller that
+//!   accounts for memory grows the buffer itself ([`Chunker::ensure_capacity`]), exactly.
 //! - A session resumed at sample `s` ([`Chunker::starting_at`]) keeps the same grid: its first
 //!   chunk is the piece `[s, next boundary)` of chunk `s / N`, and every later chunk is exactly
 //!   the chunk an uninterrupted session would have cut.
@@ -91,7 +92,7 @@ impl Chunker {
 
     /// Bytes of the chunk being filled once complete: a whole chunk, or less for the piece a
     /// resumed session starts with.
-    fn room(&self) -> usize {
+    pub fn room(&self) -> usize {
         let end = (self.seq + 1) * self.chunk_samples;
         (end - self.first_sample) as usize * BYTES_PER_SAMPLE
     }
@@ -103,6 +104,18 @@ impl Chunker {
     /// Bytes received but not yet part of an emitted chunk.
     pub fn pending_bytes(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Makes the buffer of the chunk being filled hold `bytes` (at most [`Self::room`]) without
+    /// growing again: one exact allocation per step, so the memory held is what the caller's
+    /// budget counts. Growing copies what is pending (the first step, a few KiB).
+    pub fn ensure_capacity(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.room());
+        if self.buf.capacity() < bytes {
+            let mut grown = BytesMut::with_capacity(bytes);
+            grown.extend_from_slice(&self.buf);
+            self.buf = grown;
+        }
     }
 
     /// Feeds bytes; calls `emit` for each chunk they complete, in order.
@@ -125,7 +138,7 @@ impl Chunker {
         }
         let room = self.room();
         if self.buf.capacity() == 0 {
-            // One exact allocation per chunk: the memory held is what the budget counts.
+            // Unless the caller grows the buffer itself, one exact allocation per chunk.
             self.buf.reserve(room);
         }
         let take = (room - self.buf.len()).min(data.len());
@@ -222,6 +235,21 @@ mod tests {
             (2, 120 * rate, 30 * rate)
         );
         assert!(!flush.dangling_byte);
+    }
+
+    #[test]
+    fn a_buffer_grown_in_steps_holds_exactly_what_was_asked_and_cuts_the_same_chunk() {
+        let mut c = Chunker::new(8);
+        c.ensure_capacity(4);
+        assert_eq!(c.buf.capacity(), 4, "one exact allocation per step");
+        assert_eq!(c.push_until_chunk(&[1, 2, 3, 4]), (4, None));
+        c.ensure_capacity(1_000);
+        assert_eq!(c.buf.capacity(), 16, "never beyond the chunk");
+        let (taken, chunk) = c.push_until_chunk(&(5..=17).collect::<Vec<u8>>());
+        assert_eq!(taken, 12);
+        let chunk = chunk.expect("complete");
+        assert_eq!(chunk.pcm, (1..=16).collect::<Vec<u8>>());
+        assert_eq!(chunk.crc32c, spillway_proto::checksum::crc32c(&chunk.pcm));
     }
 
     #[test]

@@ -459,6 +459,7 @@ impl Driver {
                     // Ingest goes on to finish its side; the stream end triggers the reconnect.
                     ErrorCode::ShuttingDown
                     | ErrorCode::IdleTimeout
+                    | ErrorCode::TooSlow
                     | ErrorCode::Overloaded
                     | ErrorCode::OddTrailingByte => None,
                     _ => Some(StreamEnd::Fatal(anyhow::anyhow!(

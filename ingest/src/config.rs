@@ -76,6 +76,11 @@ pub struct Args {
     /// A session silent this long is flushed and ended (e.g. 30s, 2m).
     #[arg(long, env = "SPILLWAY_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// Longest a session's chunk may stay open before it is flushed and the session ended with
+    /// TOO_SLOW: a minimum data rate of chunk-seconds / this (default: twice --chunk-seconds,
+    /// half real time). Time ingest itself makes a device wait does not count.
+    #[arg(long, env = "SPILLWAY_CHUNK_FILL_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub chunk_fill_timeout: Option<Duration>,
     /// Largest device frame in bytes, length prefix excluded.
     #[arg(long, env = "SPILLWAY_MAX_FRAME_BYTES", default_value_t = spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
@@ -97,7 +102,8 @@ pub struct Args {
     pub max_connections_per_ip: usize,
     /// Memory budget for audio not yet committed by the uploader, in bytes. When it is spent,
     /// sessions stop reading (QUIC flow control slows the devices); nothing is dropped. Must
-    /// hold at least one largest chunk (--chunk-seconds at 48 kHz).
+    /// hold a 16 KiB first step for every session plus one largest chunk (--chunk-seconds at
+    /// 48 kHz), so that a session growing its chunk can always proceed.
     #[arg(long, env = "SPILLWAY_MAX_BUFFERED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_buffered_bytes: usize,
     /// How devices prove their uid: `token` (every hello carries a token signed with a key of
@@ -142,6 +148,8 @@ pub struct Config {
     pub device_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     pub chunk_seconds: u32,
     pub idle_timeout: Duration,
+    /// How long a chunk may stay open (the minimum data rate).
+    pub chunk_fill_timeout: Duration,
     pub max_frame_bytes: usize,
     pub max_sessions: usize,
     pub max_sessions_per_uid: usize,
@@ -173,9 +181,13 @@ pub enum ConfigError {
     #[error("--max-connections and --max-connections-per-ip must be at least 1")]
     MaxConnections,
     #[error(
-        "--max-buffered-bytes ({max}) must hold at least one largest chunk ({need} bytes: --chunk-seconds at 48 kHz)"
+        "--max-buffered-bytes ({max}) must hold a 16 KiB first step for each of --max-sessions and one largest chunk (--chunk-seconds at 48 kHz): at least {need} bytes"
     )]
     MaxBufferedBytes { max: usize, need: usize },
+    #[error(
+        "--chunk-fill-timeout ({0:?}) must be longer than --chunk-seconds: a real-time device needs chunk-seconds to fill a chunk"
+    )]
+    ChunkFillTimeout(Duration),
     #[error("--idle-timeout must be at least 1s")]
     IdleTimeout,
     #[error("at least one --uploader is needed")]
@@ -209,6 +221,7 @@ impl Config {
             device_ca: None,
             chunk_seconds: 60,
             idle_timeout: Duration::from_secs(30),
+            chunk_fill_timeout: Duration::from_secs(120),
             max_frame_bytes: spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES,
             max_sessions: 256,
             max_sessions_per_uid: 4,
@@ -244,7 +257,10 @@ impl Config {
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return Err(ConfigError::MaxConnections);
         }
-        let need = spillway_proto::validate::max_chunk_bytes(self.chunk_seconds);
+        if self.chunk_fill_timeout <= Duration::from_secs(self.chunk_seconds.into()) {
+            return Err(ConfigError::ChunkFillTimeout(self.chunk_fill_timeout));
+        }
+        let need = crate::budget::min_budget(self.max_sessions, self.chunk_seconds);
         if self.max_buffered_bytes < need {
             return Err(ConfigError::MaxBufferedBytes {
                 max: self.max_buffered_bytes,
@@ -322,6 +338,9 @@ impl Args {
             device_ca,
             chunk_seconds: self.chunk_seconds,
             idle_timeout: self.idle_timeout,
+            chunk_fill_timeout: self
+                .chunk_fill_timeout
+                .unwrap_or(Duration::from_secs(2 * u64::from(self.chunk_seconds))),
             max_frame_bytes: self.max_frame_bytes,
             max_sessions: self.max_sessions,
             max_sessions_per_uid: self.max_sessions_per_uid,

@@ -13,6 +13,7 @@ pub mod chunker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod fill;
 pub mod forward;
 pub mod metrics;
 pub mod outbox;
@@ -173,6 +174,7 @@ pub async fn run(
         budget: budget::Budget::new(config.max_buffered_bytes, metrics.clone()),
         metrics,
         idle_timeout: config.idle_timeout,
+        chunk_fill_timeout: config.chunk_fill_timeout,
         hello_timeout: config.hello_timeout,
         max_frame_bytes: config.max_frame_bytes,
         sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),

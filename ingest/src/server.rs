@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Uids;
 use crate::budget::{Budget, Reservation};
 use crate::chunker::Chunk;
+use crate::fill::{self, FillTimer};
 use crate::forward::{ForwardError, Forwarder};
 use crate::metrics::{EndLabel, Metrics};
 use crate::session::{Limits, Output, Params, Refusal, Session};
@@ -28,6 +29,8 @@ pub(crate) struct Shared {
     pub budget: Budget,
     pub metrics: Metrics,
     pub idle_timeout: Duration,
+    /// How long a session's open chunk may stay open (`--chunk-fill-timeout`).
+    pub chunk_fill_timeout: Duration,
     /// How long a new stream has to send its hello before it is refused.
     pub hello_timeout: Duration,
     pub max_frame_bytes: usize,
@@ -168,6 +171,8 @@ pub(crate) async fn connection(
 enum End {
     Finished,
     Idle,
+    /// The open chunk outlived `--chunk-fill-timeout`.
+    TooSlow,
     Shutdown,
     Refused(Refusal),
     Transport(String),
@@ -179,6 +184,7 @@ impl End {
         match self {
             End::Finished => "finished",
             End::Idle => "idle",
+            End::TooSlow => "too_slow",
             End::Shutdown => "shutdown",
             End::Refused(_) => "refused",
             End::Transport(_) => "transport",
@@ -278,8 +284,8 @@ async fn run_session(
     // A chunk travels with the budget reservation it was filled under; the reservation is
     // returned once the uploader has committed the chunk.
     let (chunk_tx, chunk_rx) = mpsc::channel::<(Chunk, Option<Reservation>)>(1);
-    let chunk_bytes = session.chunk_bytes().unwrap_or(0);
     let mut reserved: Option<Reservation> = None;
+    let mut fill = FillTimer::new(shared.chunk_fill_timeout);
     tracing::info!(uid = %params.uid, session = %params.session,
         sample_rate = params.sample_rate, "session accepted");
     let accepted = Kind::Accepted(Accepted {
@@ -309,6 +315,7 @@ async fn run_session(
                 biased;
                 () = shared.shutdown.cancelled() => break End::Shutdown,
                 () = fatal.cancelled() => break End::ForwardFailed,
+                () = fill::until(fill.deadline()) => break End::TooSlow,
                 r = tokio::time::timeout(shared.idle_timeout, reader.next()) => r,
             };
             let frame = match next {
@@ -330,28 +337,46 @@ async fn run_session(
                     shared.metrics.audio_bytes.inc_by(pcm.len() as u64);
                     let mut rest = &pcm[..];
                     while !rest.is_empty() {
-                        // Reserve the chunk about to be filled before taking its bytes; waiting here
-                        // stops reading, so the device is slowed by QUIC flow control.
-                        if reserved.is_none() {
-                            tokio::select! {
+                        // Reserve memory before taking bytes (a first step, then the rest of the
+                        // chunk); waiting here stops reading, so QUIC flow control slows the
+                        // device, and the wait is not held against its fill timeout.
+                        let held = reserved.as_ref().map_or(0, Reservation::bytes);
+                        if let Some(more) = session.reservation_needed(held) {
+                            let waited = tokio::time::Instant::now();
+                            let step = tokio::select! {
                                 biased;
                                 () = fatal.cancelled() => break 'read End::ForwardFailed,
-                                r = shared.budget.reserve(chunk_bytes, &shared.shutdown) => match r {
-                                    Some(r) => reserved = Some(r),
+                                r = shared.budget.reserve(more, &shared.shutdown) => match r {
+                                    Some(r) => r,
                                     None => break 'read End::Shutdown,
                                 },
+                            };
+                            fill.excuse(waited.elapsed());
+                            match &mut reserved {
+                                Some(r) => r.merge(step),
+                                None => reserved = Some(step),
                             }
+                            session.ensure_capacity(held + more);
                         }
-                        let (taken, chunk) = session.feed(rest);
+                        let room = reserved.as_ref().map_or(0, Reservation::bytes)
+                            - session.pending_bytes();
+                        let (taken, chunk) = session.feed(&rest[..room.min(rest.len())]);
                         rest = &rest[taken..];
+                        fill.fed(
+                            tokio::time::Instant::now(),
+                            chunk.is_some(),
+                            session.pending_bytes(),
+                        );
                         if let Some(chunk) = chunk {
                             // Waits while the previous chunk is still being committed.
+                            let waited = tokio::time::Instant::now();
                             tokio::select! {
                                 r = chunk_tx.send((chunk, reserved.take())) => if r.is_err() {
                                     break 'read End::ForwardFailed;
                                 },
                                 () = fatal.cancelled() => break 'read End::ForwardFailed,
                             }
+                            fill.excuse(waited.elapsed());
                         }
                     }
                 }
@@ -383,11 +408,22 @@ async fn run_session(
             ErrorCode::ShuttingDown,
             "ingest is shutting down; audio so far was flushed",
         )),
+        End::TooSlow => Some(Refusal::new(
+            ErrorCode::TooSlow,
+            format!(
+                "a chunk stayed open longer than {:?} (--chunk-fill-timeout: send at least {}% of real time); audio so far was flushed, resume to go on",
+                fill.limit(),
+                (100 * u128::from(shared.limits.chunk_seconds) * 1000)
+                    .div_ceil(fill.limit().as_millis().max(1))
+            ),
+        )),
         End::Finished | End::ForwardFailed => None,
     };
 
-    if matches!(end, End::Finished | End::Idle | End::Shutdown)
-        && let Some(flush) = session.finish()
+    if matches!(
+        end,
+        End::Finished | End::Idle | End::Shutdown | End::TooSlow
+    ) && let Some(flush) = session.finish()
     {
         if let Some(chunk) = flush.chunk {
             let _ = chunk_tx.send((chunk, reserved.take())).await;

@@ -112,6 +112,33 @@ impl Session {
         }
     }
 
+    /// How many more bytes of memory to reserve before feeding more audio, given `held` reserved
+    /// for the chunk being filled ([`crate::budget::next_reservation`]); `None` while there is
+    /// room, or before a hello.
+    pub fn reservation_needed(&self, held: usize) -> Option<usize> {
+        match &self.phase {
+            Phase::Streaming { chunker, .. } => {
+                crate::budget::next_reservation(chunker.room(), held, chunker.pending_bytes())
+            }
+            Phase::AwaitHello => None,
+        }
+    }
+
+    /// Grows the chunk buffer to the `held` bytes reserved for it.
+    pub fn ensure_capacity(&mut self, held: usize) {
+        if let Phase::Streaming { chunker, .. } = &mut self.phase {
+            chunker.ensure_capacity(held);
+        }
+    }
+
+    /// Bytes received and not yet in an emitted chunk.
+    pub fn pending_bytes(&self) -> usize {
+        match &self.phase {
+            Phase::Streaming { chunker, .. } => chunker.pending_bytes(),
+            Phase::AwaitHello => 0,
+        }
+    }
+
     /// Decodes one frame and applies it.
     pub fn on_frame(&mut self, frame: Bytes) -> Result<Output, Refusal> {
         let len = frame.len();

@@ -322,14 +322,19 @@ impl Cluster {
 
     /// A device token for `uid` that expires at `expires` (Unix seconds).
     pub fn token_until(&self, uid: &str, expires: u64) -> anyhow::Result<String> {
+        self.token_scoped(&spillway_ingest::auth::Scope::Uid(uid.to_owned()), expires)
+    }
+
+    /// A device token for `scope` (a uid, or a gateway's uid prefix) that expires at `expires`.
+    pub fn token_scoped(
+        &self,
+        scope: &spillway_ingest::auth::Scope,
+        expires: u64,
+    ) -> anyhow::Result<String> {
         let Some((keys, _)) = &self.token_keys else {
             return Ok(String::new());
         };
-        Ok(keys.issue(
-            None,
-            &spillway_ingest::auth::Scope::Uid(uid.to_owned()),
-            expires,
-        )?)
+        Ok(keys.issue(None, scope, expires)?)
     }
 
     /// The process id of a running daemon.

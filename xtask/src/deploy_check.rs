@@ -1775,10 +1775,15 @@ fn check_daemon(
                         window = spillway_ingest::STREAM_RECEIVE_WINDOW,
                     )
                 });
-                let largest = secs * MAX_SAMPLE_RATE * 2;
-                report.expect(b >= largest, || {
+                let least = u32::try_from(secs).map_or(u128::MAX, |secs| {
+                    spillway_ingest::budget::min_budget(
+                        usize::try_from(s).unwrap_or(usize::MAX),
+                        secs,
+                    ) as u128
+                });
+                report.expect(b >= least, || {
                     format!(
-                        "{at_c}: --max-buffered-bytes {b} must hold one largest chunk ({largest} bytes: --chunk-seconds at 48 kHz)"
+                        "{at_c}: --max-buffered-bytes {b} must hold a 16 KiB first step per session and one largest chunk ({least} bytes; ingest refuses to start below it)"
                     )
                 });
                 let per_session = 2 * secs * 16_000 * 2;

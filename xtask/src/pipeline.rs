@@ -19,6 +19,8 @@ pub struct Options {
     pub spool_max_bytes: u64,
     pub max_frame_bytes: usize,
     pub idle_timeout: Duration,
+    /// Ingest's `--chunk-fill-timeout`; `None` is its default (twice the chunk).
+    pub chunk_fill_timeout: Option<Duration>,
     pub bucket: String,
     pub when_full: spillway_uploader::spool::WhenFull,
     pub max_buffered_bytes: usize,
@@ -45,6 +47,7 @@ impl Default for Options {
             spool_max_bytes: 512 * 1024 * 1024,
             max_frame_bytes: spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES,
             idle_timeout: Duration::from_secs(30),
+            chunk_fill_timeout: None,
             bucket: "spillway-test".into(),
             when_full: spillway_uploader::spool::WhenFull::Reject,
             max_buffered_bytes: 256 * 1024 * 1024,
@@ -432,6 +435,9 @@ fn ingest_config(
     c.chunk_seconds = opts.chunk_seconds;
     c.max_frame_bytes = opts.max_frame_bytes;
     c.idle_timeout = opts.idle_timeout;
+    c.chunk_fill_timeout = opts
+        .chunk_fill_timeout
+        .unwrap_or(Duration::from_secs(2 * u64::from(opts.chunk_seconds)));
     c.max_buffered_bytes = opts.max_buffered_bytes;
     c.max_sessions = opts.max_sessions;
     c.max_sessions_per_uid = opts.max_sessions_per_uid;

@@ -221,13 +221,18 @@ async fn drop_oldest_keeps_the_bound_and_counts_every_chunk_it_drops() {
     .expect("bounded in time");
 }
 
+const BUDGET: usize = 10 * 16 * 1024 + 96_000;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_memory_budget_slows_devices_down_and_loses_nothing() {
     tokio::time::timeout(LIMIT, async {
-        // Room for six 1 s chunks at 8 kHz, shared by ten devices sending as fast as they can.
+        // The least budget ten sessions may have (a 16 KiB first step each and one 1 s chunk at
+        // 48 kHz): room for sixteen 1 s chunks at 8 kHz, shared by ten devices sending as fast as
+        // they can, each of which holds one being filled and one on its way.
         let p = Pipeline::start(Options {
             chunk_seconds: 1,
-            max_buffered_bytes: 96_000,
+            max_sessions: 10,
+            max_buffered_bytes: BUDGET,
             ..Options::default()
         })
         .await
@@ -253,10 +258,10 @@ async fn a_spent_memory_budget_slows_devices_down_and_loses_nothing() {
         let m = ingest_metrics(&p).await;
         assert!(
             metric(&m, "spillway_ingest_budget_waits_total") >= 1.0,
-            "ten devices cannot all fit in six chunks: some must have waited"
+            "ten devices cannot all fit in sixteen chunks: some must have waited"
         );
         assert_eq!(metric(&m, "spillway_ingest_buffered_bytes"), 0.0);
-        assert_eq!(metric(&m, "spillway_ingest_budget_bytes"), 96_000.0);
+        assert_eq!(metric(&m, "spillway_ingest_budget_bytes"), BUDGET as f64);
         p.stop().await.expect("clean stop");
     })
     .await

@@ -526,3 +526,80 @@ async fn gets_in(device: anyhow::Result<Device>) -> bool {
         })))
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_session_holds_one_first_step_and_is_flushed_at_the_fill_timeout() {
+    tokio::time::timeout(LIMIT, async {
+        // 2 s chunks of 16 kHz audio are 64,000 bytes; a trickler may hold 16 KiB of them.
+        let p = Pipeline::start(Options {
+            chunk_seconds: 2,
+            chunk_fill_timeout: Some(Duration::from_secs(3)),
+            ..Options::default()
+        })
+        .await
+        .expect("pipeline");
+        let device = p.device().await.expect("connect");
+        let mut tricklers = Vec::new();
+        for i in 0..3 {
+            let (mut tx, mut rx) = device.open().await.expect("stream");
+            let h = DeviceSpec::synthetic(&format!("tess-{i}"), "drip", 16_000, 1.0, 1).hello();
+            tx.hello(h).await.expect("hello");
+            let first = rx.next().await.expect("read").expect("an answer");
+            assert!(matches!(first.kind, Some(Kind::Accepted(_))), "{first:?}");
+            tricklers.push((tx, rx));
+        }
+        // One sample every 100 ms each: 20 B/s where real time is 32,000.
+        let (writers, readers): (Vec<_>, Vec<_>) = tricklers.into_iter().unzip();
+        let drip = tokio::spawn(async move {
+            let mut writers = writers;
+            for _ in 0..60 {
+                for tx in &mut writers {
+                    let _ = tx.audio(bytes::Bytes::from_static(&[1, 0])).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            writers
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let m = p.ingest_metrics().await.unwrap();
+        assert_eq!(
+            metric(&m, "spillway_ingest_buffered_bytes"),
+            3.0 * 16_384.0,
+            "each trickler holds one first step, not a 64,000-byte chunk"
+        );
+        // An honest device meanwhile streams at full speed and loses nothing.
+        let honest = streaming(&p, DeviceSpec::synthetic("hana", "s", 16_000, 4.0, 5));
+        for rx in readers {
+            let messages = rx.collect().await.expect("answers");
+            let acked: u64 = messages
+                .iter()
+                .filter_map(|m| match &m.kind {
+                    Some(Kind::Ack(a)) => Some(a.end_sample - a.first_sample),
+                    _ => None,
+                })
+                .sum();
+            let e = first_error(messages);
+            assert_eq!(e.code, ErrorCode::TooSlow as i32, "{e:?}");
+            assert!(e.message.contains("--chunk-fill-timeout"), "{e:?}");
+            assert!(
+                (25..=35).contains(&acked),
+                "about 3 s of drips (30 samples) were flushed and acknowledged, got {acked}"
+            );
+        }
+        let _writers = drip.await.expect("drip");
+        undisturbed(&p, honest, 2).await;
+        let m = p.ingest_metrics().await.unwrap();
+        assert_eq!(
+            metric(
+                &m,
+                "spillway_ingest_sessions_ended_total{reason=\"too_slow\"}"
+            ),
+            3.0
+        );
+        assert_eq!(metric(&m, "spillway_ingest_buffered_bytes"), 0.0);
+        device.close().await;
+        p.stop().await.expect("clean stop");
+    })
+    .await
+    .expect("bounded in time");
+}

@@ -24,6 +24,8 @@ use spillway_proto::uploader::{ChunkId, PutChunkRequest, uploader_client::Upload
 use crate::cluster::{BUCKET, Cluster, ClusterOptions, Daemon};
 use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
+mod exhaust;
+
 const RATE: u32 = 8_000;
 const CHUNK_SECONDS: u32 = 2;
 const SPEED: f64 = 10.0;
@@ -57,9 +59,11 @@ enum Attack {
     Slowloris,
     ConnectionFlood,
     PutFlood,
+    Trickle,
+    FullDisk,
 }
 
-const ROWS: [(&str, Attack); 8] = [
+const ROWS: [(&str, Attack); 10] = [
     (
         "forged uid (a valid token for another uid)",
         Attack::ForgedUid,
@@ -85,6 +89,14 @@ const ROWS: [(&str, Attack); 8] = [
     (
         "PutChunk flood from a rogue ingest: 16 trickling, then 48 at once",
         Attack::PutFlood,
+    ),
+    (
+        "trickling sessions under a gateway token: one sample per 500 ms each",
+        Attack::Trickle,
+    ),
+    (
+        "the spool's disk filled by another tenant for 3 s",
+        Attack::FullDisk,
     ),
 ];
 
@@ -113,8 +125,23 @@ pub async fn attack(args: AttackArgs) -> anyhow::Result<()> {
         }
         eprintln!("== {name}");
         let dir = args.dir.join(format!("{i:02}"));
+        let spool = dir.join("spool-0");
+        exhaust::unmount(&spool);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        if matches!(attack, Attack::FullDisk)
+            && let Err(e) = exhaust::mount_spool_disk(&spool)
+        {
+            eprintln!("   skipped: {e:#}");
+            rows.push(Row {
+                name: name.to_owned(),
+                what: format!(
+                    "skipped: a disk to fill needs a tmpfs mount, which needs root: {e:#}"
+                ),
+                ..Row::default()
+            });
+            continue;
         }
         let opts = ClusterOptions {
             dir,
@@ -135,6 +162,8 @@ pub async fn attack(args: AttackArgs) -> anyhow::Result<()> {
                 "16",
                 "--hello-timeout",
                 "2s",
+                "--chunk-fill-timeout",
+                "4s",
             ]
             .map(String::from)
             .to_vec(),
@@ -151,6 +180,9 @@ pub async fn attack(args: AttackArgs) -> anyhow::Result<()> {
             problems: vec![format!("{e:#}")],
             ..Row::default()
         });
+        if matches!(attack, Attack::FullDisk) {
+            exhaust::unmount(&spool);
+        }
         eprintln!("   {row:?}");
         rows.push(row);
     }
@@ -520,6 +552,8 @@ async fn beside(c: &Cluster, attack: Attack, n: u64) -> anyhow::Result<(u64, u64
                 ),
             ))
         }
+        Attack::Trickle => exhaust::trickle(c, if n < 100 { 16 } else { 48 }).await,
+        Attack::FullDisk => exhaust::full_disk(c, Duration::from_secs(3)).await,
         Attack::OverwriteOverGrpc | Attack::OverwriteAsDevice => Ok((0, 0, String::new())),
     }
 }
