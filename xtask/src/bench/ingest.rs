@@ -49,6 +49,16 @@ impl Uploader for Discard {
     }
 }
 
+/// A gRPC server with the link's TLS (or none, `--insecure`).
+fn builder(env: &Env) -> anyhow::Result<tonic::transport::Server> {
+    let b = tonic::transport::Server::builder();
+    Ok(if env.insecure {
+        b
+    } else {
+        b.tls_config(env.pki.uploader_tls().server())?
+    })
+}
+
 async fn discard_uploader(env: &Env, stop: CancellationToken) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -59,8 +69,7 @@ async fn discard_uploader(env: &Env, stop: CancellationToken) -> anyhow::Result<
     tokio::spawn(
         // The real uploader's HTTP/2 windows: with h2's 64 KiB defaults every chunk waits on
         // window updates, which no deployed uploader does.
-        tonic::transport::Server::builder()
-            .tls_config(env.pki.uploader_tls().server())?
+        builder(env)?
             .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
             .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
             .add_service(service)
@@ -135,18 +144,12 @@ async fn ingest(
     (sessions, budget): (usize, u64),
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let (quic, http) = (free_udp()?, free_tcp()?);
-    let mut args = env.pki_files.ingest_args();
+    let mut args = env.ingest_link_args(uploader)?;
     args.extend([
-        "--auth".into(),
-        "token".into(),
-        "--token-keys".into(),
-        token_keys(env)?.display().to_string(),
         "--listen".into(),
         quic.to_string(),
         "--http-listen".into(),
         http.to_string(),
-        "--uploader".into(),
-        format!("https://{uploader}"),
         "--tls-cert".into(),
         tls.cert.display().to_string(),
         "--tls-key".into(),
@@ -175,7 +178,7 @@ async fn ingest(
 const TOKEN_KEY: &str = "bench AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// Writes the token key file ingest reads; returns its path.
-fn token_keys(env: &Env) -> anyhow::Result<std::path::PathBuf> {
+pub(super) fn token_keys(env: &Env) -> anyhow::Result<std::path::PathBuf> {
     let path = env.dir.join("token-keys");
     std::fs::write(&path, format!("{TOKEN_KEY}\n"))?;
     Ok(path)

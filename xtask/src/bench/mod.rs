@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// `--record` then writes a table of its own.
     #[arg(long, value_name = "MB_PER_S")]
     pub disk_mb_s: Option<f64>,
+    /// The A/B of what trust costs: the ingest → uploader link in plaintext and ingest with
+    /// `--auth none` (baselines in plaintext too), as before the trust work. Not how to deploy.
+    /// `--record` then writes a table of its own.
+    #[arg(long)]
+    pub insecure: bool,
     /// Set when `cargo xtask bench` runs itself again as the release build.
     #[arg(long, hide = true)]
     pub in_release: bool,
@@ -151,6 +156,48 @@ pub struct Env {
     /// as deploy/ does.
     pub pki: crate::pki::DevPki,
     pub pki_files: crate::pki::PkiFiles,
+    /// `--insecure`: plaintext link, `--auth none`.
+    pub insecure: bool,
+}
+
+impl Env {
+    /// The uploader's link flags.
+    pub fn uploader_link_args(&self) -> Vec<String> {
+        if self.insecure {
+            vec!["--insecure-internal".into()]
+        } else {
+            self.pki_files.uploader_args()
+        }
+    }
+
+    /// Ingest's link and device-auth flags, and the URL of `uploader`.
+    pub fn ingest_link_args(&self, uploader: std::net::SocketAddr) -> anyhow::Result<Vec<String>> {
+        Ok(if self.insecure {
+            vec![
+                "--insecure-internal".into(),
+                "--auth".into(),
+                "none".into(),
+                "--uploader".into(),
+                format!("http://{uploader}"),
+            ]
+        } else {
+            let mut args = self.pki_files.ingest_args();
+            args.extend([
+                "--auth".into(),
+                "token".into(),
+                "--token-keys".into(),
+                ingest::token_keys(self)?.display().to_string(),
+                "--uploader".into(),
+                format!("https://{uploader}"),
+            ]);
+            args
+        })
+    }
+
+    /// A gRPC client's TLS for the uploader; `None` in plaintext.
+    pub fn client_tls(&self) -> Option<spillway_proto::link::LinkTls> {
+        (!self.insecure).then(|| self.pki.ingest_tls())
+    }
 }
 
 /// The benchmark's groups, in the order they run.
@@ -206,6 +253,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let env = Env {
         pki,
         pki_files,
+        insecure: args.insecure,
         quick: args.quick,
         bin,
         logs: dir.join("logs"),
@@ -222,6 +270,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             ", writes to disk {} limited to {mb} MB/s",
             t.device
         ));
+    }
+    if args.insecure {
+        machine.push_str(", link in plaintext and --auth none (the A/B of what trust costs)");
     }
     let mut results = Results {
         mode: if args.quick { "quick" } else { "full" }.into(),
@@ -256,13 +307,21 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         if let Some(mb) = args.disk_mb_s {
             command.push_str(&format!(" --disk-mb-s {mb}"));
         }
+        if args.insecure {
+            command.push_str(" --insecure");
+        }
         let text = format!(
             "Produced by `{command}` on {} ({}).\n\n{table}\n",
             results.machine,
             chrono_free_date()
         );
-        // A slow-disk run has a table of its own beside the default one.
+        // A slow-disk or insecure run has a table of its own beside the default one.
         let (begin, end) = match args.disk_mb_s {
+            None if args.insecure => (
+                "<!-- bench-insecure:begin (written by cargo xtask bench --insecure --record) -->"
+                    .to_owned(),
+                "<!-- bench-insecure:end -->".to_owned(),
+            ),
             None => (BEGIN.to_owned(), END.to_owned()),
             Some(mb) => (
                 format!(
@@ -273,7 +332,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         };
         crate::report::write_between_markers(path, &begin, &end, &text)?;
         // The plot in the docs is the default run's.
-        if !results.sweep.is_empty() && args.disk_mb_s.is_none() {
+        if !results.sweep.is_empty() && args.disk_mb_s.is_none() && !args.insecure {
             let png = path
                 .parent()
                 .unwrap_or(Path::new("."))
@@ -429,7 +488,7 @@ pub async fn uploader(
 ) -> anyhow::Result<UploaderProc> {
     let (grpc, http) = (free_tcp()?, free_tcp()?);
     let started = std::time::Instant::now();
-    let mut args: Vec<String> = env.pki_files.uploader_args();
+    let mut args: Vec<String> = env.uploader_link_args();
     args.extend([
         "--listen".into(),
         grpc.to_string(),

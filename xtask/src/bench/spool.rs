@@ -23,7 +23,7 @@ const CLIENTS: usize = 8;
 /// `chunks` full chunks through `PutChunk`, `CLIENTS` at a time; returns the wall time.
 async fn put_chunks(
     grpc: std::net::SocketAddr,
-    tls: &spillway_proto::link::LinkTls,
+    tls: Option<&spillway_proto::link::LinkTls>,
     chunks: u64,
 ) -> anyhow::Result<Duration> {
     let limit = CHUNK_BYTES * 2;
@@ -32,9 +32,13 @@ async fn put_chunks(
     // one task being the limit (row 3a: the spool alone commits at over 1 GB/s).
     let mut channels = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
+        let endpoint = match tls {
+            Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))?
+                .tls_config(tls.client("localhost"))?,
+            None => tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?,
+        };
         channels.push(
-            tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))?
-                .tls_config(tls.client("localhost"))?
+            endpoint
                 .tcp_nodelay(true)
                 .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
                 .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
@@ -132,7 +136,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     let u = uploader(env, "uploader-commit", &spool, &dead).await?;
     let (proc, grpc) = (u.proc, u.grpc);
     let pid = proc.id().context("uploader pid")?;
-    let took = put_chunks(grpc, &env.pki.ingest_tls(), chunks).await?;
+    let took = put_chunks(grpc, env.client_tls().as_ref(), chunks).await?;
     let ours = bytes / took.as_secs_f64() / MB;
     let (peak, now) = rss(pid)?;
     let raw = append_fdatasync(&env.dir.join("append.bin"), chunks)?;
