@@ -57,14 +57,6 @@ impl FillTimer {
     }
 }
 
-/// Waits for `deadline`, for ever when there is none.
-pub async fn until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Uids;
 use crate::budget::{Budget, Reservation};
 use crate::chunker::Chunk;
-use crate::fill::{self, FillTimer};
+use crate::fill::FillTimer;
 use crate::forward::{ForwardError, Forwarder};
 use crate::metrics::{EndLabel, Metrics};
 use crate::session::{Limits, Output, Params, Refusal, Session};
@@ -286,6 +286,10 @@ async fn run_session(
     let (chunk_tx, chunk_rx) = mpsc::channel::<(Chunk, Option<Reservation>)>(1);
     let mut reserved: Option<Reservation> = None;
     let mut fill = FillTimer::new(shared.chunk_fill_timeout);
+    let alarm = tokio::time::sleep(shared.idle_timeout);
+    tokio::pin!(alarm);
+    // The idle clock runs while ingest waits for the device's next frame, from when it starts.
+    let mut idle_at = tokio::time::Instant::now() + shared.idle_timeout;
     tracing::info!(uid = %params.uid, session = %params.session,
         sample_rate = params.sample_rate, "session accepted");
     let accepted = Kind::Accepted(Accepted {
@@ -311,18 +315,37 @@ async fn run_session(
     let end = match sent {
         Err(e) => End::Transport(e.to_string()),
         Ok(()) => 'read: loop {
+            // One timer for both deadlines (idle, chunk fill), re-armed only when it fires or a
+            // deadline comes earlier: a frame costs a clock read, not a timer registration.
+            if let Some(d) = fill.deadline()
+                && d < alarm.deadline()
+            {
+                alarm.as_mut().reset(d);
+            }
             let next = tokio::select! {
                 biased;
                 () = shared.shutdown.cancelled() => break End::Shutdown,
                 () = fatal.cancelled() => break End::ForwardFailed,
-                () = fill::until(fill.deadline()) => break End::TooSlow,
-                r = tokio::time::timeout(shared.idle_timeout, reader.next()) => r,
+                () = &mut alarm => None,
+                r = reader.next() => Some(r),
             };
             let frame = match next {
-                Err(_elapsed) => break End::Idle,
-                Ok(None) => break End::Finished,
-                Ok(Some(Err(e))) => break read_error(e, shared.max_frame_bytes),
-                Ok(Some(Ok(frame))) => frame,
+                None => {
+                    let now = tokio::time::Instant::now();
+                    if fill.deadline().is_some_and(|d| d <= now) {
+                        break End::TooSlow;
+                    }
+                    if idle_at <= now {
+                        break End::Idle;
+                    }
+                    alarm
+                        .as_mut()
+                        .reset(fill.deadline().map_or(idle_at, |d| d.min(idle_at)));
+                    continue;
+                }
+                Some(None) => break End::Finished,
+                Some(Some(Err(e))) => break read_error(e, shared.max_frame_bytes),
+                Some(Some(Ok(frame))) => frame,
             };
             match session.on_frame(frame.freeze()) {
                 Err(refusal) => break End::Refused(refusal),
@@ -381,6 +404,7 @@ async fn run_session(
                     }
                 }
             }
+            idle_at = tokio::time::Instant::now() + shared.idle_timeout;
         },
     };
 
