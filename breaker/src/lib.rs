@@ -10,17 +10,12 @@
 //!   HalfOpen --(probe fails, or is not reported within open_for)--> Open(open_for doubled, capped)
 //! ```
 //!
-//! A [`Registry`] keeps one breaker per key with a hard bound on how many it holds: a full
-//! registry evicts the least recently used *closed* breaker first (forgetting a closed breaker
-//! loses nothing), and only when every breaker is open the least recently used open one. The seed
-//! system's registry had a soft cap that open breakers could exceed; this one cannot.
+//! Users: the uploader's store breaker (one, shared by every upload), and ingest's balancer (one
+//! per uploader endpoint, as many as the endpoint set: bounded by it, so no registry is needed).
 //!
-//! Invariants:
-//! - `Registry::len() <= capacity` after every call.
-//! - An open breaker admits no call before its `until`; a half-open one admits exactly one probe.
+//! Invariant: an open breaker admits no call before its `until`; a half-open one admits exactly
+//! one probe.
 
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 /// Tuning of a breaker.
@@ -120,6 +115,14 @@ impl Breaker {
         }
     }
 
+    /// Until when an open breaker refuses calls; `None` while closed or half-open.
+    pub fn open_until(&self) -> Option<Instant> {
+        match self.inner {
+            Inner::Open { until, .. } => Some(until),
+            Inner::Closed { .. } | Inner::HalfOpen { .. } => None,
+        }
+    }
+
     /// May a call go ahead at `now`? An open breaker whose time is up lets exactly one probe
     /// through and turns half-open.
     pub fn check(&mut self, now: Instant) -> Decision {
@@ -184,84 +187,6 @@ impl Breaker {
             until: now + open_for,
             open_for,
         };
-    }
-}
-
-#[derive(Debug)]
-struct Entry {
-    breaker: Breaker,
-    last_used: Instant,
-}
-
-/// A bounded map of breakers, one per key (an endpoint, a bucket, a user).
-#[derive(Debug)]
-pub struct Registry<K> {
-    config: Config,
-    capacity: usize,
-    entries: HashMap<K, Entry>,
-    evictions: u64,
-}
-
-impl<K: Hash + Eq + Clone> Registry<K> {
-    /// A registry that never holds more than `capacity` breakers (at least 1).
-    pub fn new(config: Config, capacity: usize) -> Self {
-        Self {
-            config,
-            capacity: capacity.max(1),
-            entries: HashMap::new(),
-            evictions: 0,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Breakers evicted to keep the bound, since creation.
-    pub fn evictions(&self) -> u64 {
-        self.evictions
-    }
-
-    /// The breaker for `key`, created closed if absent (evicting one if the registry is full).
-    pub fn breaker(&mut self, key: &K, now: Instant) -> &mut Breaker {
-        if !self.entries.contains_key(key) && self.entries.len() >= self.capacity {
-            self.evict_one();
-        }
-        let config = self.config;
-        let entry = self.entries.entry(key.clone()).or_insert_with(|| Entry {
-            breaker: Breaker::new(config),
-            last_used: now,
-        });
-        entry.last_used = now;
-        &mut entry.breaker
-    }
-
-    /// Forgets closed breakers unused for `idle` or longer. Open ones are kept: forgetting them
-    /// would reopen the flood they hold back.
-    pub fn sweep(&mut self, now: Instant, idle: Duration) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, e| {
-            e.breaker.state() != State::Closed || now.saturating_duration_since(e.last_used) < idle
-        });
-        let removed = before - self.entries.len();
-        self.evictions += removed as u64;
-        removed
-    }
-
-    fn evict_one(&mut self) {
-        let victim = self
-            .entries
-            .iter()
-            .min_by_key(|(_, e)| (e.breaker.state() != State::Closed, e.last_used))
-            .map(|(k, _)| k.clone());
-        if let Some(k) = victim {
-            self.entries.remove(&k);
-            self.evictions += 1;
-        }
     }
 }
 
@@ -360,51 +285,7 @@ mod tests {
         assert_eq!(b.check(t0 + 400 * MS), Decision::Allow);
     }
 
-    #[test]
-    fn registry_evicts_closed_before_open() {
-        let t0 = Instant::now();
-        let mut r = Registry::new(cfg(), 2);
-        for _ in 0..3 {
-            r.breaker(&"open", t0).on_failure(t0);
-        }
-        r.breaker(&"closed", t0 + MS);
-        r.breaker(&"new", t0 + 2 * MS);
-        assert_eq!(r.len(), 2);
-        assert_eq!(r.evictions(), 1);
-        assert_eq!(r.breaker(&"open", t0 + 3 * MS).state(), State::Open);
-    }
-
-    #[test]
-    fn sweep_forgets_idle_closed_breakers_but_keeps_open_ones() {
-        let t0 = Instant::now();
-        let mut r = Registry::new(cfg(), 10);
-        r.breaker(&1, t0);
-        for _ in 0..3 {
-            r.breaker(&2, t0).on_failure(t0);
-        }
-        assert_eq!(r.sweep(t0 + 10 * MS, 5 * MS), 1);
-        assert_eq!(r.len(), 1);
-        assert_eq!(r.breaker(&2, t0 + 10 * MS).state(), State::Open);
-    }
-
     proptest! {
-        #[test]
-        fn registry_never_exceeds_its_capacity(
-            capacity in 1usize..8,
-            ops in proptest::collection::vec((0u8..32, any::<bool>()), 0..300),
-        ) {
-            let t0 = Instant::now();
-            let mut r = Registry::new(cfg(), capacity);
-            for (i, (key, fail)) in ops.into_iter().enumerate() {
-                let now = t0 + MS * i as u32;
-                let b = r.breaker(&key, now);
-                if b.check(now) == Decision::Allow {
-                    if fail { b.on_failure(now) } else { b.on_success(now) }
-                }
-                prop_assert!(r.len() <= capacity);
-            }
-        }
-
         #[test]
         fn open_breaker_never_admits_before_its_time(
             fails in 3u32..10,

@@ -285,7 +285,8 @@ pub struct ResumeConfig {
     pub max_unacked_bytes: usize,
     /// Audio bytes per frame sent.
     pub frame_bytes: usize,
-    /// Reconnect backoff bounds (exponential, full jitter).
+    /// Reconnect backoff bounds (exponential; each delay gets a random jitter of up to itself, so
+    /// a delay lies in [d, 2d) and the ceiling reaches twice `max_backoff`).
     pub min_backoff: Duration,
     pub max_backoff: Duration,
     /// A silent connection is given up after this long.

@@ -339,7 +339,7 @@ impl Forwarder {
                 match outcome {
                     Ok(response) => {
                         let mut balancer = lock(&self.inner.balancer);
-                        balancer.succeeded(&url);
+                        balancer.succeeded(&url, Instant::now());
                         self.gauge(&balancer);
                         return Ok(response);
                     }

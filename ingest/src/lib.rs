@@ -4,23 +4,22 @@
 //!
 //! Data path: [`server`] (QUIC bytes) → [`session`] (protocol rules, transport-free) →
 //! [`chunker`] (exact chunks, sans-IO) → [`forward`] (gRPC `PutChunk` to a healthy uploader chosen by [`balance`]) → `Ack` back.
+//!
+//! The transport-free rules live in the `spillway-core` crate (`ingest/core/`), re-exported
+//! here under their old paths; this crate holds what does IO.
 
 pub mod admission;
-pub mod auth;
-pub mod balance;
 pub mod budget;
-pub mod chunker;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod fill;
 pub mod forward;
 pub mod metrics;
-pub mod outbox;
 pub mod put_chunk;
 mod server;
-pub mod session;
 pub mod tls;
+
+pub use spillway_core::{auth, balance, chunker, fill, outbox, session};
 
 use std::sync::Arc;
 use std::time::Duration;

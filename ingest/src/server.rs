@@ -100,6 +100,13 @@ impl Occupancy {
     }
 }
 
+/// The scope of a QUIC connection's verified client certificate, if it has one.
+fn scope_of_connection(conn: &quinn::Connection) -> Option<crate::auth::Scope> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast_ref::<Vec<rustls_pki_types::CertificateDer<'static>>>()?;
+    crate::auth::cert::scope_of(chain.first()?)
+}
+
 /// Handles one QUIC connection: every bidirectional stream is one session. `_slot` is its
 /// connection slot, given back when it ends.
 pub(crate) async fn connection(
@@ -121,7 +128,7 @@ pub(crate) async fn connection(
     // With `--auth mtls` the handshake verified the device's certificate; who it names holds
     // for every stream of the connection.
     let certified = matches!(shared.limits.auth.as_ref(), crate::auth::Auth::Certificates)
-        .then(|| crate::auth::cert::scope_of_connection(&conn))
+        .then(|| scope_of_connection(&conn))
         .flatten();
     // A connection with no session for the idle timeout is closed: a flood of connections
     // that never send (or only open streams that are refused) cannot pin ingest's memory or its
@@ -317,7 +324,8 @@ async fn run_session(
         Ok(()) => 'read: loop {
             // One timer for both deadlines (idle, chunk fill), re-armed only when it fires or a
             // deadline comes earlier: a frame costs a clock read, not a timer registration.
-            if let Some(d) = fill.deadline()
+            let fill_at = fill.deadline().map(tokio::time::Instant::from_std);
+            if let Some(d) = fill_at
                 && d < alarm.deadline()
             {
                 alarm.as_mut().reset(d);
@@ -332,7 +340,7 @@ async fn run_session(
             let frame = match next {
                 None => {
                     let now = tokio::time::Instant::now();
-                    if fill.deadline().is_some_and(|d| d <= now) {
+                    if fill_at.is_some_and(|d| d <= now) {
                         break End::TooSlow;
                     }
                     if idle_at <= now {
@@ -340,7 +348,7 @@ async fn run_session(
                     }
                     alarm
                         .as_mut()
-                        .reset(fill.deadline().map_or(idle_at, |d| d.min(idle_at)));
+                        .reset(fill_at.map_or(idle_at, |d| d.min(idle_at)));
                     continue;
                 }
                 Some(None) => break End::Finished,
@@ -386,7 +394,7 @@ async fn run_session(
                         let (taken, chunk) = session.feed(&rest[..room.min(rest.len())]);
                         rest = &rest[taken..];
                         fill.fed(
-                            tokio::time::Instant::now(),
+                            std::time::Instant::now(),
                             chunk.is_some(),
                             session.pending_bytes(),
                         );

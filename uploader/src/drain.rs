@@ -392,7 +392,8 @@ async fn read_failed(
     }
 }
 
-/// Between attempts at one chunk: jittered, from 200 ms doubling to 30 s, never giving up.
+/// Between attempts at one chunk: from 200 ms doubling to 30 s, each delay plus a random jitter of
+/// up to itself (so up to 60 s), never giving up.
 fn retry_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
+use std::time::Instant;
 
 /// The deadline of one session's open chunk.
 #[derive(Debug, Clone)]

@@ -33,13 +33,6 @@ pub fn scope_of(leaf: &CertificateDer<'_>) -> Option<Scope> {
     validate::id(cn).is_ok().then(|| Scope::Uid(cn.to_owned()))
 }
 
-/// The scope of a QUIC connection's verified client certificate, if it has one.
-pub fn scope_of_connection(conn: &quinn::Connection) -> Option<Scope> {
-    let identity = conn.peer_identity()?;
-    let chain = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
-    scope_of(chain.first()?)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -113,12 +113,12 @@ impl Session {
     }
 
     /// How many more bytes of memory to reserve before feeding more audio, given `held` reserved
-    /// for the chunk being filled ([`crate::budget::next_reservation`]); `None` while there is
+    /// for the chunk being filled ([`crate::reserve::next_reservation`]); `None` while there is
     /// room, or before a hello.
     pub fn reservation_needed(&self, held: usize) -> Option<usize> {
         match &self.phase {
             Phase::Streaming { chunker, .. } => {
-                crate::budget::next_reservation(chunker.room(), held, chunker.pending_bytes())
+                crate::reserve::next_reservation(chunker.room(), held, chunker.pending_bytes())
             }
             Phase::AwaitHello => None,
         }

@@ -3,9 +3,12 @@
 //! - **Affinity.** Endpoints are ranked per session by rendezvous hashing, so a session's chunks
 //!   all go to one uploader while it is healthy, sessions spread evenly over the set, and adding
 //!   or removing an endpoint moves only the sessions that ranked it first.
-//! - **Health.** An endpoint that refused (unreachable, shutting down, full) cools down: it is
-//!   ranked after every healthy endpoint until its cool-down ends. The cool-down doubles with
-//!   each consecutive refusal, up to a ceiling, and a success clears it.
+//! - **Health.** Each endpoint has a circuit breaker (`spillway_breaker::Breaker`, tripped by one
+//!   refusal: unreachable, shutting down, full). While it is open the endpoint is ranked after
+//!   every healthy one; once its time is up the endpoint is offered again, and a refusal then (a
+//!   failed probe) doubles the open period up to a ceiling, while a success closes it. Refusals
+//!   that arrive while it is already open (other sessions' calls in flight) change nothing, so a
+//!   burst of them does not push the endpoint to the ceiling at once.
 //! - **Never stuck.** When every endpoint is cooling down, all are still offered, soonest first:
 //!   the caller decides how long to back off between rounds.
 //!
@@ -13,6 +16,8 @@
 
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
+
+use spillway_breaker::Breaker;
 
 /// Cool-down bounds of a refusing endpoint.
 #[derive(Debug, Clone, Copy)]
@@ -30,11 +35,20 @@ impl Default for Cooldown {
     }
 }
 
+impl Cooldown {
+    fn breaker(self) -> Breaker {
+        Breaker::new(spillway_breaker::Config {
+            failure_threshold: 1,
+            open_for: self.first,
+            max_open_for: self.max,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Slot<K> {
     key: K,
-    refusals: u32,
-    down_until: Option<Instant>,
+    health: Breaker,
 }
 
 /// The endpoints and their health. `K` names an endpoint (a URL).
@@ -65,10 +79,9 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
                 .iter()
                 .find(|s| s.key == key)
                 .cloned()
-                .unwrap_or(Slot {
+                .unwrap_or_else(|| Slot {
                     key,
-                    refusals: 0,
-                    down_until: None,
+                    health: self.cooldown.breaker(),
                 });
             next.push(slot);
         }
@@ -89,7 +102,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     }
 
     fn up(slot: &Slot<K>, now: Instant) -> bool {
-        slot.down_until.is_none_or(|t| t <= now)
+        slot.health.open_until().is_none_or(|t| t <= now)
     }
 
     /// Every endpoint, in the order to try them for the session named by `affinity`: healthy
@@ -99,7 +112,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
         let mut cooling: Vec<(Instant, u64, &K)> = Vec::new();
         for slot in &self.slots {
             let score = rank(&slot.key, affinity);
-            match slot.down_until {
+            match slot.health.open_until() {
                 Some(until) if until > now => cooling.push((until, score, &slot.key)),
                 _ => healthy.push((score, &slot.key)),
             }
@@ -119,22 +132,18 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
         let Some(slot) = self.slots.iter_mut().find(|s| s.key == *key) else {
             return Duration::ZERO;
         };
-        let shift = slot.refusals.min(16);
-        slot.refusals = slot.refusals.saturating_add(1);
-        let wait = self
-            .cooldown
-            .first
-            .saturating_mul(1u32 << shift)
-            .min(self.cooldown.max);
-        slot.down_until = Some(now + wait);
-        wait
+        // An open breaker whose time is up turns half-open here: this refusal was its probe.
+        let _ = slot.health.check(now);
+        slot.health.on_failure(now);
+        slot.health
+            .open_until()
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
     }
 
-    /// `key` took a chunk: it is healthy again.
-    pub fn succeeded(&mut self, key: &K) {
+    /// `key` took a chunk at `now`: it is healthy again.
+    pub fn succeeded(&mut self, key: &K, now: Instant) {
         if let Some(slot) = self.slots.iter_mut().find(|s| s.key == *key) {
-            slot.refusals = 0;
-            slot.down_until = None;
+            slot.health.on_success(now);
         }
     }
 }
@@ -187,11 +196,21 @@ mod tests {
         let t1 = t0 + Duration::from_millis(250);
         assert_eq!(b.order("s", t1)[0], first, "back after its cooldown");
         assert_eq!(b.refused(&first, t1), Duration::from_millis(500));
+        assert_eq!(
+            b.refused(&first, t1),
+            Duration::from_millis(500),
+            "refusals while it is open do not add up"
+        );
+        let mut t = t1;
         for _ in 0..10 {
-            b.refused(&first, t1);
+            t += b.refused(&first, t);
         }
-        assert_eq!(b.refused(&first, t1), Duration::from_secs(5), "capped");
-        b.succeeded(&first);
+        assert_eq!(
+            b.refused(&first, t),
+            Duration::from_secs(5),
+            "each failed probe doubles it, up to the cap"
+        );
+        b.succeeded(&first, t1);
         assert_eq!(b.healthy(t1), 3);
         assert_eq!(b.refused(&first, t1), Duration::from_millis(250), "reset");
     }
@@ -202,7 +221,7 @@ mod tests {
         let t0 = Instant::now();
         let keys = b.order("s", t0);
         b.refused(&keys[0], t0);
-        b.refused(&keys[0], t0); // 500 ms
+        b.refused(&keys[0], t0 + Duration::from_millis(250)); // a failed probe: until t0+750
         b.refused(&keys[1], t0 + Duration::from_millis(100)); // until t0+350
         b.refused(&keys[2], t0); // until t0+250
         assert_eq!(b.healthy(t0), 0);
@@ -225,7 +244,7 @@ mod tests {
         b.set(keys);
         assert_eq!(b.len(), 4, "duplicates ignored");
         assert_eq!(b.healthy(t0), 3, "the refusing endpoint is still cooling");
-        b.succeeded(&sick);
+        b.succeeded(&sick, t0);
         let moved = sessions
             .iter()
             .zip(&before)

@@ -1,5 +1,5 @@
 //! The device side of resuming, sans-IO: the audio a device holds until ingest acknowledges it,
-//! and where to (re)start sending after a reconnect. The async client in [`crate::client`]
+//! and where to (re)start sending after a reconnect. The async client in `spillway_ingest::client`
 //! drives it; its tests here need no network and no clock.
 //!
 //! Invariants:
