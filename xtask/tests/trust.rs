@@ -292,7 +292,8 @@ async fn puts_beyond_the_in_flight_cap_are_refused_at_once_and_trickling_ones_ti
         let p = Pipeline::start(Options {
             chunk_seconds: 1,
             max_puts_in_flight: 2,
-            put_timeout: Duration::from_secs(2),
+            // Long enough that the probe below meets both slots held even on busy cores.
+            put_timeout: Duration::from_secs(4),
             ..Options::default()
         })
         .await
