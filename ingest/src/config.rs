@@ -365,3 +365,14 @@ pub fn load_keys(path: &std::path::Path) -> anyhow::Result<Keyring> {
         .with_context(|| format!("reading the token keys in {}", path.display()))?;
     Keyring::parse(&text).with_context(|| format!("the token keys in {}", path.display()))
 }
+
+/// Ingest's memory bound in bytes (deploy/README.md, "Memory") for `--max-buffered-bytes`,
+/// `--max-sessions` and `--max-frame-bytes`: the budget, then per session the QUIC stream
+/// receive window, two frames and 64 KiB of state, then 64 MiB for the runtime. deploy-check
+/// holds the manifests' limits to it; the bench holds a measurement to it (row 5c).
+pub fn memory_bound(max_buffered_bytes: u128, max_sessions: u128, max_frame_bytes: u128) -> u128 {
+    const MIB: u128 = 1024 * 1024;
+    max_buffered_bytes
+        + max_sessions * (u128::from(crate::STREAM_RECEIVE_WINDOW) + 2 * max_frame_bytes + 65_536)
+        + 64 * MIB
+}

