@@ -294,7 +294,7 @@ impl Args {
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => TlsMaterial::from_pem_files(cert, key)?,
             _ => {
-                let tls = TlsMaterial::self_signed()?;
+                let tls = crate::tls::self_signed()?;
                 tls.write_cert_der(&self.dev_cert_out)?;
                 tracing::info!(path = %self.dev_cert_out.display(), "no --tls-cert given: wrote a self-signed certificate for local clients to trust");
                 tls

@@ -11,7 +11,6 @@
 pub mod admission;
 pub mod budget;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod forward;
 pub mod metrics;
@@ -20,6 +19,8 @@ mod server;
 pub mod tls;
 
 pub use spillway_core::{auth, balance, chunker, fill, outbox, session};
+/// The device client (`spillway-device`), under its old path.
+pub use spillway_device as client;
 
 use std::sync::Arc;
 use std::time::Duration;

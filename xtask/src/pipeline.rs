@@ -171,7 +171,7 @@ impl Pipeline {
         ));
         let opts_kept = opts.clone();
 
-        let tls = spillway_ingest::tls::TlsMaterial::self_signed()?;
+        let tls = spillway_ingest::tls::self_signed()?;
         let cert_der = tls.leaf_der().to_vec();
         let key_der = tls.key.secret_der().to_vec();
         let iconfig = ingest_config(uploader_grpc, &cert_der, &key_der, &opts);

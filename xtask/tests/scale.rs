@@ -38,7 +38,7 @@ async fn ingest_fails_over_when_one_of_three_uploaders_dies_and_its_spool_drains
             uploaders.push(IsolatedUploader::start(config).await.unwrap());
         }
 
-        let tls = spillway_ingest::tls::TlsMaterial::self_signed().unwrap();
+        let tls = spillway_ingest::tls::self_signed().unwrap();
         let cert = tls.leaf_der().to_vec();
         let mut config = spillway_ingest::Config::local(String::new(), tls);
         config.uploaders = uploaders

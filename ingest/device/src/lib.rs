@@ -1,5 +1,6 @@
-//! A reference device client for the Spillway protocol: used by `cargo xtask up` to simulate
-//! devices, by the tests, and as an example for gateway authors.
+//! The Spillway device client, in a crate of its own so that a device gateway depends on it
+//! alone (not on ingest's server): used by `ingest stream`, `cargo xtask up` to simulate devices
+//! and the tests, and an example for gateway authors.
 //!
 //! Two levels: [`Device`] with [`SessionWriter`]/[`SessionReader`] speak the protocol frame by
 //! frame over one stream; [`stream_resuming`] is what a real device wants: it keeps audio until
@@ -20,8 +21,10 @@ use spillway_proto::device::{
 };
 use tokio::sync::mpsc;
 
-use crate::outbox::Outbox;
+use spillway_core::outbox::Outbox;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+pub mod tls;
 
 /// Frames up to this size are accepted from ingest by the client.
 const CLIENT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -438,7 +441,7 @@ impl Driver {
                 {
                     Ok(()) => {}
                     // Committed, but not what was sent: keep it, say so, resend from there.
-                    Err(e @ crate::outbox::OutboxError::ReceiptMismatch { .. }) => {
+                    Err(e @ spillway_core::outbox::OutboxError::ReceiptMismatch { .. }) => {
                         tracing::error!(error = %e, "receipt mismatch");
                         self.report.errors.push(spillway_proto::device::Error {
                             code: ErrorCode::Unspecified as i32,
