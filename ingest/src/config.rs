@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use spillway_proto::ops::LogFormat;
+use spillway_ops::LogFormat;
 
 use spillway_proto::link::Link;
 

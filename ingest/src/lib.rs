@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
-use spillway_proto::ops::{self, Readiness};
+use spillway_ops::{self as ops, Readiness};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

@@ -8,7 +8,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(command) = args.command.take() {
         return command.run().await;
     }
-    spillway_proto::ops::init_tracing(args.log_format);
+    spillway_ops::init_tracing(args.log_format);
     let (listen, http_listen) = (args.listen, args.http_listen);
     let config = args.into_config()?;
     let quic =
@@ -20,7 +20,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            spillway_proto::ops::termination_signal().await;
+            spillway_ops::termination_signal().await;
             shutdown.cancel();
         }
     });

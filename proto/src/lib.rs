@@ -6,7 +6,11 @@
 //! - [`checksum`]: CRC32C, the checksum a chunk carries end to end.
 //! - [`framing`]: the length-delimited codec both ends of a device stream use.
 //! - [`split`]: encoding a message whose large `bytes` field is written out on its own.
-//! - [`link`]: the ingest → uploader link's mutual TLS.
+//! - [`link`]: the ingest → uploader link's mutual TLS: both ends built from the same flags
+//!   (feature `flags`), so the link's security is part of its contract.
+//!
+//! The daemons' operational surface (`/metrics`, `/healthz`, `/readyz`, logging, signals) is
+//! `spillway-ops` (`proto/ops/`), not a contract.
 
 #![allow(clippy::doc_markdown)]
 
@@ -25,8 +29,6 @@ pub mod uploader {
 pub mod checksum;
 pub mod framing;
 pub mod link;
-#[cfg(feature = "ops")]
-pub mod ops;
 pub mod split;
 pub mod validate;
 

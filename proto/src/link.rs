@@ -115,7 +115,7 @@ impl LinkTls {
 }
 
 /// The link's flags, the same on both daemons (`#[command(flatten)]`).
-#[cfg(feature = "ops")]
+#[cfg(feature = "flags")]
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct LinkArgs {
     /// PEM CA certificate(s) the peer's certificate must chain to (ingest's client certificate
@@ -146,7 +146,7 @@ pub struct LinkArgs {
 )]
 pub struct NoLink;
 
-#[cfg(feature = "ops")]
+#[cfg(feature = "flags")]
 impl LinkArgs {
     /// The link these flags ask for. `None` when they ask for nothing (the caller decides
     /// whether that is an error: it is for a daemon that serves or calls the link).

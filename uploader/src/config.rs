@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use spillway_proto::ops::LogFormat;
+use spillway_ops::LogFormat;
 
 use spillway_proto::link::Link;
 

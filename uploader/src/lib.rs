@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
-use spillway_proto::ops::{self, Readiness};
+use spillway_ops::{self as ops, Readiness};
 use spillway_proto::uploader::uploader_server::UploaderServer;
 use tokio_util::sync::CancellationToken;
 

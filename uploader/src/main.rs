@@ -10,7 +10,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            spillway_proto::ops::termination_signal().await;
+            spillway_ops::termination_signal().await;
             shutdown.cancel();
         }
     });
@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(flags: Flags, shutdown: CancellationToken) -> anyhow::Result<()> {
-    spillway_proto::ops::init_tracing(flags.log_format);
+    spillway_ops::init_tracing(flags.log_format);
     let (listen, http_listen) = (flags.listen, flags.http_listen);
     let config = flags.into_config()?;
     let grpc = tokio::net::TcpListener::bind(listen)
@@ -40,7 +40,7 @@ async fn serve(flags: Flags, shutdown: CancellationToken) -> anyhow::Result<()> 
 
 /// `uploader drain`: exits 0 once the spool is empty, 2 when chunks are left.
 async fn drain(flags: Flags, interrupt: CancellationToken) -> anyhow::Result<()> {
-    spillway_proto::ops::init_tracing(flags.log_format);
+    spillway_ops::init_tracing(flags.log_format);
     let config = flags.into_drain_config()?;
     let dir = config.spool_dir.clone();
     let report =

@@ -86,13 +86,13 @@ async fn main() -> anyhow::Result<()> {
             listen,
             latency,
         } => {
-            spillway_proto::ops::init_tracing(spillway_proto::ops::LogFormat::Text);
+            spillway_ops::init_tracing(spillway_ops::LogFormat::Text);
             let listener = tokio::net::TcpListener::bind(listen).await?;
             let stop = tokio_util::sync::CancellationToken::new();
             tokio::spawn({
                 let stop = stop.clone();
                 async move {
-                    spillway_proto::ops::termination_signal().await;
+                    spillway_ops::termination_signal().await;
                     stop.cancel();
                 }
             });
