@@ -398,7 +398,7 @@ async fn realtime(
             let (mut tx, mut rx) = device.open().await?;
             tx.hello(hello(&format!("rt-{d:05}"))?).await?;
             let total = chunk_bytes * chunks;
-            let ends: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+            let ends: Arc<parking_lot::Mutex<Vec<Instant>>> = Arc::default();
             let reader = {
                 let (ends, acked) = (Arc::clone(&ends), Arc::clone(&acked));
                 tokio::spawn(async move {
@@ -412,11 +412,7 @@ async fn realtime(
                                     (a.end_sample - a.first_sample) * 2,
                                     Ordering::Relaxed,
                                 );
-                                let end = ends
-                                    .lock()
-                                    .map_err(|_| anyhow::anyhow!("poisoned"))?
-                                    .get(a.seq as usize)
-                                    .copied();
+                                let end = ends.lock().get(a.seq as usize).copied();
                                 if let Some(end) = end {
                                     latencies.push(now.saturating_duration_since(end));
                                 }
@@ -443,9 +439,7 @@ async fn realtime(
                 written += frame.len() as u64;
                 if written.is_multiple_of(chunk_bytes) {
                     // Stamped as the chunk's last byte leaves (before the ack can come back).
-                    ends.lock()
-                        .map_err(|_| anyhow::anyhow!("poisoned"))?
-                        .push(Instant::now());
+                    ends.lock().push(Instant::now());
                 }
                 tx.audio(frame.clone()).await?;
                 sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
