@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::cluster::{BUCKET, Cluster, ClusterOptions, Daemon, build_daemons};
-use crate::pipeline::{http_get, metric};
+use crate::metrics::metric;
+use crate::pipeline::http_get;
 use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
 #[derive(Debug, Clone, clap::Args)]

@@ -7,6 +7,7 @@
 //! - [`cluster`]: the daemons as separate processes on fixed loopback ports.
 //! - [`up`]: `cargo xtask up`, a cluster with simulated devices.
 //! - [`bench`]: `cargo xtask bench`, figures against same-run baselines.
+//! - [`metrics`]: reading the daemons' Prometheus text (`/metrics`).
 //! - [`deploy_check`]: `cargo xtask deploy-check`, the Kubernetes manifests validated offline.
 
 pub mod attack;
@@ -14,6 +15,7 @@ pub mod bench;
 pub mod chaos;
 pub mod cluster;
 pub mod deploy_check;
+pub mod metrics;
 pub mod pipeline;
 pub mod pki;
 pub mod report;

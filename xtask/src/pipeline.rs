@@ -408,14 +408,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     Ok((status, body.to_owned()))
 }
 
-/// The value of a metric line (exact name and labels) in a Prometheus text body, 0 if absent.
-pub fn metric(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Ingest configuration for the test pipeline, around a fixed certificate and key.
 fn ingest_config(
     uploader: SocketAddr,

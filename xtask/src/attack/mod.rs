@@ -372,7 +372,7 @@ async fn wait_honest(
             .await
             .unwrap_or_default();
         // The devices are done: everything acknowledged is spooled; empty means uploaded.
-        if crate::pipeline::metric(&body, "spillway_uploader_spool_chunks") == 0.0 {
+        if crate::metrics::metric(&body, "spillway_uploader_spool_chunks") == 0.0 {
             break;
         }
         if Instant::now() > deadline {
@@ -628,5 +628,5 @@ async fn metric_of(addr: SocketAddr, series: &str) -> f64 {
     let (_, body) = crate::pipeline::http_get(addr, "/metrics")
         .await
         .unwrap_or_default();
-    crate::pipeline::metric(&body, series)
+    crate::metrics::metric(&body, series)
 }

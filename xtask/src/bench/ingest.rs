@@ -266,19 +266,7 @@ fn with_goal_step(fixed: &[usize], ceiling: Option<f64>) -> Vec<usize> {
 /// The uploader's commit-latency histogram (`spillway_uploader_commit_seconds`) as (upper bound
 /// in seconds, cumulative count) pairs, `+Inf` last.
 fn commit_buckets(metrics: &str) -> Vec<(f64, f64)> {
-    metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("spillway_uploader_commit_seconds_bucket{le=\""))
-        .filter_map(|l| {
-            let (le, count) = l.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
+    crate::metrics::buckets(metrics, "spillway_uploader_commit_seconds")
 }
 
 /// The smallest bucket bound every commit between two scrapes fell under: `None` when no
