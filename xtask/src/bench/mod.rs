@@ -313,7 +313,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let text = format!(
             "Produced by `{command}` on {} ({}).\n\n{table}\n",
             results.machine,
-            chrono_free_date()
+            today()
         );
         // A slow-disk or insecure run has a table of its own beside the default one.
         let (begin, end) = match args.disk_mb_s {
@@ -413,15 +413,19 @@ fn machine() -> String {
     format!("{cores} cores ({model}), {mem} memory")
 }
 
-/// Today's date (UTC) without a date crate: from `date -u`, or the Unix time.
-fn chrono_free_date() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+/// Today's date (UTC), `YYYY-MM-DD`: the date part of humantime's RFC 3339 form of now (empty
+/// for a clock before 1970 or after 9999, which that form cannot write).
+fn today() -> String {
+    use std::fmt::Write as _;
+    let now = std::time::SystemTime::now();
+    let mut date = String::new();
+    if now.duration_since(std::time::UNIX_EPOCH).is_err()
+        || write!(date, "{}", humantime::format_rfc3339_seconds(now)).is_err()
+    {
+        return String::new();
+    }
+    date.truncate("YYYY-MM-DD".len());
+    date
 }
 
 /// The embedded store as its own process, its objects under `root`.
@@ -555,7 +559,7 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::wanted;
+    use super::{today, wanted};
 
     #[test]
     fn only_selects_every_group_any_of_its_names_matches() {
@@ -566,5 +570,28 @@ mod tests {
         assert!(wanted(&two, "spool") && wanted(&two, "ingest"));
         // A substring: `o` names store and spool, not ingest.
         assert!(wanted(&only(&["o"]), "store") && !wanted(&only(&["o"]), "ingest"));
+    }
+
+    #[test]
+    fn today_is_the_utc_date_date_prints() {
+        let date_u = || {
+            std::process::Command::new("date")
+                .args(["-u", "+%Y-%m-%d"])
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_owned())
+        };
+        let (before, ours, after) = (date_u(), today(), date_u());
+        assert_eq!(ours.len(), 10, "{ours}");
+        assert!(ours.char_indices().all(|(i, c)| if i == 4 || i == 7 {
+            c == '-'
+        } else {
+            c.is_ascii_digit()
+        }));
+        // (Unless `date` is missing, or midnight passed in between.)
+        if before.is_some() && before == after {
+            assert_eq!(Some(ours), before);
+        }
     }
 }
