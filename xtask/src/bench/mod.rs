@@ -353,10 +353,17 @@ const BEGIN: &str = "<!-- bench:begin (written by cargo xtask bench --record) --
 const END: &str = "<!-- bench:end -->";
 
 fn render(rows: &[Row]) -> String {
-    let mut t = String::from(
-        "| # | measured | Spillway | baseline | ratio | goal | met | notes |\n\
-         | --- | --- | ---: | ---: | ---: | --- | --- | --- |\n",
-    );
+    use crate::report::Align::{Left, Right};
+    let columns = [
+        ("#", Left),
+        ("measured", Left),
+        ("Spillway", Right),
+        ("baseline", Right),
+        ("ratio", Right),
+        ("goal", Left),
+        ("met", Left),
+        ("notes", Left),
+    ];
     let num = |v: f64| {
         if v.abs() >= 100.0 {
             format!("{v:.0}")
@@ -366,26 +373,27 @@ fn render(rows: &[Row]) -> String {
             format!("{v:.2}")
         }
     };
-    for r in rows {
-        t.push_str(&format!(
-            "| {} | {} | {} {} | {} | {} | {} | {} | {} |\n",
-            r.id,
-            r.what,
-            num(r.spillway),
-            r.unit,
-            r.baseline
-                .map_or_else(|| "-".into(), |b| format!("{} {}", num(b), r.unit)),
-            r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.2}")),
-            r.goal,
-            match r.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "-",
-            },
-            r.note
-        ));
-    }
-    t
+    crate::report::table(
+        &columns,
+        rows.iter().map(|r| {
+            vec![
+                r.id.clone(),
+                r.what.clone(),
+                format!("{} {}", num(r.spillway), r.unit),
+                r.baseline
+                    .map_or_else(|| "-".into(), |b| format!("{} {}", num(b), r.unit)),
+                r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.2}")),
+                r.goal.clone(),
+                match r.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "-",
+                }
+                .to_owned(),
+                r.note.clone(),
+            ]
+        }),
+    )
 }
 
 /// Cores, memory and the disk under the state directory, as the run saw them.
@@ -559,7 +567,7 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{today, wanted};
+    use super::{Row, render, today, wanted};
 
     #[test]
     fn only_selects_every_group_any_of_its_names_matches() {
@@ -593,5 +601,33 @@ mod tests {
         if before.is_some() && before == after {
             assert_eq!(Some(ours), before);
         }
+    }
+
+    #[test]
+    fn the_table_reads_as_recorded_in_benchmarks_md() {
+        let row = |id: &str, spillway, baseline, ratio, met, note: &str| Row {
+            id: id.into(),
+            what: format!("row {id}"),
+            unit: "MB/s".into(),
+            spillway,
+            baseline,
+            ratio,
+            goal: ">= 1x".into(),
+            met,
+            note: note.into(),
+        };
+        let rows = [
+            row("1", 123.456, Some(12.34), Some(10.0), Some(true), "n"),
+            row("2", 1.5, None, None, Some(false), ""),
+            row("3a", -250.0, Some(0.004), Some(0.125), None, "x | y"),
+        ];
+        assert_eq!(
+            render(&rows),
+            "| # | measured | Spillway | baseline | ratio | goal | met | notes |\n\
+             | --- | --- | ---: | ---: | ---: | --- | --- | --- |\n\
+             | 1 | row 1 | 123 MB/s | 12.3 MB/s | 10.00 | >= 1x | yes | n |\n\
+             | 2 | row 2 | 1.50 MB/s | - | - | >= 1x | **no** |  |\n\
+             | 3a | row 3a | -250 MB/s | 0.00 MB/s | 0.12 | >= 1x | - | x | y |\n"
+        );
     }
 }
