@@ -9,6 +9,7 @@
 //! - [`bench`]: `cargo xtask bench`, figures against same-run baselines.
 //! - [`metrics`]: reading the daemons' Prometheus text (`/metrics`).
 //! - [`deploy_check`]: `cargo xtask deploy-check`, the Kubernetes manifests validated offline.
+//! - [`unused_deps`]: `cargo xtask unused-deps`, every declared dependency used.
 
 pub mod attack;
 pub mod bench;
@@ -22,4 +23,5 @@ pub mod report;
 pub mod rogue;
 pub mod s3;
 pub mod sim;
+pub mod unused_deps;
 pub mod up;
