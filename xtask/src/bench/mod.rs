@@ -333,15 +333,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         crate::report::write_between_markers(path, &begin, &end, &text)?;
         // The plot in the docs is the default run's.
         if !results.sweep.is_empty() && args.disk_mb_s.is_none() && !args.insecure {
-            let png = path
+            let svg = path
                 .parent()
                 .unwrap_or(Path::new("."))
-                .join("docs/bench-workers.png");
-            if let Some(parent) = png.parent() {
+                .join("docs/bench-workers.svg");
+            if let Some(parent) = svg.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::copy(out.join("workers.png"), &png)
-                .with_context(|| format!("copying the plot to {}", png.display()))?;
+            std::fs::copy(out.join("workers.svg"), &svg)
+                .with_context(|| format!("copying the plot to {}", svg.display()))?;
         }
     }
     std::fs::remove_dir_all(&env.store_dir).ok();
