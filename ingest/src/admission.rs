@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 /// Counts held per key, each at most `per_key`, and all together at most `total`.
 #[derive(Debug)]
@@ -63,7 +65,7 @@ impl<K: Hash + Eq + Clone> Slots<K> {
 
     /// Takes a slot for `key` if one is free.
     pub fn try_take(&self, key: &K) -> Result<Slot<K>, Full> {
-        let mut c = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut c = self.inner.lock();
         if c.total >= self.total {
             return Err(Full::Total);
         }
@@ -86,25 +88,18 @@ impl<K: Hash + Eq + Clone> Slots<K> {
 
     /// Slots held now.
     pub fn held(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .total
+        self.inner.lock().total
     }
 
     /// Keys holding at least one slot (bounded by `total`).
     pub fn keys(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_key
-            .len()
+        self.inner.lock().by_key.len()
     }
 }
 
 impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
-        let mut c = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut c = self.inner.lock();
         c.total = c.total.saturating_sub(1);
         if let Some(n) = c.by_key.get_mut(&self.key) {
             *n -= 1;

@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use parking_lot::Mutex;
 use spillway_proto::uploader::{ChunkId, PutChunkRequest, PutChunkResponse};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -126,10 +127,6 @@ fn transient(status: &tonic::Status) -> bool {
     )
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Forwarder {
     /// Connects lazily: ingest starts even when no uploader is up yet. `dns://` targets have no
     /// endpoint until [`Forwarder::refresh`] resolves them.
@@ -197,7 +194,7 @@ impl Forwarder {
     /// Makes `urls` the endpoint set: new ones get a lazy channel, gone ones are forgotten (a
     /// put in flight on one finishes on its own clone).
     fn install(&self, endpoints: Vec<(String, String)>) -> Result<(), tonic::transport::Error> {
-        let mut channels = lock(&self.inner.channels);
+        let mut channels = self.inner.channels.lock();
         let mut next = HashMap::new();
         let mut urls = Vec::with_capacity(endpoints.len());
         for (url, server_name) in endpoints {
@@ -219,7 +216,7 @@ impl Forwarder {
             urls.push(url);
         }
         *channels = next;
-        let mut balancer = lock(&self.inner.balancer);
+        let mut balancer = self.inner.balancer.lock();
         balancer.set(urls);
         self.gauge(&balancer);
         Ok(())
@@ -250,7 +247,7 @@ impl Forwarder {
                     addrs.dedup();
                     addrs
                 });
-            let mut resolved = lock(&self.inner.resolved);
+            let mut resolved = self.inner.resolved.lock();
             match answer {
                 Ok(addrs) if !addrs.is_empty() => {
                     if resolved.get(&name) != Some(&addrs) {
@@ -272,12 +269,12 @@ impl Forwarder {
             }
         }
         if changed {
-            let urls = self.endpoints(&lock(&self.inner.resolved));
+            let urls = self.endpoints(&self.inner.resolved.lock());
             if let Err(e) = self.install(urls) {
                 tracing::error!(error = %e, "an uploader address is not a valid endpoint");
             }
         } else {
-            self.gauge(&lock(&self.inner.balancer));
+            self.gauge(&self.inner.balancer.lock());
         }
     }
 
@@ -320,10 +317,10 @@ impl Forwarder {
             .build();
         let m = &self.inner.metrics;
         loop {
-            let order = lock(&self.inner.balancer).order(&affinity, Instant::now());
+            let order = self.inner.balancer.lock().order(&affinity, Instant::now());
             let tried = order.len();
             for (i, url) in order.into_iter().enumerate() {
-                let Some(mut channel) = lock(&self.inner.channels).get(&url).cloned() else {
+                let Some(mut channel) = self.inner.channels.lock().get(&url).cloned() else {
                     continue;
                 };
                 let call = crate::put_chunk::put_chunk(
@@ -338,7 +335,7 @@ impl Forwarder {
                 };
                 match outcome {
                     Ok(response) => {
-                        let mut balancer = lock(&self.inner.balancer);
+                        let mut balancer = self.inner.balancer.lock();
                         balancer.succeeded(&url, Instant::now());
                         self.gauge(&balancer);
                         return Ok(response);
@@ -349,7 +346,7 @@ impl Forwarder {
                     Err(status) => {
                         m.forward_retries.inc();
                         let cooldown = {
-                            let mut balancer = lock(&self.inner.balancer);
+                            let mut balancer = self.inner.balancer.lock();
                             let c = balancer.refused(&url, Instant::now());
                             self.gauge(&balancer);
                             c

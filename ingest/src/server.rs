@@ -61,7 +61,7 @@ async fn send(writer: &Writer, kind: Kind) -> std::io::Result<()> {
 /// restart its idle timer.
 struct Occupancy {
     active: std::sync::atomic::AtomicUsize,
-    idle_since: std::sync::Mutex<tokio::time::Instant>,
+    idle_since: parking_lot::Mutex<tokio::time::Instant>,
     /// Wakes the connection's loop to look at its idle deadline again.
     changed: tokio::sync::Notify,
 }
@@ -79,10 +79,7 @@ impl Occupancy {
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
             == 1
         {
-            *self
-                .idle_since
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
+            *self.idle_since.lock() = tokio::time::Instant::now();
         }
         self.changed.notify_one();
     }
@@ -92,10 +89,7 @@ impl Occupancy {
         if self.active.load(std::sync::atomic::Ordering::Acquire) > 0 {
             return None;
         }
-        let since = *self
-            .idle_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let since = *self.idle_since.lock();
         Some(since + idle_timeout)
     }
 }
@@ -135,7 +129,7 @@ pub(crate) async fn connection(
     // connection slots (the seed's ghost connections held 15 MiB each).
     let occupancy = Arc::new(Occupancy {
         active: std::sync::atomic::AtomicUsize::new(0),
-        idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        idle_since: parking_lot::Mutex::new(tokio::time::Instant::now()),
         changed: tokio::sync::Notify::new(),
     });
     loop {

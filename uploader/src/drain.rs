@@ -13,10 +13,11 @@
 //! stay spooled for the next start.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use parking_lot::{Mutex, MutexGuard};
 use spillway_breaker::{Breaker, Decision};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::adaptive::{self, Outcome, Workers};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::object::KeyTemplate;
-use crate::spool::{Loaded, Queued, Spool, lock_ignoring_poison};
+use crate::spool::{Loaded, Queued, Spool};
 use crate::store::{Put, Store, Upload};
 
 /// Everything an upload needs.
@@ -201,14 +202,14 @@ impl Drain {
         self.upload_locked(pos, &upload, &key, pool, abort).await;
         drop(guard);
         drop(key_lock);
-        let mut keys = lock_ignoring_poison(&self.keys);
+        let mut keys = self.keys.lock();
         if keys.get(&key).is_some_and(|l| Arc::strong_count(l) == 1) {
             keys.remove(&key);
         }
     }
 
     fn key_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut keys = lock_ignoring_poison(&self.keys);
+        let mut keys = self.keys.lock();
         Arc::clone(keys.entry(key.to_owned()).or_default())
     }
 
@@ -351,7 +352,7 @@ impl Drain {
     /// Records the attempt number of the upload at `pos` (`None` when it ended) and publishes
     /// the largest one under way.
     fn note_attempt(&self, pos: u64, attempt: Option<u64>) {
-        let mut all = lock_ignoring_poison(&self.attempts);
+        let mut all = self.attempts.lock();
         match attempt {
             Some(n) => {
                 all.insert(pos, n);
@@ -366,8 +367,8 @@ impl Drain {
             .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
 
-    fn breaker_lock(&self) -> std::sync::MutexGuard<'_, Breaker> {
-        lock_ignoring_poison(&self.breaker)
+    fn breaker_lock(&self) -> MutexGuard<'_, Breaker> {
+        self.breaker.lock()
     }
 
     fn publish_breaker(&self) {
@@ -456,8 +457,8 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
-        lock_ignoring_poison(&self.state)
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock()
     }
 
     /// Feeds one `PutObject` attempt to the controller (if any) and applies the limit it gives.

@@ -16,9 +16,10 @@ pub mod service;
 pub mod spool;
 pub mod store;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
+use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use spillway_ops::{self as ops, Readiness};
 use spillway_proto::uploader::uploader_server::UploaderServer;

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::cluster::{BUCKET, Cluster, ClusterOptions, Daemon, build_daemons};
-use crate::pipeline::{http_get, metric};
+use crate::metrics::metric;
+use crate::pipeline::http_get;
 use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -267,32 +268,42 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
 }
 
 fn render(rows: &[Row]) -> String {
-    let mut t = String::from(
-        "| scenario | audio sent | chunks acked | objects | lost | duplicated | counted | recovered in | notes |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
-    );
-    for r in rows {
-        let recovery = r
-            .recovery
-            .map_or_else(|| "-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
-        let mut note = r.note.clone();
-        if !r.problems.is_empty() {
-            note = format!("FAILED: {}", r.problems.join("; "));
-        }
-        t.push_str(&format!(
-            "| {} | {:.0} s | {} | {} | {} | {} | {} | {} | {} |\n",
-            r.scenario,
-            r.audio_seconds,
-            r.acked,
-            r.objects,
-            r.lost.saturating_sub(r.counted_drops),
-            r.duplicated,
-            r.counted_drops,
-            recovery,
-            note
-        ));
-    }
-    t
+    use crate::report::Align::{Left, Right};
+    let columns = [
+        ("scenario", Left),
+        ("audio sent", Right),
+        ("chunks acked", Right),
+        ("objects", Right),
+        ("lost", Right),
+        ("duplicated", Right),
+        ("counted", Right),
+        ("recovered in", Right),
+        ("notes", Left),
+    ];
+    crate::report::table(
+        &columns,
+        rows.iter().map(|r| {
+            let recovery = r
+                .recovery
+                .map_or_else(|| "-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
+            let note = if r.problems.is_empty() {
+                r.note.clone()
+            } else {
+                format!("FAILED: {}", r.problems.join("; "))
+            };
+            vec![
+                r.scenario.clone(),
+                format!("{:.0} s", r.audio_seconds),
+                r.acked.to_string(),
+                r.objects.to_string(),
+                r.lost.saturating_sub(r.counted_drops).to_string(),
+                r.duplicated.to_string(),
+                r.counted_drops.to_string(),
+                recovery,
+                note,
+            ]
+        }),
+    )
 }
 
 async fn metrics_of(addr: std::net::SocketAddr) -> String {
@@ -642,3 +653,40 @@ pub fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
 
 const BEGIN: &str = "<!-- chaos:begin (written by cargo xtask chaos --record) -->";
 const END: &str = "<!-- chaos:end -->";
+
+#[cfg(test)]
+mod tests {
+    use super::{Row, render};
+    use std::time::Duration;
+
+    #[test]
+    fn the_table_reads_as_recorded_in_chaos_md() {
+        let rows = [
+            Row {
+                scenario: "kill -9 uploader".into(),
+                audio_seconds: 599.6,
+                acked: 300,
+                objects: 300,
+                lost: 3,
+                duplicated: 0,
+                counted_drops: 2,
+                recovery: Some(Duration::from_millis(1_234)),
+                note: "restarted".into(),
+                problems: vec![],
+            },
+            Row {
+                scenario: "x".into(),
+                note: "not shown".into(),
+                problems: vec!["a".into(), "b".into()],
+                ..Row::default()
+            },
+        ];
+        assert_eq!(
+            render(&rows),
+            "| scenario | audio sent | chunks acked | objects | lost | duplicated | counted | recovered in | notes |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n\
+             | kill -9 uploader | 600 s | 300 | 300 | 1 | 0 | 2 | 1.23 s | restarted |\n\
+             | x | 0 s | 0 | 0 | 0 | 0 | 0 | - | FAILED: a; b |\n"
+        );
+    }
+}

@@ -7,17 +7,21 @@
 //! - [`cluster`]: the daemons as separate processes on fixed loopback ports.
 //! - [`up`]: `cargo xtask up`, a cluster with simulated devices.
 //! - [`bench`]: `cargo xtask bench`, figures against same-run baselines.
+//! - [`metrics`]: reading the daemons' Prometheus text (`/metrics`).
 //! - [`deploy_check`]: `cargo xtask deploy-check`, the Kubernetes manifests validated offline.
+//! - [`unused_deps`]: `cargo xtask unused-deps`, every declared dependency used.
 
 pub mod attack;
 pub mod bench;
 pub mod chaos;
 pub mod cluster;
 pub mod deploy_check;
+pub mod metrics;
 pub mod pipeline;
 pub mod pki;
 pub mod report;
 pub mod rogue;
 pub mod s3;
 pub mod sim;
+pub mod unused_deps;
 pub mod up;

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use spillway_ingest::client::Device;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -389,31 +388,19 @@ pub async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-/// A minimal HTTP/1.1 GET (status, body) for the ops endpoints.
+/// An HTTP/1.1 GET of `path` (status, body) for the ops endpoints; no connection is kept.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no HTTP status")?;
-    Ok((status, body.to_owned()))
-}
-
-/// The value of a metric line (exact name and labels) in a Prometheus text body, 0 if absent.
-pub fn metric(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = format!("http://{addr}{path}")
+        .parse()
+        .with_context(|| format!("GET {path}: not a path"))?;
+    let response = client.get(uri).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Ingest configuration for the test pipeline, around a fixed certificate and key.

@@ -42,22 +42,16 @@ struct Faulty {
 /// both pass the check. S3 decides them atomically (one gets `412`), and Spillway's rule that
 /// stored audio is never replaced relies on that, so this store serializes them per key.
 #[derive(Default)]
-struct Writes(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+struct Writes(parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
 impl Writes {
     fn lock(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut locks = self.0.lock();
         Arc::clone(locks.entry(path.to_owned()).or_default())
     }
 
     fn release(&self, path: &str, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut locks = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut locks = self.0.lock();
         drop(lock);
         if locks.get(path).is_some_and(|l| Arc::strong_count(l) == 1) {
             locks.remove(path);

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use spillway_uploader::spool::WhenFull;
 use tokio_util::sync::CancellationToken;
-use xtask::pipeline::{Options, Pipeline, http_get, metric, uploader_config};
+use xtask::metrics::metric;
+use xtask::pipeline::{Options, Pipeline, http_get, uploader_config};
 use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 const LIMIT: Duration = Duration::from_secs(120);

@@ -11,7 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use spillway_ingest::client::Device;
 use spillway_proto::device::{Encoding, ErrorCode, Hello, ServerMessage, server_message::Kind};
-use xtask::pipeline::{Options, Pipeline, metric};
+use xtask::metrics::metric;
+use xtask::pipeline::{Options, Pipeline};
 use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 /// Every test is bounded: a hang is a failure, not a stuck CI job.

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use spillway_proto::uploader::{ChunkId, PutChunkRequest};
-use xtask::pipeline::{Options, Pipeline, metric};
+use xtask::metrics::metric;
+use xtask::pipeline::{Options, Pipeline};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const RATE: u32 = 8_000;

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use xtask::pipeline::{IsolatedUploader, Options, http_get, metric, start_s3, uploader_config};
+use xtask::metrics::metric;
+use xtask::pipeline::{IsolatedUploader, Options, http_get, start_s3, uploader_config};
 use xtask::sim::{DeviceSpec, Progress, run_device, verify_device};
 
 const LIMIT: Duration = Duration::from_secs(120);

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use spillway_ingest::auth::{Keyring, Scope};
 use spillway_ingest::client::Device;
 use spillway_proto::device::{ErrorCode, Hello, ServerMessage, server_message::Kind};
-use xtask::pipeline::{Options, Pipeline, metric};
+use xtask::metrics::metric;
+use xtask::pipeline::{Options, Pipeline};
 use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 const LIMIT: Duration = Duration::from_secs(120);

@@ -212,30 +212,38 @@ pub async fn attack(args: AttackArgs) -> anyhow::Result<()> {
 }
 
 fn render(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "| attack | attempts | attacker achieved | honest audio lost / overwritten | honest ack p99 | ingest peak RSS | uploader peak RSS |\n| --- | ---: | --- | ---: | ---: | ---: | ---: |\n",
-    );
-    for r in rows {
-        let p99 = r
-            .honest_p99
-            .map_or("-".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
-        let problems = if r.problems.is_empty() {
-            String::new()
-        } else {
-            format!(" **problems:** {}", r.problems.join("; "))
-        };
-        out.push_str(&format!(
-            "| {} | {} | {} ({}){problems} | {} | {p99} | {} MiB | {} MiB |\n",
-            r.name,
-            r.attempts,
-            r.achieved,
-            r.what,
-            r.honest_lost + r.honest_duplicated,
-            r.ingest_rss >> 20,
-            r.uploader_rss >> 20,
-        ));
-    }
-    out
+    use crate::report::Align::{Left, Right};
+    let columns = [
+        ("attack", Left),
+        ("attempts", Right),
+        ("attacker achieved", Left),
+        ("honest audio lost / overwritten", Right),
+        ("honest ack p99", Right),
+        ("ingest peak RSS", Right),
+        ("uploader peak RSS", Right),
+    ];
+    crate::report::table(
+        &columns,
+        rows.iter().map(|r| {
+            let p99 = r
+                .honest_p99
+                .map_or("-".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
+            let problems = if r.problems.is_empty() {
+                String::new()
+            } else {
+                format!(" **problems:** {}", r.problems.join("; "))
+            };
+            vec![
+                r.name.clone(),
+                r.attempts.to_string(),
+                format!("{} ({}){problems}", r.achieved, r.what),
+                (r.honest_lost + r.honest_duplicated).to_string(),
+                p99,
+                format!("{} MiB", r.ingest_rss >> 20),
+                format!("{} MiB", r.uploader_rss >> 20),
+            ]
+        }),
+    )
 }
 
 fn honest(
@@ -372,7 +380,7 @@ async fn wait_honest(
             .await
             .unwrap_or_default();
         // The devices are done: everything acknowledged is spooled; empty means uploaded.
-        if crate::pipeline::metric(&body, "spillway_uploader_spool_chunks") == 0.0 {
+        if crate::metrics::metric(&body, "spillway_uploader_spool_chunks") == 0.0 {
             break;
         }
         if Instant::now() > deadline {
@@ -628,5 +636,43 @@ async fn metric_of(addr: SocketAddr, series: &str) -> f64 {
     let (_, body) = crate::pipeline::http_get(addr, "/metrics")
         .await
         .unwrap_or_default();
-    crate::pipeline::metric(&body, series)
+    crate::metrics::metric(&body, series)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Row, render};
+    use std::time::Duration;
+
+    #[test]
+    fn the_table_reads_as_recorded_in_attacks_md() {
+        let rows = [
+            Row {
+                name: "forged token".into(),
+                attempts: 40,
+                achieved: 0,
+                what: "sessions opened".into(),
+                honest_lost: 0,
+                honest_duplicated: 0,
+                honest_p99: Some(Duration::from_micros(12_400)),
+                ingest_rss: (50 << 20) + 5,
+                uploader_rss: 80 << 20,
+                problems: vec![],
+            },
+            Row {
+                name: "y".into(),
+                honest_lost: 1,
+                honest_duplicated: 2,
+                problems: vec!["p1".into()],
+                ..Row::default()
+            },
+        ];
+        assert_eq!(
+            render(&rows),
+            "| attack | attempts | attacker achieved | honest audio lost / overwritten | honest ack p99 | ingest peak RSS | uploader peak RSS |\n\
+             | --- | ---: | --- | ---: | ---: | ---: | ---: |\n\
+             | forged token | 40 | 0 (sessions opened) | 0 | 12 ms | 50 MiB | 80 MiB |\n\
+             | y | 0 | 0 () **problems:** p1 | 3 | - | 0 MiB | 0 MiB |\n"
+        );
+    }
 }

@@ -266,19 +266,7 @@ fn with_goal_step(fixed: &[usize], ceiling: Option<f64>) -> Vec<usize> {
 /// The uploader's commit-latency histogram (`spillway_uploader_commit_seconds`) as (upper bound
 /// in seconds, cumulative count) pairs, `+Inf` last.
 fn commit_buckets(metrics: &str) -> Vec<(f64, f64)> {
-    metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("spillway_uploader_commit_seconds_bucket{le=\""))
-        .filter_map(|l| {
-            let (le, count) = l.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
+    crate::metrics::buckets(metrics, "spillway_uploader_commit_seconds")
 }
 
 /// The smallest bucket bound every commit between two scrapes fell under: `None` when no
@@ -398,7 +386,7 @@ async fn realtime(
             let (mut tx, mut rx) = device.open().await?;
             tx.hello(hello(&format!("rt-{d:05}"))?).await?;
             let total = chunk_bytes * chunks;
-            let ends: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+            let ends: Arc<parking_lot::Mutex<Vec<Instant>>> = Arc::default();
             let reader = {
                 let (ends, acked) = (Arc::clone(&ends), Arc::clone(&acked));
                 tokio::spawn(async move {
@@ -412,11 +400,7 @@ async fn realtime(
                                     (a.end_sample - a.first_sample) * 2,
                                     Ordering::Relaxed,
                                 );
-                                let end = ends
-                                    .lock()
-                                    .map_err(|_| anyhow::anyhow!("poisoned"))?
-                                    .get(a.seq as usize)
-                                    .copied();
+                                let end = ends.lock().get(a.seq as usize).copied();
                                 if let Some(end) = end {
                                     latencies.push(now.saturating_duration_since(end));
                                 }
@@ -443,9 +427,7 @@ async fn realtime(
                 written += frame.len() as u64;
                 if written.is_multiple_of(chunk_bytes) {
                     // Stamped as the chunk's last byte leaves (before the ack can come back).
-                    ends.lock()
-                        .map_err(|_| anyhow::anyhow!("poisoned"))?
-                        .push(Instant::now());
+                    ends.lock().push(Instant::now());
                 }
                 tx.audio(frame.clone()).await?;
                 sent.fetch_add(frame.len() as u64, Ordering::Relaxed);

@@ -313,7 +313,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let text = format!(
             "Produced by `{command}` on {} ({}).\n\n{table}\n",
             results.machine,
-            chrono_free_date()
+            today()
         );
         // A slow-disk or insecure run has a table of its own beside the default one.
         let (begin, end) = match args.disk_mb_s {
@@ -333,15 +333,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         crate::report::write_between_markers(path, &begin, &end, &text)?;
         // The plot in the docs is the default run's.
         if !results.sweep.is_empty() && args.disk_mb_s.is_none() && !args.insecure {
-            let png = path
+            let svg = path
                 .parent()
                 .unwrap_or(Path::new("."))
-                .join("docs/bench-workers.png");
-            if let Some(parent) = png.parent() {
+                .join("docs/bench-workers.svg");
+            if let Some(parent) = svg.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::copy(out.join("workers.png"), &png)
-                .with_context(|| format!("copying the plot to {}", png.display()))?;
+            std::fs::copy(out.join("workers.svg"), &svg)
+                .with_context(|| format!("copying the plot to {}", svg.display()))?;
         }
     }
     std::fs::remove_dir_all(&env.store_dir).ok();
@@ -353,10 +353,17 @@ const BEGIN: &str = "<!-- bench:begin (written by cargo xtask bench --record) --
 const END: &str = "<!-- bench:end -->";
 
 fn render(rows: &[Row]) -> String {
-    let mut t = String::from(
-        "| # | measured | Spillway | baseline | ratio | goal | met | notes |\n\
-         | --- | --- | ---: | ---: | ---: | --- | --- | --- |\n",
-    );
+    use crate::report::Align::{Left, Right};
+    let columns = [
+        ("#", Left),
+        ("measured", Left),
+        ("Spillway", Right),
+        ("baseline", Right),
+        ("ratio", Right),
+        ("goal", Left),
+        ("met", Left),
+        ("notes", Left),
+    ];
     let num = |v: f64| {
         if v.abs() >= 100.0 {
             format!("{v:.0}")
@@ -366,26 +373,27 @@ fn render(rows: &[Row]) -> String {
             format!("{v:.2}")
         }
     };
-    for r in rows {
-        t.push_str(&format!(
-            "| {} | {} | {} {} | {} | {} | {} | {} | {} |\n",
-            r.id,
-            r.what,
-            num(r.spillway),
-            r.unit,
-            r.baseline
-                .map_or_else(|| "-".into(), |b| format!("{} {}", num(b), r.unit)),
-            r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.2}")),
-            r.goal,
-            match r.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "-",
-            },
-            r.note
-        ));
-    }
-    t
+    crate::report::table(
+        &columns,
+        rows.iter().map(|r| {
+            vec![
+                r.id.clone(),
+                r.what.clone(),
+                format!("{} {}", num(r.spillway), r.unit),
+                r.baseline
+                    .map_or_else(|| "-".into(), |b| format!("{} {}", num(b), r.unit)),
+                r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.2}")),
+                r.goal.clone(),
+                match r.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "-",
+                }
+                .to_owned(),
+                r.note.clone(),
+            ]
+        }),
+    )
 }
 
 /// Cores, memory and the disk under the state directory, as the run saw them.
@@ -413,15 +421,19 @@ fn machine() -> String {
     format!("{cores} cores ({model}), {mem} memory")
 }
 
-/// Today's date (UTC) without a date crate: from `date -u`, or the Unix time.
-fn chrono_free_date() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+/// Today's date (UTC), `YYYY-MM-DD`: the date part of humantime's RFC 3339 form of now (empty
+/// for a clock before 1970 or after 9999, which that form cannot write).
+fn today() -> String {
+    use std::fmt::Write as _;
+    let now = std::time::SystemTime::now();
+    let mut date = String::new();
+    if now.duration_since(std::time::UNIX_EPOCH).is_err()
+        || write!(date, "{}", humantime::format_rfc3339_seconds(now)).is_err()
+    {
+        return String::new();
+    }
+    date.truncate("YYYY-MM-DD".len());
+    date
 }
 
 /// The embedded store as its own process, its objects under `root`.
@@ -555,7 +567,7 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::wanted;
+    use super::{Row, render, today, wanted};
 
     #[test]
     fn only_selects_every_group_any_of_its_names_matches() {
@@ -566,5 +578,56 @@ mod tests {
         assert!(wanted(&two, "spool") && wanted(&two, "ingest"));
         // A substring: `o` names store and spool, not ingest.
         assert!(wanted(&only(&["o"]), "store") && !wanted(&only(&["o"]), "ingest"));
+    }
+
+    #[test]
+    fn today_is_the_utc_date_date_prints() {
+        let date_u = || {
+            std::process::Command::new("date")
+                .args(["-u", "+%Y-%m-%d"])
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_owned())
+        };
+        let (before, ours, after) = (date_u(), today(), date_u());
+        assert_eq!(ours.len(), 10, "{ours}");
+        assert!(ours.char_indices().all(|(i, c)| if i == 4 || i == 7 {
+            c == '-'
+        } else {
+            c.is_ascii_digit()
+        }));
+        // (Unless `date` is missing, or midnight passed in between.)
+        if before.is_some() && before == after {
+            assert_eq!(Some(ours), before);
+        }
+    }
+
+    #[test]
+    fn the_table_reads_as_recorded_in_benchmarks_md() {
+        let row = |id: &str, spillway, baseline, ratio, met, note: &str| Row {
+            id: id.into(),
+            what: format!("row {id}"),
+            unit: "MB/s".into(),
+            spillway,
+            baseline,
+            ratio,
+            goal: ">= 1x".into(),
+            met,
+            note: note.into(),
+        };
+        let rows = [
+            row("1", 123.456, Some(12.34), Some(10.0), Some(true), "n"),
+            row("2", 1.5, None, None, Some(false), ""),
+            row("3a", -250.0, Some(0.004), Some(0.125), None, "x | y"),
+        ];
+        assert_eq!(
+            render(&rows),
+            "| # | measured | Spillway | baseline | ratio | goal | met | notes |\n\
+             | --- | --- | ---: | ---: | ---: | --- | --- | --- |\n\
+             | 1 | row 1 | 123 MB/s | 12.3 MB/s | 10.00 | >= 1x | yes | n |\n\
+             | 2 | row 2 | 1.50 MB/s | - | - | >= 1x | **no** |  |\n\
+             | 3a | row 3a | -250 MB/s | 0.00 MB/s | 0.12 | >= 1x | - | x | y |\n"
+        );
     }
 }

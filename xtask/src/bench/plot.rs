@@ -1,5 +1,5 @@
-//! The worker-sweep plot: drawn as SVG by `plotters`, rasterized to PNG by `resvg` (text in the
-//! system's sans-serif font; without one, the PNG has the lines but no labels).
+//! The worker-sweep plot, drawn as SVG by `plotters` (its text is left to the viewer's
+//! sans-serif font).
 
 use std::path::Path;
 
@@ -9,7 +9,7 @@ use plotters::prelude::*;
 /// Plots Spillway's drain and the raw `PutObject` loop against the number of workers, with the
 /// adaptive pool's throughput as a horizontal line.
 pub fn workers(
-    png: &Path,
+    svg_path: &Path,
     latency_ms: u128,
     sweep: &[(usize, f64, f64)],
     auto: Option<f64>,
@@ -83,48 +83,9 @@ pub fn workers(
             .map_err(draw)?;
         root.present().map_err(draw)?;
     }
-    rasterize(&svg, png)
+    std::fs::write(svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))
 }
 
 fn draw<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing the plot: {e:?}")
-}
-
-fn rasterize(svg: &str, png: &Path) -> anyhow::Result<()> {
-    let mut options = resvg::usvg::Options::default();
-    let fonts = std::sync::Arc::make_mut(&mut options.fontdb);
-    fonts.load_system_fonts();
-    // "sans-serif" must name a family that is there: the first of these, else any.
-    let have = |name: &str| {
-        fonts
-            .faces()
-            .any(|f| f.families.iter().any(|(family, _)| family == name))
-    };
-    let family = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "FreeSans"]
-        .into_iter()
-        .find(|f| have(f))
-        .map(str::to_owned)
-        .or_else(|| {
-            fonts
-                .faces()
-                .next()
-                .and_then(|f| f.families.first().map(|(n, _)| n.clone()))
-        });
-    match family {
-        Some(family) => fonts.set_sans_serif_family(family),
-        None => eprintln!("   no system font: the plot has no labels (install fonts-dejavu-core)"),
-    }
-    let tree = resvg::usvg::Tree::from_str(svg, &options).context("parsing the plot's SVG")?;
-    let size = tree.size().to_int_size();
-    let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height())
-        .context("allocating the plot's pixels")?;
-    pixmap.fill(resvg::tiny_skia::Color::WHITE);
-    resvg::render(
-        &tree,
-        resvg::tiny_skia::Transform::default(),
-        &mut pixmap.as_mut(),
-    );
-    pixmap
-        .save_png(png)
-        .with_context(|| format!("writing {}", png.display()))
 }

@@ -15,7 +15,8 @@ use spillway_proto::uploader::{ChunkId, PutChunkRequest};
 use super::store::{CHUNK_BYTES, CHUNK_SAMPLES, base_pcm, chunk_pcm, claim};
 use super::{Env, MB, MIB, Results, Row, StoreProc, rss, uploader};
 use crate::cluster::free_tcp;
-use crate::pipeline::{http_get, metric};
+use crate::metrics::metric;
+use crate::pipeline::http_get;
 
 /// Concurrent clients committing chunks, and of the baseline's appenders.
 const CLIENTS: usize = 8;

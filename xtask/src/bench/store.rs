@@ -327,9 +327,9 @@ pub async fn run(env: &Env, results: &mut Results, out: &Path) -> anyhow::Result
     drop(store);
     std::fs::remove_dir_all(&spool).ok();
 
-    let png = out.join("workers.png");
-    super::plot::workers(&png, ms, &results.sweep, results.auto.map(|a| a.0))
-        .with_context(|| format!("plotting {}", png.display()))?;
-    eprintln!("   plot: {}", png.display());
+    let svg = out.join("workers.svg");
+    super::plot::workers(&svg, ms, &results.sweep, results.auto.map(|a| a.0))
+        .with_context(|| format!("plotting {}", svg.display()))?;
+    eprintln!("   plot: {}", svg.display());
     Ok(())
 }

@@ -46,14 +46,7 @@ pub(super) fn exposed_metrics() -> Result<BTreeSet<String>> {
         prometheus_client::encoding::text::encode(&mut text, registry)
             .map_err(|e| anyhow!("encoding the {daemon} metrics: {e}"))?;
         let mut families = BTreeSet::new();
-        for line in text.lines() {
-            let mut words = line.split_whitespace();
-            if (words.next(), words.next()) != (Some("#"), Some("TYPE")) {
-                continue;
-            }
-            let (Some(name), Some(kind)) = (words.next(), words.next()) else {
-                continue;
-            };
+        for (name, kind) in crate::metrics::families(&text) {
             families.insert(name.to_owned());
             let suffixes: &[&str] = match kind {
                 "counter" => &["_total"],
