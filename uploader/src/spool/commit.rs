@@ -61,7 +61,7 @@ impl Spool {
     /// commit evicts instead). A put of an id already spooled may supersede its record, whose
     /// bytes it frees: left to the commit.
     fn precheck(&self, id: &[u8], need: u64) -> Result<(), SpoolError> {
-        let room = crate::disk::Room::of(&self.records)?;
+        let room = self.fs.room(&self.records)?;
         if !room.fits(need) {
             return Err(SpoolError::DiskFull {
                 free_bytes: room.free_bytes,
@@ -85,7 +85,7 @@ impl Spool {
 
     /// Makes the directory entries of `records/` durable (links and deletions alike).
     fn sync_records_dir(&self) -> Result<(), SpoolError> {
-        std::fs::File::open(&self.records)?.sync_all()?;
+        self.fs.sync_dir(&self.records)?;
         Ok(())
     }
 
@@ -181,12 +181,12 @@ impl Spool {
         for p in batch {
             match self.link(&p.record, &p.id, &p.tmp, p.need) {
                 Ok(Linked::Done(c)) => {
-                    let _ = std::fs::remove_file(&p.tmp);
+                    let _ = self.fs.remove_file(&p.tmp);
                     answers.push((p.done, Ok(c)));
                 }
                 Ok(Linked::At { pos, supersedes }) => linked.push((p, pos, supersedes)),
                 Err(e) => {
-                    let _ = std::fs::remove_file(&p.tmp);
+                    let _ = self.fs.remove_file(&p.tmp);
                     answers.push((p.done, Err(e)));
                 }
             }
@@ -226,7 +226,7 @@ impl Spool {
                         // over the longer one. (A crash before this leaves it an orphan, which
                         // reconcile compares and discards.)
                         superseded_any = true;
-                        ignore_missing(std::fs::remove_file(self.record_path(old)))?;
+                        ignore_missing(self.fs.remove_file(&self.record_path(old)))?;
                         Ok(Committed::Extended)
                     }
                     None => Ok(Committed::Stored),
@@ -300,8 +300,8 @@ impl Spool {
         self.next_pos.store(pos + 1, Ordering::Release);
         // A hard link cannot replace an existing file: a position clash fails loudly instead
         // of overwriting a spooled chunk.
-        std::fs::hard_link(tmp, self.record_path(pos))?;
-        let _ = std::fs::remove_file(tmp);
+        self.fs.hard_link(tmp, &self.record_path(pos))?;
+        let _ = self.fs.remove_file(tmp);
         // Reserved now, so the next put of the batch sees these bytes taken.
         self.used.fetch_add(need, Ordering::AcqRel);
         self.count.fetch_add(1, Ordering::AcqRel);

@@ -1,5 +1,7 @@
 //! The sled side of the spool: the keys and values of its three trees, opening the database,
-//! and installing a committed record's entries.
+//! and installing a committed record's entries. sled does its own file I/O (its `conf`, `db`
+//! and `blobs/` under `index/`, a flusher thread every 500 ms, a flush on drop): none of it
+//! goes through [`super::fs::Filesystem`].
 
 use std::convert::Infallible;
 use std::path::Path;

@@ -34,6 +34,7 @@
 //!   eviction.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -55,6 +56,7 @@ use commit::Pending;
 pub use common::{
     Committed, Dropped, Limits, OnDrop, Reconciled, SpoolError, WhenFull, default_max_chunks,
 };
+use fs::Filesystem;
 use index::position_of;
 pub use read::{Loaded, Queued};
 pub use record::{Record, Spooled};
@@ -79,6 +81,8 @@ pub struct Spool {
     tmp_seq: AtomicU64,
     /// No position below this is handed out (changed only under the writer lock).
     next_pos: AtomicU64,
+    /// Every operation on record files and their directories (sled's files excepted).
+    fs: Arc<dyn Filesystem>,
     /// The exclusive lock on `dir/lock`, held for the spool's life (declared last: released
     /// after sled has closed).
     _owner: std::fs::File,
@@ -125,7 +129,7 @@ impl Spool {
         let Some(pos) = self.chunks.first()?.and_then(|(k, _)| position_of(&k)) else {
             return Ok(None);
         };
-        match std::fs::metadata(self.record_path(pos)).and_then(|m| m.modified()) {
+        match self.fs.modified(&self.record_path(pos)) {
             Ok(written) => Ok(Some(now.duration_since(written).unwrap_or_default())),
             // Uploaded (or quarantined) meanwhile: the next reading sees the next oldest.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

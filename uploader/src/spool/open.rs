@@ -2,12 +2,13 @@
 //! index, and the size and position floor read from the index and the file names alone.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::fs::ignore_missing;
+use super::fs::{Filesystem, StdFs, ignore_missing};
 use super::index::{open_index, parse_meta, position_of};
 use super::{Limits, Spool, SpoolError};
 
@@ -15,6 +16,16 @@ impl Spool {
     /// Opens (or creates) the spool in `dir` and sizes what it already holds from the index
     /// alone, never reading the audio: start-up time does not grow with the backlog's bytes.
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, SpoolError> {
+        Self::open_with(dir, limits, Arc::new(StdFs))
+    }
+
+    /// [`Spool::open`] with its record files and directories on `fs` (tests pass one that
+    /// injects faults; sled's own files under `index/` never go through it).
+    pub(crate) fn open_with(
+        dir: &Path,
+        limits: Limits,
+        fs: Arc<dyn Filesystem>,
+    ) -> Result<Self, SpoolError> {
         let started = Instant::now();
         std::fs::create_dir_all(dir)?;
         // Our own lock, taken before sled's: a second owner is told so plainly, and a spool in
@@ -38,7 +49,7 @@ impl Spool {
         // Holding the lock, no one else writes here: every temporary file is a put that never
         // committed (a crash, or a write that failed), whatever process made it. In a
         // container the pid is the same at every start, so none is spared for its name.
-        let stale = remove_temporaries(&records)?;
+        let stale = remove_temporaries(fs.as_ref(), &records)?;
         if stale > 0 {
             tracing::info!(
                 stale,
@@ -67,7 +78,7 @@ impl Spool {
         }
         // Positions are never handed out twice, even by an index rebuilt from nothing: start
         // above every position a record file or the index already uses.
-        let floor = highest_record_position(&records)?
+        let floor = highest_record_position(fs.as_ref(), &records)?
             .max(chunks.last()?.and_then(|(k, _)| position_of(&k)))
             .map_or(0, |p| p + 1);
         tracing::debug!(count, used, floor, elapsed = ?started.elapsed(), "spool sized from its index");
@@ -86,18 +97,18 @@ impl Spool {
             committed: Notify::new(),
             tmp_seq: AtomicU64::new(0),
             next_pos: AtomicU64::new(floor),
+            fs,
             _owner: owner,
         })
     }
 }
 
 /// Deletes every `tmp-*` file in `records`; returns how many there were.
-fn remove_temporaries(records: &Path) -> std::io::Result<usize> {
+fn remove_temporaries(fs: &dyn Filesystem, records: &Path) -> std::io::Result<usize> {
     let mut n = 0;
-    for entry in std::fs::read_dir(records)? {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with("tmp-") {
-            ignore_missing(std::fs::remove_file(entry.path()))?;
+    for name in fs.read_dir_names(records)? {
+        if name.to_string_lossy().starts_with("tmp-") {
+            ignore_missing(fs.remove_file(&records.join(name)))?;
             n += 1;
         }
     }
@@ -105,10 +116,9 @@ fn remove_temporaries(records: &Path) -> std::io::Result<usize> {
 }
 
 /// The highest position named by a record file in `records`.
-fn highest_record_position(records: &Path) -> std::io::Result<Option<u64>> {
+fn highest_record_position(fs: &dyn Filesystem, records: &Path) -> std::io::Result<Option<u64>> {
     let mut highest = None;
-    for entry in std::fs::read_dir(records)? {
-        let name = entry?.file_name();
+    for name in fs.read_dir_names(records)? {
         let pos = name
             .to_str()
             .and_then(|n| n.strip_suffix(".rec"))

@@ -48,7 +48,8 @@ impl Spool {
                 continue;
             };
             let id = meta.index_key();
-            if !self.record_path(pos).exists() {
+            // As `Path::exists`: a file that cannot be looked up counts as gone.
+            if !self.fs.try_exists(&self.record_path(pos)).unwrap_or(false) {
                 self.quarantine.insert(&key, value.as_ref())?;
                 if self.forget(&key, &id)? {
                     sub(&self.used, size);
@@ -64,15 +65,12 @@ impl Spool {
         }
         // 3. Record files the index does not name: adopt the valid ones.
         let me = format!("tmp-{}-", std::process::id());
-        for entry in std::fs::read_dir(&self.records)? {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for name in self.fs.read_dir_names(&self.records)? {
+            let path = self.records.join(&name);
+            let name = name.to_string_lossy();
             if name.starts_with("tmp-") {
                 if !name.starts_with(&me) {
-                    ignore_missing(std::fs::remove_file(&path))?;
+                    ignore_missing(self.fs.remove_file(&path))?;
                 }
                 continue;
             }
@@ -95,13 +93,15 @@ impl Spool {
     /// progress, whose file is named before its index entry, is never mistaken for one).
     fn adopt(&self, pos: u64, path: &Path, found: &mut Reconciled) -> Result<(), SpoolError> {
         let _writer = self.lock();
-        if self.chunks.contains_key(position_key(pos))? || !path.exists() {
+        if self.chunks.contains_key(position_key(pos))?
+            || !self.fs.try_exists(path).unwrap_or(false)
+        {
             return Ok(());
         }
-        let bytes = std::fs::read(path)?;
+        let bytes = self.fs.read(path, 0)?;
         let Some(record) = Record::decode(bytes.as_slice()).ok().filter(Record::sound) else {
             tracing::error!(pos, "unindexed spool file fails its checks; quarantined");
-            ignore_missing(std::fs::rename(path, self.quarantine_path(pos)))?;
+            ignore_missing(self.fs.rename(path, &self.quarantine_path(pos)))?;
             found.quarantined += 1;
             return Ok(());
         };
@@ -116,7 +116,7 @@ impl Spool {
                 // The indexed record is the same, longer, or different: this file is a
                 // leftover (a superseded piece, or an upload whose deletion was cut short).
                 Existing::Same | Existing::Covers | Existing::Differs(_) => {
-                    ignore_missing(std::fs::remove_file(path))?;
+                    ignore_missing(self.fs.remove_file(path))?;
                     return Ok(());
                 }
             }
@@ -131,7 +131,7 @@ impl Spool {
             false,
         )?;
         if let Some((old, _)) = supersedes {
-            ignore_missing(std::fs::remove_file(self.record_path(old)))?;
+            ignore_missing(self.fs.remove_file(&self.record_path(old)))?;
         }
         tracing::warn!(pos, uid = %record.uid, session = %record.session, seq = record.seq,
             "adopted a spooled chunk the index had lost");

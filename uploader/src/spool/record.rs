@@ -2,13 +2,14 @@
 //! `records/`, written whole to a temporary file and synced before it is linked in, and read
 //! back (with room in front for the WAV header) as a [`Spooled`].
 
-use std::io::Write as _;
+use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use prost::Message;
 
+use super::fs::Filesystem;
 use super::{Spool, SpoolError};
 
 /// `Record.pcm`'s field number: the last, so the PCM ends every record file.
@@ -169,12 +170,14 @@ impl Spool {
     pub(super) fn write_tmp(&self, head: &[u8], tail: &[u8]) -> Result<PathBuf, SpoolError> {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.records.join(format!("tmp-{}-{n}", std::process::id()));
-        let written = write_synced(&path, head, tail);
-        if written.is_err() {
-            // A failed write (a full disk, an I/O error) leaves nothing behind.
-            let _ = std::fs::remove_file(&path);
+        match write_synced(self.fs.as_ref(), &path, head, tail) {
+            Ok(()) => Ok(path),
+            Err(e) => {
+                // A failed write (a full disk, an I/O error) leaves nothing behind.
+                let _ = self.fs.remove_file(&path);
+                Err(e.into())
+            }
         }
-        written.map(|()| path)
     }
 
     /// Reads and checks the record file at `pos` against its metadata. `None` when the file
@@ -184,17 +187,16 @@ impl Spool {
         pos: u64,
         meta: &Record,
     ) -> Result<Option<Spooled>, SpoolError> {
-        let mut file = match std::fs::File::open(self.record_path(pos)) {
-            Ok(f) => f,
+        // One read into a buffer with room in front for the WAV header: the PCM is decoded as
+        // a view of it and the object's body is laid out around it, with no copy of the audio.
+        let buf = match self
+            .fs
+            .read(&self.record_path(pos), crate::object::WAV_HEADROOM)
+        {
+            Ok(buf) => buf,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        // One read into a buffer with room in front for the WAV header: the PCM is decoded as
-        // a view of it and the object's body is laid out around it, with no copy of the audio.
-        let size = usize::try_from(file.metadata()?.len()).unwrap_or(0);
-        let mut buf = Vec::with_capacity(crate::object::WAV_HEADROOM + size);
-        buf.resize(crate::object::WAV_HEADROOM, 0);
-        std::io::Read::read_to_end(&mut file, &mut buf)?;
         Ok(Spooled::decode(buf).filter(|s| {
             let r = &s.record;
             r.sound()
@@ -207,18 +209,17 @@ impl Spool {
 
 /// Creates `path`, writes `head` then `tail` to it, retrying short writes and interrupted
 /// calls, and syncs its data.
-fn write_synced(path: &Path, head: &[u8], tail: &[u8]) -> Result<(), SpoolError> {
-    let mut f = std::fs::File::create(path)?;
-    let mut parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(tail)];
+fn write_synced(fs: &dyn Filesystem, path: &Path, head: &[u8], tail: &[u8]) -> std::io::Result<()> {
+    let mut f = fs.create(path)?;
+    let mut parts = [IoSlice::new(head), IoSlice::new(tail)];
     let mut left = &mut parts[..];
     while !left.is_empty() {
         match f.write_vectored(left) {
-            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
-            Ok(n) => std::io::IoSlice::advance_slices(&mut left, n),
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+            Ok(n) => IoSlice::advance_slices(&mut left, n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
-    f.sync_data()?;
-    Ok(())
+    f.sync_data()
 }

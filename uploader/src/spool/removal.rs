@@ -38,7 +38,7 @@ impl Spool {
             sub(&self.count, 1);
         }
         if let Some(pos) = position_of(&key) {
-            ignore_missing(std::fs::remove_file(self.record_path(pos)))?;
+            ignore_missing(self.fs.remove_file(&self.record_path(pos)))?;
         }
         let dropped = Dropped {
             uid: meta.uid,
@@ -66,7 +66,7 @@ impl Spool {
             sub(&self.used, size);
             sub(&self.count, 1);
         }
-        ignore_missing(std::fs::remove_file(self.record_path(pos)))?;
+        ignore_missing(self.fs.remove_file(&self.record_path(pos)))?;
         Ok(())
     }
 
@@ -96,10 +96,10 @@ impl Spool {
             sub(&self.count, 1);
         }
         if let Some(pos) = position_of(key) {
-            ignore_missing(std::fs::rename(
-                self.record_path(pos),
-                self.quarantine_path(pos),
-            ))?;
+            ignore_missing(
+                self.fs
+                    .rename(&self.record_path(pos), &self.quarantine_path(pos)),
+            )?;
         }
         Ok(true)
     }
