@@ -1,4 +1,5 @@
-//! The spool's tests: examples of each behaviour (`basic`, `bounds`, `damage`).
+//! The spool's tests: examples of each behaviour (`basic`, `bounds`, `damage`), and
+//! filesystem faults (`faults`) on the fault-injecting filesystem of `fault_fs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,6 +13,8 @@ use super::*;
 mod basic;
 mod bounds;
 mod damage;
+mod fault_fs;
+mod faults;
 
 /// A record of chunk `seq` (60 s chunks at 8 kHz, as `PutChunk` would accept it).
 fn record(seq: u64, pcm: &[u8]) -> Record {
