@@ -300,7 +300,9 @@ impl Spool {
         self.next_pos.store(pos + 1, Ordering::Release);
         // A hard link cannot replace an existing file: a position clash fails loudly instead
         // of overwriting a spooled chunk.
-        self.fs.hard_link(tmp, &self.record_path(pos))?;
+        self.fs
+            .hard_link(tmp, &self.record_path(pos))
+            .map_err(|e| self.write_error(e))?;
         let _ = self.fs.remove_file(tmp);
         // Reserved now, so the next put of the batch sees these bytes taken.
         self.used.fetch_add(need, Ordering::AcqRel);

@@ -86,8 +86,9 @@ pub enum SpoolError {
     Full { used: u64, max: u64, need: u64 },
     #[error("spool full: it holds its most records ({max})")]
     TooManyChunks { max: u64 },
-    /// The spool's filesystem is below its reserves ([`crate::disk::Room::fits`]): refused
-    /// before anything is written.
+    /// The spool's filesystem is below its reserves ([`crate::disk::Room::fits`]), so the put
+    /// was refused before anything was written; or writing or linking its record file ran out
+    /// of space (ENOSPC). The figures are read when refused.
     #[error(
         "the spool's disk is nearly full: {free_bytes} bytes and {free_inodes:?} inodes free; a put must leave {} bytes and {} inodes",
         crate::disk::RESERVE_BYTES,

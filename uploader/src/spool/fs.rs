@@ -116,3 +116,9 @@ pub(super) fn ignore_missing(r: std::io::Result<()>) -> std::io::Result<()> {
         other => other,
     }
 }
+
+/// True for "no space left on device" (ENOSPC, raw OS error 28 on Linux): a full disk, which
+/// the spool reports as [`super::SpoolError::DiskFull`] rather than as an I/O failure.
+pub(super) fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+}

@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use prost::Message;
 
-use super::fs::Filesystem;
+use super::fs::{Filesystem, is_disk_full};
 use super::{Spool, SpoolError};
+use crate::disk::Room;
 
 /// `Record.pcm`'s field number: the last, so the PCM ends every record file.
 const PCM_FIELD: u32 = 8;
@@ -166,7 +167,8 @@ fn same_id(a: &Record, b: &Record) -> bool {
 
 impl Spool {
     /// Writes `head` then `tail` to a new temporary file in `records/` (one vectored write
-    /// where the kernel takes both) and syncs it.
+    /// where the kernel takes both) and syncs it. A write that runs out of space is
+    /// [`SpoolError::DiskFull`].
     pub(super) fn write_tmp(&self, head: &[u8], tail: &[u8]) -> Result<PathBuf, SpoolError> {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.records.join(format!("tmp-{}-{n}", std::process::id()));
@@ -175,8 +177,24 @@ impl Spool {
             Err(e) => {
                 // A failed write (a full disk, an I/O error) leaves nothing behind.
                 let _ = self.fs.remove_file(&path);
-                Err(e.into())
+                Err(self.write_error(e))
             }
+        }
+    }
+
+    /// The error for a failed write of a record file: [`SpoolError::DiskFull`] when the disk
+    /// ran out of space (ENOSPC), with the room left as read now; else [`SpoolError::Io`].
+    pub(super) fn write_error(&self, e: std::io::Error) -> SpoolError {
+        if !is_disk_full(&e) {
+            return e.into();
+        }
+        let room = self.fs.room(&self.records).unwrap_or(Room {
+            free_bytes: 0,
+            free_inodes: None,
+        });
+        SpoolError::DiskFull {
+            free_bytes: room.free_bytes,
+            free_inodes: room.free_inodes,
         }
     }
 

@@ -77,17 +77,18 @@ async fn a_failed_write_or_sync_fails_the_put_and_leaves_nothing() {
     }
 }
 
-/// Out of space while the record is written (ENOSPC on create, write or sync): the put fails
-/// and leaves nothing behind.
+/// Out of space while the record is written or linked (ENOSPC on create, write, sync or link):
+/// the put is refused `DiskFull` (`RESOURCE_EXHAUSTED` `disk_full` at the service: ingest holds
+/// the chunk and retries) and leaves nothing behind.
 #[tokio::test]
-async fn a_disk_that_runs_out_while_a_record_is_written_fails_the_put() {
+async fn a_disk_that_runs_out_while_a_record_is_written_refuses_the_put_disk_full() {
     for op in [Op::Create, Op::Write, Op::SyncData, Op::HardLink] {
         let dir = tempfile::tempdir().unwrap();
         let fs = FaultFs::default();
         let spool = spool_on(dir.path(), &fs);
         fs.fail_next(op, Fault::Enospc);
         let err = spool.commit(&record(0, &[1; 100])).await.unwrap_err();
-        assert!(matches!(err, SpoolError::Io(_)), "{op:?}: {err}");
+        assert!(matches!(err, SpoolError::DiskFull { .. }), "{op:?}: {err}");
         assert_eq!(names(dir.path()), Vec::<String>::new(), "{op:?}");
         assert_eq!((spool.len(), spool.used_bytes()), (0, 0));
     }
