@@ -1,5 +1,6 @@
-//! The spool's tests: examples of each behaviour (`basic`, `bounds`, `damage`), and
-//! filesystem faults (`faults`) on the fault-injecting filesystem of `fault_fs`.
+//! The spool's tests: examples of each behaviour (`basic`, `bounds`, `damage`), filesystem
+//! faults (`faults`) on the fault-injecting filesystem of `fault_fs`, and the model-based test
+//! (`model`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -15,6 +16,7 @@ mod bounds;
 mod damage;
 mod fault_fs;
 mod faults;
+mod model;
 
 /// A record of chunk `seq` (60 s chunks at 8 kHz, as `PutChunk` would accept it).
 fn record(seq: u64, pcm: &[u8]) -> Record {
