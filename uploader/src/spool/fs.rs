@@ -1,6 +1,6 @@
 //! The filesystem seam: every operation the spool performs on record files and on the
 //! `records/` and `quarantine/` directories, behind a small trait, so tests can put a
-//! fault-injecting implementation where production uses [`StdFs`].
+//! fault-injecting implementation (`tests/fault_fs.rs`) where production uses [`StdFs`].
 //!
 //! Outside the trait on purpose: creating the spool's directories and taking its owner lock
 //! (one-time setup at open, and the lock must keep real `flock` semantics), and sled, which
