@@ -10,7 +10,7 @@ use std::sync::mpsc::SyncSender;
 use super::fs::ignore_missing;
 use super::index::{parse_index, position_key};
 use super::read::Existing;
-use super::{Committed, Record, Spool, SpoolError, WhenFull, lock_ignoring_poison, sub};
+use super::{Committed, Record, Spool, SpoolError, WhenFull, sub};
 
 /// A put waiting in the group-commit queue.
 #[derive(Debug)]
@@ -108,7 +108,7 @@ impl Spool {
         // write their files in parallel.
         let tmp = self.write_tmp(&fields, &record.pcm)?;
         let (done, outcome) = std::sync::mpsc::sync_channel(1);
-        lock_ignoring_poison(&self.queue).push(Pending {
+        self.queue.lock().push(Pending {
             record: record.clone(),
             id,
             tmp,
@@ -158,7 +158,7 @@ impl Spool {
     /// The queued puts, but never two with one id: a later one waits for the next batch, so it
     /// sees the first one's index entry.
     fn take_batch(&self) -> Vec<Pending> {
-        let mut queue = lock_ignoring_poison(&self.queue);
+        let mut queue = self.queue.lock();
         let mut batch: Vec<Pending> = Vec::with_capacity(queue.len());
         let mut later = Vec::new();
         for p in queue.drain(..) {

@@ -185,9 +185,9 @@ pub struct Spool {
     limits: Limits,
     used: AtomicU64,
     count: AtomicU64,
-    writer: std::sync::Mutex<()>,
+    writer: parking_lot::Mutex<()>,
     /// Commits waiting for a leader to write them (group commit, see [`Spool::commit`]).
-    queue: std::sync::Mutex<Vec<Pending>>,
+    queue: parking_lot::Mutex<Vec<Pending>>,
     committed: Notify,
     tmp_seq: AtomicU64,
     /// No position below this is handed out (changed only under the writer lock).
@@ -197,12 +197,6 @@ pub struct Spool {
     /// The exclusive lock on `dir/lock`, held for the spool's life (declared last: released
     /// after sled has closed).
     _owner: std::fs::File,
-}
-
-/// Locks `m` even if a thread panicked while holding it: every state the spool and the drain
-/// guard with a mutex stays consistent across a panic (counters and maps updated in one step).
-pub(crate) fn lock_ignoring_poison<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Subtracts without wrapping: a counter that would go below zero stops at zero.
@@ -260,8 +254,8 @@ impl Spool {
 
     /// The writer lock: linking and installing a batch, evictions, quarantines and
     /// `reconcile`'s repairs take it, one at a time.
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        lock_ignoring_poison(&self.writer)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.writer.lock()
     }
 
     /// Completes after the next commit that stored something new (or at once if one happened

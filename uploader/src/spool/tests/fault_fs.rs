@@ -16,12 +16,13 @@
 use std::ffi::OsString;
 use std::io::{IoSlice, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::SystemTime;
 
 use crate::disk::Room;
 use crate::spool::fs::{Filesystem, StdFs, WriteFile};
-use crate::spool::lock_ignoring_poison;
 
 /// The operations of [`Filesystem`] (and [`WriteFile`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,23 +94,23 @@ pub(crate) struct FaultFs {
 impl FaultFs {
     /// Arms `fault` for the next `op` (after any armed before it for the same op).
     pub(crate) fn fail_next(&self, op: Op, fault: Fault) {
-        lock_ignoring_poison(&self.state).armed.push((op, fault));
+        self.state.lock().armed.push((op, fault));
     }
 
     /// Performs the next `n` operations, then refuses every later one with EIO.
     pub(crate) fn crash_after(&self, n: usize) {
-        lock_ignoring_poison(&self.state).crash_in = Some(n);
+        self.state.lock().crash_in = Some(n);
     }
 
     /// True once the crash point was reached (an operation was refused for it).
     pub(crate) fn crashed(&self) -> bool {
-        lock_ignoring_poison(&self.state).crashed
+        self.state.lock().crashed
     }
 
     /// Forgets the crash point and every armed fault (as a restarted process would find the
     /// disk); the room override stays: a full disk is still full.
     pub(crate) fn heal(&self) {
-        let mut s = lock_ignoring_poison(&self.state);
+        let mut s = self.state.lock();
         s.crash_in = None;
         s.crashed = false;
         s.armed.clear();
@@ -117,28 +118,28 @@ impl FaultFs {
 
     /// Makes `room` report `room` (`None`: the real statvfs).
     pub(crate) fn set_room(&self, room: Option<Room>) {
-        lock_ignoring_poison(&self.state).room = room;
+        self.state.lock().room = room;
     }
 
     /// How many operations were asked for so far (a mark for [`FaultFs::ops_since`]).
     pub(crate) fn mark(&self) -> usize {
-        lock_ignoring_poison(&self.state).log.len()
+        self.state.lock().log.len()
     }
 
     /// The operations asked for since `mark`.
     pub(crate) fn ops_since(&self, mark: usize) -> Vec<(Op, PathBuf)> {
-        let s = lock_ignoring_poison(&self.state);
+        let s = self.state.lock();
         s.log.get(mark..).unwrap_or_default().to_vec()
     }
 
     /// The faults that fired so far, oldest first.
     pub(crate) fn fired(&self) -> Vec<(Op, Fault)> {
-        lock_ignoring_poison(&self.state).fired.clone()
+        self.state.lock().fired.clone()
     }
 
     /// Logs `op`; refuses it after the crash point; else returns the fault armed for it.
     fn enter(&self, op: Op, path: &Path) -> std::io::Result<Option<Fault>> {
-        let mut s = lock_ignoring_poison(&self.state);
+        let mut s = self.state.lock();
         s.log.push((op, path.to_owned()));
         match s.crash_in {
             Some(0) => {
@@ -219,7 +220,7 @@ impl Filesystem for FaultFs {
 
     fn room(&self, path: &Path) -> std::io::Result<Room> {
         self.check(Op::Room, path)?;
-        match lock_ignoring_poison(&self.state).room {
+        match self.state.lock().room {
             Some(room) => Ok(room),
             None => StdFs.room(path),
         }
