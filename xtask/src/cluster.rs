@@ -313,11 +313,16 @@ impl Cluster {
 
     /// A device token for `uid`, valid for a day (empty when ingest runs `--auth none`).
     pub fn token(&self, uid: &str) -> anyhow::Result<String> {
+        self.token_for(&spillway_ingest::auth::Scope::Uid(uid.to_owned()))
+    }
+
+    /// A device token for `scope` (a uid, or a gateway's uid prefix), valid for a day.
+    pub fn token_for(&self, scope: &spillway_ingest::auth::Scope) -> anyhow::Result<String> {
         let expires = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs()
             + 86_400;
-        self.token_until(uid, expires)
+        self.token_scoped(scope, expires)
     }
 
     /// A device token for `uid` that expires at `expires` (Unix seconds).

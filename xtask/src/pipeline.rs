@@ -111,12 +111,20 @@ pub async fn uploader_channel(
     addr: SocketAddr,
     tls: Option<&spillway_proto::link::LinkTls>,
 ) -> anyhow::Result<tonic::transport::Channel> {
-    let endpoint = match tls {
+    Ok(uploader_endpoint(addr, tls)?.connect().await?)
+}
+
+/// The uploader at `addr` as a gRPC endpoint not yet connected: with the link's TLS (`tls`,
+/// the uploader's name `localhost`) or in plaintext.
+pub fn uploader_endpoint(
+    addr: SocketAddr,
+    tls: Option<&spillway_proto::link::LinkTls>,
+) -> anyhow::Result<tonic::transport::Endpoint> {
+    Ok(match tls {
         Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(tls.client("localhost"))?,
         None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
-    };
-    Ok(endpoint.connect().await?)
+    })
 }
 
 /// Uploader configuration against the embedded store.

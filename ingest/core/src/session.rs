@@ -104,7 +104,7 @@ impl Session {
         }
     }
 
-    /// Bytes of one full chunk (what a budget reservation covers), once the hello is through.
+    /// Bytes of one full chunk (what a budget reservation grows to), once the hello is through.
     pub fn chunk_bytes(&self) -> Option<usize> {
         match &self.phase {
             Phase::Streaming { chunker, .. } => Some(chunker.chunk_bytes()),

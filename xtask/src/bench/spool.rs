@@ -33,13 +33,8 @@ async fn put_chunks(
     // one task being the limit (row 3a: the spool alone commits at over 1 GB/s).
     let mut channels = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
-        let endpoint = match tls {
-            Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))?
-                .tls_config(tls.client("localhost"))?,
-            None => tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?,
-        };
         channels.push(
-            endpoint
+            crate::pipeline::uploader_endpoint(grpc, tls)?
                 .tcp_nodelay(true)
                 .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
                 .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
