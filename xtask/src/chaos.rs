@@ -2,19 +2,19 @@
 //! bounded in time, summed up in one table.
 //!
 //! Each scenario starts a fresh [`Cluster`] (store, uploader and ingest as processes), streams
-//! audio from resuming devices ([`crate::sim::run_resuming_device`]), does its damage mid-load,
+//! audio from resuming devices ([`spillway_kit::sim::run_resuming_device`]), does its damage mid-load,
 //! waits for the devices to finish and the spool to drain, then audits the store: every
-//! acknowledged object must be there exactly once, byte for byte ([`crate::sim::audit_all`]).
+//! acknowledged object must be there exactly once, byte for byte ([`spillway_kit::sim::audit_all`]).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::cluster::{BUCKET, Cluster, ClusterOptions, Daemon, build_daemons};
-use crate::metrics::metric;
-use crate::pipeline::http_get;
-use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
+use spillway_kit::cluster::{BUCKET, Cluster, ClusterOptions, Daemon, build_daemons};
+use spillway_kit::metrics::metric;
+use spillway_kit::pipeline::http_get;
+use spillway_kit::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
@@ -422,7 +422,7 @@ async fn scenario(
         }
         Action::StoreErrors => {
             tokio::time::sleep(Duration::from_millis(1_000)).await;
-            let flag = crate::s3::fault_flag(&c.s3_root());
+            let flag = spillway_kit::s3::fault_flag(&c.s3_root());
             std::fs::write(&flag, b"")?;
             tokio::time::sleep(outage).await;
             std::fs::remove_file(&flag)?;
@@ -505,7 +505,7 @@ async fn scenario(
             // Let a backlog build up, then kill the uploader and damage its spool.
             tokio::time::sleep(Duration::from_millis(2_500)).await;
             c.kill(Daemon::Uploader(0)).await?;
-            damage_spool(&c.spool_dir(0), flip)?;
+            spillway_kit::damage::damage_spool(&c.spool_dir(0), flip)?;
             let t = Instant::now();
             c.start_daemon(Daemon::Uploader(0)).await?;
             row.recovery = Some(t.elapsed());
@@ -520,7 +520,7 @@ async fn scenario(
         }
         Action::UploaderLost => {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let flag = crate::s3::fault_flag(&c.s3_root());
+            let flag = spillway_kit::s3::fault_flag(&c.s3_root());
             std::fs::write(&flag, b"")?;
             // Sessions pick uploaders by hash (of addresses that change every run), so the
             // victim is whichever holds the most acknowledged chunks, at least two.
@@ -607,7 +607,7 @@ where
     if recovered.is_none() {
         row.problems.push("the spool never drained".into());
     }
-    let s3 = crate::s3::client(&c.s3_endpoint).await;
+    let s3 = spillway_kit::s3::client(&c.s3_endpoint).await;
     let a = audit_all(&s3, BUCKET, &reports, Duration::from_secs(5)).await?;
     row.acked += a.acked;
     row.objects += a.objects;
@@ -622,33 +622,6 @@ async fn finish(c: Cluster, mut row: Row) -> anyhow::Result<Row> {
         row.problems.push(format!("stopping: {e:#}"));
     }
     Ok(row)
-}
-
-/// Damages a stopped spool the way a bad disk does: cuts the tail of the index's log, or flips
-/// one byte in the middle of a spooled chunk's record file.
-pub fn damage_spool(dir: &std::path::Path, flip: bool) -> anyhow::Result<()> {
-    if flip {
-        let blob = std::fs::read_dir(dir.join("records"))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "rec"))
-            .min()
-            .context("no record in the spool to damage")?;
-        let mut bytes = std::fs::read(&blob)?;
-        let mid = bytes.len() / 2;
-        if let Some(b) = bytes.get_mut(mid) {
-            *b ^= 0x5a;
-        }
-        std::fs::write(&blob, bytes)?;
-    } else {
-        let db = dir.join("index").join("db");
-        let len = std::fs::metadata(&db)?.len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&db)?
-            .set_len(len.saturating_sub(200))?;
-    }
-    Ok(())
 }
 
 const BEGIN: &str = "<!-- chaos:begin (written by cargo xtask chaos --record) -->";

@@ -26,8 +26,6 @@ enum Cmd {
     /// Validate deploy/ offline: render the overlays, check them against the binaries' flags,
     /// ports and metrics, and against the Kubernetes schemas.
     DeployCheck(xtask::deploy_check::DeployCheckArgs),
-    /// Check that every dependency each workspace member declares is used by its code.
-    UnusedDeps,
     /// Write a throwaway CA and the ingest → uploader link's certificates (uploader: serverAuth
     /// for localhost, 127.0.0.1 and spillway-uploader; ingest: clientAuth) as PEM into DIR/pki.
     Pki {
@@ -65,9 +63,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Attack(args) => xtask::attack::attack(args).await,
         Cmd::Bench(args) => xtask::bench::bench(args).await,
         Cmd::DeployCheck(args) => xtask::deploy_check::deploy_check(args),
-        Cmd::UnusedDeps => xtask::unused_deps::unused_deps(),
         Cmd::Pki { dir } => {
-            let files = xtask::pki::DevPki::generate()?.write(&dir)?;
+            let files = spillway_kit::pki::DevPki::generate()?.write(&dir)?;
             println!("CA          {}", files.ca.display());
             println!(
                 "uploader    {} {}",
@@ -100,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             });
             tracing::info!(%listen, root = %root.display(), ?latency, "S3 server listening");
-            xtask::s3::serve_with_latency(&root, listener, stop, latency).await
+            spillway_kit::s3::serve_with_latency(&root, listener, stop, latency).await
         }
     }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cluster::{BUCKET, Cluster, ClusterOptions, build_daemons};
-use crate::sim::{DeviceSpec, Progress, Source};
+use spillway_kit::cluster::{BUCKET, Cluster, ClusterOptions, build_daemons};
+use spillway_kit::sim::{DeviceSpec, Progress, Source};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
@@ -114,7 +114,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     println!(
         "  s3          {s3_endpoint}  bucket {BUCKET}  (access key {}, files in {})",
-        crate::s3::ACCESS_KEY,
+        spillway_kit::s3::ACCESS_KEY,
         dir.join("s3").display()
     );
     println!("  logs        {}", cluster.logs.display());
@@ -190,7 +190,7 @@ async fn simulate(
         tasks.spawn(async move {
             let device =
                 spillway_ingest::client::Device::connect(ingest, "localhost", &cert).await?;
-            let report = crate::sim::run_device(&device, spec, &progress).await;
+            let report = spillway_kit::sim::run_device(&device, spec, &progress).await;
             device.close().await;
             report
         });
@@ -217,10 +217,11 @@ async fn simulate(
     if !args.verify {
         return Ok(());
     }
-    let s3 = crate::s3::client(s3_endpoint).await;
+    let s3 = spillway_kit::s3::client(s3_endpoint).await;
     let mut objects = 0;
     for r in &reports {
-        objects += crate::sim::verify_device(&s3, BUCKET, r, Duration::from_secs(120)).await?;
+        objects +=
+            spillway_kit::sim::verify_device(&s3, BUCKET, r, Duration::from_secs(120)).await?;
     }
     println!(
         "verified {objects} objects in bucket {BUCKET}: every one is a valid WAV equal to the audio sent"

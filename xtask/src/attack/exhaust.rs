@@ -8,7 +8,7 @@ use spillway_ingest::auth::Scope;
 use spillway_proto::device::{ErrorCode, server_message::Kind};
 
 use super::{attacker_device, hello, metric_of};
-use crate::cluster::{Cluster, Daemon};
+use spillway_kit::cluster::{Cluster, Daemon};
 
 /// Ingest's `--chunk-fill-timeout` in the attack cluster (its default: twice the 2 s chunk).
 pub(super) const FILL_TIMEOUT: Duration = Duration::from_secs(4);
@@ -121,7 +121,7 @@ pub(super) async fn full_disk(c: &Cluster, hold: Duration) -> anyhow::Result<(u6
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut ready_while_full = 0u64;
     while Instant::now() < until {
-        if let Ok((200, _)) = crate::pipeline::http_get(http, "/readyz").await {
+        if let Ok((200, _)) = spillway_kit::pipeline::http_get(http, "/readyz").await {
             ready_while_full += 1;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

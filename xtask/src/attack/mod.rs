@@ -21,8 +21,8 @@ use spillway_ingest::client::{Device, ResumeConfig};
 use spillway_proto::device::{ServerMessage, server_message::Kind};
 use spillway_proto::uploader::{ChunkId, PutChunkRequest, uploader_client::UploaderClient};
 
-use crate::cluster::{BUCKET, Cluster, ClusterOptions, Daemon};
-use crate::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
+use spillway_kit::cluster::{BUCKET, Cluster, ClusterOptions, Daemon};
+use spillway_kit::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
 mod exhaust;
 
@@ -117,7 +117,7 @@ struct Row {
 }
 
 pub async fn attack(args: AttackArgs) -> anyhow::Result<()> {
-    let bin = crate::cluster::build_daemons(false)?;
+    let bin = spillway_kit::cluster::build_daemons(false)?;
     let mut rows = Vec::new();
     for (i, (name, attack)) in ROWS.into_iter().enumerate() {
         if args.only.as_deref().is_some_and(|o| !name.contains(o)) {
@@ -376,11 +376,11 @@ async fn wait_honest(
     let addr = c.uploaders[0].http;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, body) = crate::pipeline::http_get(addr, "/metrics")
+        let (_, body) = spillway_kit::pipeline::http_get(addr, "/metrics")
             .await
             .unwrap_or_default();
         // The devices are done: everything acknowledged is spooled; empty means uploaded.
-        if crate::metrics::metric(&body, "spillway_uploader_spool_chunks") == 0.0 {
+        if spillway_kit::metrics::metric(&body, "spillway_uploader_spool_chunks") == 0.0 {
             break;
         }
         if Instant::now() > deadline {
@@ -394,7 +394,7 @@ async fn wait_honest(
 
 /// Reads every honest object back: each must hold exactly the audio sent.
 async fn audit(c: &Cluster, reports: &[ResumedReport], row: &mut Row) -> anyhow::Result<()> {
-    let s3 = crate::s3::client(&c.s3_endpoint).await;
+    let s3 = spillway_kit::s3::client(&c.s3_endpoint).await;
     let a = audit_all(&s3, BUCKET, reports, Duration::from_secs(5)).await?;
     row.honest_lost += a.lost;
     row.honest_duplicated += a.duplicated;
@@ -439,7 +439,7 @@ async fn beside(c: &Cluster, attack: Attack, n: u64) -> anyhow::Result<(u64, u64
         }
         Attack::StrangerOnTheLink => {
             let addr = c.uploaders[0].grpc;
-            let other = crate::pki::DevPki::generate()?;
+            let other = spillway_kit::pki::DevPki::generate()?;
             let forged = spillway_proto::link::LinkTls::from_pem(
                 c.pki.ca.as_bytes(),
                 other.ingest.cert.as_bytes(),
@@ -451,8 +451,8 @@ async fn beside(c: &Cluster, attack: Attack, n: u64) -> anyhow::Result<(u64, u64
             let mut got = 0;
             for i in 0..n {
                 let channel = match i % 3 {
-                    0 => crate::pipeline::uploader_channel(addr, Some(&forged)).await,
-                    1 => crate::pipeline::uploader_channel(addr, None).await,
+                    0 => spillway_kit::pipeline::uploader_channel(addr, Some(&forged)).await,
+                    1 => spillway_kit::pipeline::uploader_channel(addr, None).await,
                     _ => {
                         async {
                             Ok(
@@ -517,11 +517,13 @@ async fn beside(c: &Cluster, attack: Attack, n: u64) -> anyhow::Result<(u64, u64
         Attack::PutFlood => {
             // A rogue ingest holds every slot with puts whose bodies never come, then floods:
             // while the slots are held, not one more call may be served.
-            let channel =
-                crate::pipeline::uploader_channel(c.uploaders[0].grpc, Some(&c.pki.ingest_tls()))
-                    .await?;
+            let channel = spillway_kit::pipeline::uploader_channel(
+                c.uploaders[0].grpc,
+                Some(&c.pki.ingest_tls()),
+            )
+            .await?;
             let holders: Vec<_> = (0..16)
-                .map(|_| tokio::spawn(crate::rogue::trickling_put(channel.clone())))
+                .map(|_| tokio::spawn(spillway_kit::rogue::trickling_put(channel.clone())))
                 .collect();
             tokio::time::sleep(Duration::from_millis(500)).await;
             let tls = c.pki.ingest_tls();
@@ -530,7 +532,8 @@ async fn beside(c: &Cluster, attack: Attack, n: u64) -> anyhow::Result<(u64, u64
                 let tls = tls.clone();
                 let addr = c.uploaders[0].grpc;
                 calls.spawn(async move {
-                    let channel = crate::pipeline::uploader_channel(addr, Some(&tls)).await?;
+                    let channel =
+                        spillway_kit::pipeline::uploader_channel(addr, Some(&tls)).await?;
                     let pcm = vec![(i % 251) as u8; 2 * RATE as usize * CHUNK_SECONDS as usize];
                     let put = put_request("flood", &format!("s{i}"), 0, &pcm);
                     anyhow::Ok(
@@ -576,9 +579,11 @@ async fn overwrite(
     let mut attempts = 0;
     match attack {
         Attack::OverwriteOverGrpc => {
-            let channel =
-                crate::pipeline::uploader_channel(c.uploaders[0].grpc, Some(&c.pki.ingest_tls()))
-                    .await?;
+            let channel = spillway_kit::pipeline::uploader_channel(
+                c.uploaders[0].grpc,
+                Some(&c.pki.ingest_tls()),
+            )
+            .await?;
             for r in reports {
                 for ack in &r.report.acks {
                     let len = ((ack.end_sample - ack.first_sample) * 2) as usize;
@@ -633,10 +638,10 @@ fn put_request(uid: &str, session: &str, seq: u64, pcm: &[u8]) -> PutChunkReques
 }
 
 async fn metric_of(addr: SocketAddr, series: &str) -> f64 {
-    let (_, body) = crate::pipeline::http_get(addr, "/metrics")
+    let (_, body) = spillway_kit::pipeline::http_get(addr, "/metrics")
         .await
         .unwrap_or_default();
-    crate::metrics::metric(&body, series)
+    spillway_kit::metrics::metric(&body, series)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use serde::Serialize;
 
-use crate::cluster::{Proc, free_tcp, wait_tcp};
+use spillway_kit::cluster::{Proc, free_tcp, wait_tcp};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -154,8 +154,8 @@ pub struct Env {
     pub latency: Duration,
     /// The ingest → uploader link's PKI: every daemon and client of the run uses mutual TLS,
     /// as deploy/ does.
-    pub pki: crate::pki::DevPki,
-    pub pki_files: crate::pki::PkiFiles,
+    pub pki: spillway_kit::pki::DevPki,
+    pub pki_files: spillway_kit::pki::PkiFiles,
     /// `--insecure`: plaintext link, `--auth none`.
     pub insecure: bool,
 }
@@ -222,7 +222,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if !args.in_release {
         // Measure optimized code: build the release binaries and run this command again as
         // the release `xtask`.
-        let bin = crate::cluster::build_daemons(true)?;
+        let bin = spillway_kit::cluster::build_daemons(true)?;
         let mut cmd = std::process::Command::new(bin.join("xtask"));
         cmd.arg("bench").arg("--in-release");
         cmd.args(std::env::args_os().skip(2));
@@ -248,7 +248,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .disk_mb_s
         .map(|mb| throttle::limit_writes(&dir, mb))
         .transpose()?;
-    let pki = crate::pki::DevPki::generate()?;
+    let pki = spillway_kit::pki::DevPki::generate()?;
     let pki_files = pki.write(&dir)?;
     let env = Env {
         pki,
@@ -472,7 +472,7 @@ impl StoreProc {
 
     /// Deletes every object (the bucket stays).
     pub fn clear(&self) -> anyhow::Result<()> {
-        let bucket = self.root.join(crate::cluster::BUCKET);
+        let bucket = self.root.join(spillway_kit::cluster::BUCKET);
         if bucket.exists() {
             std::fs::remove_dir_all(&bucket)?;
             std::fs::create_dir_all(&bucket)?;
@@ -513,7 +513,7 @@ pub async fn uploader(
         "--s3-endpoint".into(),
         endpoint.into(),
         "--bucket".into(),
-        crate::cluster::BUCKET.into(),
+        spillway_kit::cluster::BUCKET.into(),
         "--create-bucket".into(),
         "--drain-timeout".into(),
         "1s".into(),
@@ -523,13 +523,13 @@ pub async fn uploader(
         &env.bin.join("uploader"),
         &args,
         &[
-            ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
+            ("AWS_ACCESS_KEY_ID", spillway_kit::s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", spillway_kit::s3::SECRET_KEY),
             ("AWS_EC2_METADATA_DISABLED", "true"),
         ],
         &env.logs,
     )?;
-    crate::cluster::ready(http, &mut proc).await?;
+    spillway_kit::cluster::ready(http, &mut proc).await?;
     Ok(UploaderProc {
         proc,
         grpc,

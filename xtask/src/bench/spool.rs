@@ -14,9 +14,9 @@ use spillway_proto::uploader::{ChunkId, PutChunkRequest};
 
 use super::store::{CHUNK_BYTES, CHUNK_SAMPLES, base_pcm, chunk_pcm, claim};
 use super::{Env, MB, MIB, Results, Row, StoreProc, rss, uploader};
-use crate::cluster::free_tcp;
-use crate::metrics::metric;
-use crate::pipeline::http_get;
+use spillway_kit::cluster::free_tcp;
+use spillway_kit::metrics::metric;
+use spillway_kit::pipeline::http_get;
 
 /// Concurrent clients committing chunks, and of the baseline's appenders.
 const CLIENTS: usize = 8;
@@ -34,7 +34,7 @@ async fn put_chunks(
     let mut channels = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
         channels.push(
-            crate::pipeline::uploader_endpoint(grpc, tls)?
+            spillway_kit::pipeline::uploader_endpoint(grpc, tls)?
                 .tcp_nodelay(true)
                 .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
                 .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)

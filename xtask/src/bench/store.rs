@@ -104,12 +104,12 @@ pub async fn drain(
         .arg("drain")
         .args(["--spool-dir", &spool.display().to_string()])
         .args(["--s3-endpoint", &store.endpoint])
-        .args(["--bucket", crate::cluster::BUCKET, "--create-bucket"])
+        .args(["--bucket", spillway_kit::cluster::BUCKET, "--create-bucket"])
         .args(["--workers", workers])
         .args(["--drain-timeout", "10m", "--log-format", "json"])
         .args(extra)
-        .env("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY)
+        .env("AWS_ACCESS_KEY_ID", spillway_kit::s3::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", spillway_kit::s3::SECRET_KEY)
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("RUST_LOG", "info")
         .stdout(file.try_clone()?)
@@ -170,10 +170,10 @@ pub async fn raw_put(
     objects: usize,
     concurrency: usize,
 ) -> anyhow::Result<Duration> {
-    let s3 = crate::s3::client(endpoint).await;
+    let s3 = spillway_kit::s3::client(endpoint).await;
     let _ = s3
         .create_bucket()
-        .bucket(crate::cluster::BUCKET)
+        .bucket(spillway_kit::cluster::BUCKET)
         .send()
         .await;
     let bodies: Arc<[Bytes]> = bodies.into();
@@ -186,7 +186,7 @@ pub async fn raw_put(
             while let Some(i) = claim(&next, objects as u64) {
                 let body = &bodies[i as usize % bodies.len()];
                 s3.put_object()
-                    .bucket(crate::cluster::BUCKET)
+                    .bucket(spillway_kit::cluster::BUCKET)
                     .key(format!("raw/{i:06}.wav"))
                     .body(aws_sdk_s3::primitives::ByteStream::from(body.clone()))
                     .send()

@@ -46,7 +46,7 @@ pub(super) fn exposed_metrics() -> Result<BTreeSet<String>> {
         prometheus_client::encoding::text::encode(&mut text, registry)
             .map_err(|e| anyhow!("encoding the {daemon} metrics: {e}"))?;
         let mut families = BTreeSet::new();
-        for (name, kind) in crate::metrics::families(&text) {
+        for (name, kind) in spillway_kit::metrics::families(&text) {
             families.insert(name.to_owned());
             let suffixes: &[&str] = match kind {
                 "counter" => &["_total"],

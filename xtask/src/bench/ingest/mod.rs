@@ -22,8 +22,8 @@ use spillway_proto::uploader::{PutChunkRequest, PutChunkResponse};
 use tokio_util::sync::CancellationToken;
 
 use super::{Env, MB, MIB, Results, Row, StoreProc, percentile, rss};
-use crate::cluster::{Proc, free_tcp, free_udp, ready};
-use crate::pipeline::http_get;
+use spillway_kit::cluster::{Proc, free_tcp, free_udp, ready};
+use spillway_kit::pipeline::http_get;
 
 mod memory;
 mod realtime;

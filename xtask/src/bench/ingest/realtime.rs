@@ -26,7 +26,7 @@ pub(super) fn with_goal_step(fixed: &[usize], ceiling: Option<f64>) -> Vec<usize
 /// The uploader's commit-latency histogram (`spillway_uploader_commit_seconds`) as (upper bound
 /// in seconds, cumulative count) pairs, `+Inf` last.
 pub(super) fn commit_buckets(metrics: &str) -> Vec<(f64, f64)> {
-    crate::metrics::buckets(metrics, "spillway_uploader_commit_seconds")
+    spillway_kit::metrics::buckets(metrics, "spillway_uploader_commit_seconds")
 }
 
 /// The smallest bucket bound every commit between two scrapes fell under: `None` when no

@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
+use spillway_kit::metrics::metric;
+use spillway_kit::pipeline::{IsolatedUploader, Options, http_get, start_s3, uploader_config};
+use spillway_kit::sim::{DeviceSpec, Progress, run_device, verify_device};
 use tokio_util::sync::CancellationToken;
-use xtask::metrics::metric;
-use xtask::pipeline::{IsolatedUploader, Options, http_get, start_s3, uploader_config};
-use xtask::sim::{DeviceSpec, Progress, run_device, verify_device};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -30,7 +30,7 @@ async fn ingest_fails_over_when_one_of_three_uploaders_dies_and_its_spool_drains
             chunk_seconds: 1,
             workers: 2,
             bucket: "scale".into(),
-            pki: Some(xtask::pki::DevPki::generate().unwrap()),
+            pki: Some(spillway_kit::pki::DevPki::generate().unwrap()),
             ..Options::default()
         };
         let mut uploaders = Vec::new();
@@ -59,12 +59,14 @@ async fn ingest_fails_over_when_one_of_three_uploaders_dies_and_its_spool_drains
             spillway_ingest::Listeners { quic, http },
             stop.clone(),
         ));
-        xtask::pipeline::wait_ready(ingest_http).await.unwrap();
+        spillway_kit::pipeline::wait_ready(ingest_http)
+            .await
+            .unwrap();
         let m = metrics(ingest_http).await;
         assert_eq!(metric(&m, "spillway_ingest_uploader_endpoints"), 3.0);
 
         // The store fails for a while, so every uploader holds acknowledged chunks in its spool.
-        let fault = xtask::s3::fault_flag(&s3_root);
+        let fault = spillway_kit::s3::fault_flag(&s3_root);
         std::fs::write(&fault, b"").unwrap();
 
         // Twelve devices, 8 kHz, 24 s of audio each at 4x real time: 6 s of load.
@@ -135,7 +137,7 @@ async fn ingest_fails_over_when_one_of_three_uploaders_dies_and_its_spool_drains
 
         // The dead uploader comes back on its spool: what it had acknowledged reaches the store.
         uploaders[victim].restart().await.unwrap();
-        let s3 = xtask::s3::client(&endpoint).await;
+        let s3 = spillway_kit::s3::client(&endpoint).await;
         for r in &reports {
             assert_eq!(
                 verify_device(&s3, "scale", r, Duration::from_secs(60))

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use spillway_ingest::client::Device;
+use spillway_kit::metrics::metric;
+use spillway_kit::pipeline::{Options, Pipeline};
+use spillway_kit::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 use spillway_proto::device::{Encoding, ErrorCode, Hello, ServerMessage, server_message::Kind};
-use xtask::metrics::metric;
-use xtask::pipeline::{Options, Pipeline};
-use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 /// Every test is bounded: a hang is a failure, not a stuck CI job.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -518,7 +518,7 @@ async fn a_missing_bucket_is_a_clear_start_up_error() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().expect("tempdir");
         let stop = tokio_util::sync::CancellationToken::new();
-        let (endpoint, s3) = xtask::pipeline::start_s3(dir.path().join("s3"), stop.clone())
+        let (endpoint, s3) = spillway_kit::pipeline::start_s3(dir.path().join("s3"), stop.clone())
             .await
             .expect("s3");
         let opts = Options {
@@ -526,7 +526,7 @@ async fn a_missing_bucket_is_a_clear_start_up_error() {
             ..Options::default()
         };
         let mut config =
-            xtask::pipeline::uploader_config(dir.path().join("spool"), &endpoint, &opts);
+            spillway_kit::pipeline::uploader_config(dir.path().join("spool"), &endpoint, &opts);
         config.create_bucket = false;
         let listeners = spillway_uploader::Listeners {
             grpc: tokio::net::TcpListener::bind("127.0.0.1:0")

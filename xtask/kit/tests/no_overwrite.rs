@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use spillway_kit::metrics::metric;
+use spillway_kit::pipeline::{Options, Pipeline};
 use spillway_proto::uploader::{ChunkId, PutChunkRequest};
-use xtask::metrics::metric;
-use xtask::pipeline::{Options, Pipeline};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const RATE: u32 = 8_000;

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
+use spillway_kit::metrics::metric;
+use spillway_kit::pipeline::{Options, Pipeline, http_get, uploader_config};
+use spillway_kit::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 use spillway_uploader::spool::WhenFull;
 use tokio_util::sync::CancellationToken;
-use xtask::metrics::metric;
-use xtask::pipeline::{Options, Pipeline, http_get, uploader_config};
-use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -301,7 +301,7 @@ async fn a_damaged_spooled_chunk_costs_that_chunk_alone_quarantined_and_counted(
         // A byte of the oldest record file rots while no uploader runs; the next one reads
         // every record in its upload tasks, and must set that one aside and send the rest.
         p.stop_uploader().await.expect("stop");
-        xtask::chaos::damage_spool(&p.spool_dir, true).expect("damage");
+        spillway_kit::damage::damage_spool(&p.spool_dir, true).expect("damage");
         p.restart_uploader().await.expect("restart");
         p.start_store().await.expect("store up");
         let m = until_uploader(&p, "the spool drained", |m| {
@@ -395,7 +395,7 @@ async fn a_device_resumes_across_an_ingest_restart_mid_chunk_without_loss_or_dup
             spillway_ingest::client::ResumeConfig::local(p.ingest_quic, p.cert_der.clone());
         config.give_up_after = Some(Duration::from_secs(30));
         let device = tokio::spawn(async move {
-            xtask::sim::run_resuming_device(config, spec, &Progress::hidden()).await
+            spillway_kit::sim::run_resuming_device(config, spec, &Progress::hidden()).await
         });
 
         // Mid-stream, and almost surely mid-chunk, ingest is restarted: it flushes the partial
@@ -427,9 +427,10 @@ async fn a_device_resumes_across_an_ingest_restart_mid_chunk_without_loss_or_dup
             "one chunk was cut by the restart: {pieces:?}"
         );
         let s3 = p.s3().await;
-        let objects = xtask::sim::verify_resumed(&s3, &p.bucket, &report, Duration::from_secs(60))
-            .await
-            .expect("every sample once, byte for byte");
+        let objects =
+            spillway_kit::sim::verify_resumed(&s3, &p.bucket, &report, Duration::from_secs(60))
+                .await
+                .expect("every sample once, byte for byte");
         assert_eq!(objects, 7, "six chunks, one of them in two pieces");
         p.stop().await.expect("clean stop");
     })

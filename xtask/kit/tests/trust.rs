@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use spillway_ingest::auth::{Keyring, Scope};
 use spillway_ingest::client::Device;
+use spillway_kit::metrics::metric;
+use spillway_kit::pipeline::{Options, Pipeline};
+use spillway_kit::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 use spillway_proto::device::{ErrorCode, Hello, ServerMessage, server_message::Kind};
-use xtask::metrics::metric;
-use xtask::pipeline::{Options, Pipeline};
-use xtask::sim::{DeviceReport, DeviceSpec, Progress, run_device, verify_device};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -302,7 +302,7 @@ async fn puts_beyond_the_in_flight_cap_are_refused_at_once_and_trickling_ones_ti
         // A rogue client holds both slots with puts whose bodies never arrive.
         let channel = p.uploader_channel().await.expect("channel");
         let holders: Vec<_> = (0..2)
-            .map(|_| tokio::spawn(xtask::rogue::trickling_put(channel.clone())))
+            .map(|_| tokio::spawn(spillway_kit::rogue::trickling_put(channel.clone())))
             .collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         // A whole put beyond them is refused at once, before its body is read.
@@ -371,10 +371,10 @@ async fn the_uploader_answers_only_clients_holding_a_certificate_of_its_ca() {
         };
         let addr = p.uploader_grpc;
         // Plaintext: no TLS at all.
-        let plain = attempt(xtask::pipeline::uploader_channel(addr, None).await).await;
+        let plain = attempt(spillway_kit::pipeline::uploader_channel(addr, None).await).await;
         assert!(plain.is_err(), "a plaintext client was answered");
         // TLS that trusts the uploader but shows no certificate of its own.
-        let pki = xtask::pki::DevPki::generate().unwrap();
+        let pki = spillway_kit::pki::DevPki::generate().unwrap();
         let no_cert = async {
             let tls = tonic::transport::ClientTlsConfig::new()
                 .ca_certificate(tonic::transport::Certificate::from_pem(p.pki.ca.as_bytes()))
@@ -396,7 +396,8 @@ async fn the_uploader_answers_only_clients_holding_a_certificate_of_its_ca() {
             pki.ingest.cert.as_bytes(),
             pki.ingest.key.as_bytes(),
         );
-        let other_ca = attempt(xtask::pipeline::uploader_channel(addr, Some(&forged)).await).await;
+        let other_ca =
+            attempt(spillway_kit::pipeline::uploader_channel(addr, Some(&forged)).await).await;
         assert!(
             other_ca.is_err(),
             "a certificate of another CA was accepted"
