@@ -94,8 +94,6 @@ pub(super) fn check_alerts(
     metrics: &BTreeSet<String>,
     report: &mut Report,
 ) -> Result<AlertsSummary> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let doc = parse_single_yaml(path)?;
     let mut summary = AlertsSummary {
         groups: 0,
@@ -107,6 +105,7 @@ pub(super) fn check_alerts(
         report.fail(format!("{at_f}: no `groups` list"));
         return Ok(summary);
     };
+    let mut seen = BTreeSet::new();
     let mut group_names = BTreeSet::new();
     let mut alert_names = BTreeSet::new();
     for (gi, g) in groups.iter().enumerate() {
@@ -148,13 +147,26 @@ pub(super) fn check_alerts(
                 }
             }
             let expr = str_at(r, &["expr"]).unwrap_or("");
-            report.expect(!expr.trim().is_empty() && balanced(expr), || {
-                format!("{at_r}: expr is empty or its brackets and quotes do not balance")
-            });
+            match promql_parser::parser::parse(expr) {
+                Ok(ast) => {
+                    report.checks += 1;
+                    for name in metric_names(&ast) {
+                        if !metrics.contains(&name) {
+                            report
+                                .fail(format!("{at_r}: {name} is not a metric the daemons export"));
+                        } else if seen.insert(name) {
+                            report.checks += 1;
+                        }
+                    }
+                }
+                Err(e) => report.fail(format!("{at_r}: expr is not PromQL: {e}")),
+            }
             if let Some(f) = at(r, &["for"]) {
-                report.expect(f.as_str().is_some_and(prometheus_duration), || {
-                    format!("{at_r}: `for: {f}` is not a Prometheus duration")
-                });
+                report.expect(
+                    f.as_str()
+                        .is_some_and(|d| promql_parser::util::parse_duration(d).is_ok()),
+                    || format!("{at_r}: `for: {f}` is not a Prometheus duration"),
+                );
             }
             if let Some(alert) = str_at(r, &["alert"]) {
                 report.expect(alert_names.insert(alert.to_owned()), || {
@@ -180,102 +192,31 @@ pub(super) fn check_alerts(
             }
         }
     }
-    let mut seen = BTreeSet::new();
-    for (line_no, line) in text.lines().enumerate() {
-        for name in spillway_identifiers(line) {
-            let new = seen.insert(name.clone());
-            if !metrics.contains(&name) {
-                report.fail(format!(
-                    "{at_f}:{}: {name} is not a metric the daemons export",
-                    line_no + 1
-                ));
-            } else if new {
-                report.checks += 1;
-            }
-        }
-    }
     summary.names = seen.len();
     Ok(summary)
 }
 
-/// Every identifier starting with `spillway_` in `line`.
-pub(super) fn spillway_identifiers(line: &str) -> Vec<String> {
-    let bytes = line.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while let Some(pos) = line[i..].find("spillway_") {
-        let start = i + pos;
-        let boundary = start == 0 || {
-            let b = bytes[start - 1];
-            !(b.is_ascii_alphanumeric() || b == b'_')
-        };
-        let end = line[start..]
-            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
-            .map_or(line.len(), |e| start + e);
-        if boundary {
-            out.push(line[start..end].to_owned());
-        }
-        i = end.max(start + 1);
-    }
-    out
-}
-
-/// Brackets balance and quotes close, outside quoted strings.
-pub(super) fn balanced(expr: &str) -> bool {
-    let mut stack = Vec::new();
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for c in expr.chars() {
-        if let Some(q) = quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == q {
-                quote = None;
+/// The `spillway_*` metric names an expression selects, read from its syntax tree.
+pub(super) fn metric_names(expr: &promql_parser::parser::Expr) -> BTreeSet<String> {
+    use promql_parser::parser::{Expr, VectorSelector};
+    struct Names(BTreeSet<String>);
+    impl promql_parser::util::ExprVisitor for Names {
+        type Error = std::convert::Infallible;
+        fn pre_visit(&mut self, e: &Expr) -> Result<bool, Self::Error> {
+            let selector: Option<&VectorSelector> = match e {
+                Expr::VectorSelector(vs) => Some(vs),
+                Expr::MatrixSelector(ms) => Some(&ms.vs),
+                _ => None,
+            };
+            if let Some(name) = selector.and_then(|vs| vs.name.as_deref())
+                && name.starts_with("spillway_")
+            {
+                self.0.insert(name.to_owned());
             }
-            continue;
-        }
-        match c {
-            '"' | '\'' | '`' => quote = Some(c),
-            '(' | '[' | '{' => stack.push(c),
-            ')' | ']' | '}' => {
-                let open = match c {
-                    ')' => '(',
-                    ']' => '[',
-                    _ => '{',
-                };
-                if stack.pop() != Some(open) {
-                    return false;
-                }
-            }
-            _ => {}
+            Ok(true)
         }
     }
-    stack.is_empty() && quote.is_none()
-}
-
-/// A Prometheus duration: one or more `<number><unit>`, units ms s m h d w y.
-pub(super) fn prometheus_duration(s: &str) -> bool {
-    let mut rest = s;
-    if rest.is_empty() {
-        return false;
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return false;
-        }
-        rest = &rest[digits..];
-        let unit = ["ms", "s", "m", "h", "d", "w", "y"]
-            .iter()
-            .find(|u| rest.starts_with(**u));
-        match unit {
-            Some(u) => rest = &rest[u.len()..],
-            None => return false,
-        }
-    }
-    true
+    let mut names = Names(BTreeSet::new());
+    let Ok(_) = promql_parser::util::walk_expr(&mut names, expr);
+    names.0
 }

@@ -14,7 +14,8 @@
 //!    Service ingest resolves, grace periods against `--shutdown-grace` / `--drain-timeout`,
 //!    spool volume against `--spool-max-bytes`, memory limits against the formulas in
 //!    `deploy/README.md`, and the pod security settings.
-//! 4. Checks that every `spillway_*` metric named in `deploy/prometheus/alerts.yaml` is one the
+//! 4. Parses every expression in `deploy/prometheus/alerts.yaml` with `promql-parser` and checks
+//!    that every `spillway_*` metric it selects is one the
 //!    daemons register, and the rule file's structure.
 //! 5. Checks `deploy/Dockerfile` (multi-stage, both binaries, non-root `USER`, `STOPSIGNAL
 //!    SIGTERM`, the exposed ports) and `.dockerignore`.
@@ -230,17 +231,16 @@ mod tests {
     }
 
     #[test]
-    fn prometheus_helpers() {
-        assert!(prometheus_duration("5m"));
-        assert!(prometheus_duration("1h30m"));
-        assert!(!prometheus_duration("5 m"));
-        assert!(!prometheus_duration("m"));
-        assert!(balanced(r#"sum(rate(x{a="(}"}[5m])) > 0"#));
-        assert!(!balanced("sum(rate(x[5m])"));
+    fn alert_expressions_name_their_metrics_through_the_promql_parser() {
+        let names = |q: &str| metric_names(&promql_parser::parser::parse(q).unwrap());
         assert_eq!(
-            spillway_identifiers("a spillway_x_total / xspillway_y + spillway_z{a=\"b\"}"),
-            vec!["spillway_x_total", "spillway_z"]
+            names(r#"sum(rate(spillway_x_total{a="(}"}[5m])) / xspillway_y > spillway_z"#),
+            ["spillway_x_total", "spillway_z"]
+                .map(str::to_owned)
+                .into_iter()
+                .collect()
         );
+        assert!(promql_parser::parser::parse("sum(rate(spillway_x[5m])").is_err());
     }
 
     #[test]
