@@ -46,6 +46,7 @@ use std::fmt;
 
 use spillway_proto::validate::{self, IdError};
 
+pub mod frame;
 pub mod query;
 
 /// WebSocket close codes the pusher uses, and the room a close reason has.
