@@ -48,6 +48,10 @@ use spillway_proto::validate::{self, IdError};
 
 pub mod frame;
 pub mod query;
+pub mod timeline;
+
+#[cfg(test)]
+mod props;
 
 /// WebSocket close codes the pusher uses, and the room a close reason has.
 pub mod close {
