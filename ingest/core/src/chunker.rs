@@ -106,6 +106,12 @@ impl Chunker {
         self.buf.len()
     }
 
+    /// The bytes of the chunk being filled (what [`Self::pending_bytes`] counts): the only audio
+    /// a chunker holds, so the only audio a replay can still be compared with.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Makes the buffer of the chunk being filled hold `bytes` (at most [`Self::room`]) without
     /// growing again: one exact allocation per step, so the memory held is what the caller's
     /// budget counts. Growing copies what is pending (the first step, a few KiB).

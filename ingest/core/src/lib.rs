@@ -11,6 +11,8 @@
 //! - [`auth`]: device credentials (signed tokens, client certificate names).
 //! - [`outbox`]: the device side's resume logic and receipt checks.
 //! - [`balance`]: which uploader each session prefers, and cool-downs.
+//! - [`omi`]: the WebSocket protocol of Omi's pusher (query, frames, timeline and cutting), for a
+//!   front end Omi's `listen` service can point at unchanged.
 //!
 //! The boundary is the compiler's: this crate does not depend on tokio, quinn or any network
 //! crate, so none of them can be named here.
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod balance;
 pub mod chunker;
 pub mod fill;
+pub mod omi;
 pub mod outbox;
 pub mod reserve;
 pub mod session;
