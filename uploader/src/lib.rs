@@ -12,6 +12,7 @@ pub mod disk;
 pub mod drain;
 pub mod metrics;
 pub mod object;
+pub mod seal;
 pub mod service;
 pub mod spool;
 pub mod store;
