@@ -26,7 +26,7 @@ use spillway_ops::{self as ops, Readiness};
 use spillway_proto::uploader::uploader_server::UploaderServer;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Args, Command, Config, Flags, StaticCredentials};
+pub use config::{Args, Command, Config, Flags, OmiDecrypt, StaticCredentials};
 
 /// Sockets the daemon serves on, bound by the caller (tests bind port 0).
 #[derive(Debug)]
