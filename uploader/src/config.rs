@@ -29,11 +29,45 @@ pub struct Args {
 
 /// What the `uploader` binary does besides serving.
 #[derive(Debug, Clone, clap::Subcommand)]
+// Parsed once per process: boxing the daemon's flags would save nothing worth the indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Upload everything in a spool directory (one a scaled-down uploader left behind) and
     /// exit: 0 once the spool is empty, 2 when --drain-timeout passed first (what is left stays
     /// spooled). Takes the daemon's flags; the listen addresses are not used.
     Drain(Flags),
+    /// Decrypt an object Omi stored with its "enhanced" encryption at rest (`….batch.enc`:
+    /// AES-256-GCM frames under a per-user key derived from its ENCRYPTION_SECRET) to raw
+    /// PCM16LE mono, or to a WAV with --wav. Writes nothing unless every frame authenticates;
+    /// exits 1 on any error.
+    OmiDecrypt(OmiDecrypt),
+}
+
+/// Arguments of `uploader omi-decrypt`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OmiDecrypt {
+    /// File holding Omi's ENCRYPTION_SECRET (one trailing newline is not part of it).
+    #[arg(long, env = "SPILLWAY_OMI_SECRET_FILE")]
+    pub secret_file: PathBuf,
+    /// The Omi user id the object belongs to.
+    #[arg(long)]
+    pub uid: String,
+    /// Write a WAV (mono, 16-bit) instead of raw PCM.
+    #[arg(long)]
+    pub wav: bool,
+    /// The WAV's sample rate in Hz (8000 to 48000).
+    #[arg(long, default_value_t = 16_000, requires = "wav", value_parser = parse_sample_rate)]
+    pub sample_rate: u32,
+    /// The encrypted object; `-` reads standard input.
+    pub input: PathBuf,
+    /// Where the audio goes; `-` writes standard output.
+    pub output: PathBuf,
+}
+
+fn parse_sample_rate(s: &str) -> Result<u32, String> {
+    let rate = s.trim().parse::<u32>().map_err(|e| e.to_string())?;
+    spillway_proto::validate::sample_rate(rate).map_err(|e| e.to_string())?;
+    Ok(rate)
 }
 
 /// Flags of the `uploader` daemon (and of `uploader drain`).

@@ -12,6 +12,7 @@ pub mod disk;
 pub mod drain;
 pub mod metrics;
 pub mod object;
+pub mod seal;
 pub mod service;
 pub mod spool;
 pub mod store;
@@ -25,7 +26,7 @@ use spillway_ops::{self as ops, Readiness};
 use spillway_proto::uploader::uploader_server::UploaderServer;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Args, Command, Config, Flags, StaticCredentials};
+pub use config::{Args, Command, Config, Flags, OmiDecrypt, StaticCredentials};
 
 /// Sockets the daemon serves on, bound by the caller (tests bind port 0).
 #[derive(Debug)]
