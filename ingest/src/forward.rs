@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use parking_lot::Mutex;
-use spillway_proto::uploader::{ChunkId, PutChunkRequest, PutChunkResponse};
+use spillway_proto::uploader::{ChunkId, Layout, PutChunkRequest, PutChunkResponse};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -288,8 +288,8 @@ impl Forwarder {
         }
     }
 
-    /// Puts one chunk, trying the uploaders in its session's order, until one commits it, one
-    /// refuses it for good, or `give_up` fires.
+    /// Puts one chunk of a QUIC session (the WAV layout), trying the uploaders in its session's
+    /// order, until one commits it, one refuses it for good, or `give_up` fires.
     pub async fn put(
         &self,
         params: &Params,
@@ -307,8 +307,22 @@ impl Forwarder {
             first_sample: chunk.first_sample,
             crc32c: chunk.crc32c,
             pcm: chunk.pcm.clone(),
+            layout: Layout::Wav.into(),
+            start_time: 0.0,
         };
-        let affinity = format!("{}/{}", params.uid, params.session);
+        self.send(&request, give_up).await
+    }
+
+    /// Puts one request, trying the uploaders in the order of its (uid, session), until one
+    /// commits it, one refuses it for good, or `give_up` fires.
+    pub async fn send(
+        &self,
+        request: &PutChunkRequest,
+        give_up: &CancellationToken,
+    ) -> Result<PutChunkResponse, ForwardError> {
+        let id = request.id.clone().unwrap_or_default();
+        let (uid, session, seq) = (&id.uid, &id.session, id.seq);
+        let affinity = format!("{uid}/{session}");
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(5))
@@ -325,7 +339,7 @@ impl Forwarder {
                 };
                 let call = crate::put_chunk::put_chunk(
                     &mut channel,
-                    &request,
+                    request,
                     self.inner.attempt_timeout,
                     self.inner.message_limit,
                 );
@@ -355,15 +369,15 @@ impl Forwarder {
                         if next {
                             m.forward_failovers.inc();
                         }
-                        tracing::warn!(uid = %params.uid, session = %params.session,
-                            seq = chunk.seq, uploader = %url, code = ?status.code(),
+                        tracing::warn!(uid = %uid, session = %session,
+                            seq, uploader = %url, code = ?status.code(),
                             message = status.message(), ?cooldown, failover = next,
                             "PutChunk failed");
                     }
                 }
             }
             if tried == 0 {
-                tracing::warn!(uid = %params.uid, session = %params.session, seq = chunk.seq,
+                tracing::warn!(uid = %uid, session = %session, seq,
                     targets = ?self.inner.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "no uploader endpoint known yet; waiting");
             }

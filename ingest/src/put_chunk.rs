@@ -120,6 +120,7 @@ mod tests {
             first_sample: 7 * 960_000,
             pcm: Bytes::from_static(pcm),
             crc32c: crc32c::crc32c(pcm),
+            ..Default::default()
         }
     }
 

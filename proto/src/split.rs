@@ -45,6 +45,7 @@ mod tests {
             pcm in proptest::collection::vec(any::<u8>(), 0..70_000),
             seq in any::<u64>(),
             crc in any::<u32>(),
+            omi in any::<bool>(),
         ) {
             let whole = PutChunkRequest {
                 id: Some(ChunkId { uid: "u".into(), session: "s".into(), seq }),
@@ -53,6 +54,9 @@ mod tests {
                 first_sample: seq / 2,
                 pcm: Bytes::from(pcm.clone()),
                 crc32c: crc,
+                // Fields numbered after the PCM's go in the head too.
+                layout: i32::from(omi),
+                start_time: if omi { 1_786_961_845.727 } else { 0.0 },
             };
             let head = PutChunkRequest { pcm: Bytes::new(), ..whole.clone() };
             let mut buf = Vec::new();

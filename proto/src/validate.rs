@@ -57,6 +57,43 @@ pub fn sample_rate(rate: u32) -> Result<(), SampleRateError> {
 #[error("sample rate {0} Hz is outside {MIN_SAMPLE_RATE}..={MAX_SAMPLE_RATE} Hz")]
 pub struct SampleRateError(pub u32);
 
+/// Latest first-sample time an Omi-layout chunk may carry: 2^32 Unix seconds (year 2106).
+pub const MAX_START_TIME: f64 = 4_294_967_296.0;
+
+/// An Omi-layout chunk's first-sample time, in the whole milliseconds its key prints: the time
+/// formatted with three decimals, as Omi's pusher names its objects (`{t:.3f}`, rounded to
+/// nearest, ties to even, on the exact binary value), read back as an integer. `None` for a
+/// time that is not finite or outside `0..MAX_START_TIME`.
+pub fn key_millis(start_time: f64) -> Option<u64> {
+    if !(0.0..MAX_START_TIME).contains(&start_time) {
+        return None;
+    }
+    let printed = format!("{start_time:.3}");
+    let (secs, millis) = printed.split_once('.')?;
+    let secs: u64 = secs.parse().ok()?;
+    let millis: u64 = millis.parse().ok()?;
+    secs.checked_mul(1000)?.checked_add(millis)
+}
+
+/// Checks an Omi-layout chunk's id against its first-sample time: `seq` must be
+/// [`key_millis`] of it, so the chunk's id and its key name the same instant.
+pub fn omi_start(seq: u64, start_time: f64) -> Result<(), StartTimeError> {
+    match key_millis(start_time) {
+        Some(ms) if ms == seq => Ok(()),
+        Some(ms) => Err(StartTimeError::NotSeq { ms, seq }),
+        None => Err(StartTimeError::Range(start_time)),
+    }
+}
+
+/// An Omi-layout chunk's first-sample time that does not fit its id.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StartTimeError {
+    #[error("start_time {0} is not a Unix time in 0..2^32 seconds")]
+    Range(f64),
+    #[error("start_time is {ms} ms but the chunk's seq is {seq}; they must be equal")]
+    NotSeq { ms: u64, seq: u64 },
+}
+
 /// Largest chunk in bytes for a chunk length, at the highest sample rate; message-size limits
 /// are derived from this rather than hard-coded.
 pub fn max_chunk_bytes(chunk_seconds: u32) -> usize {
@@ -79,6 +116,20 @@ pub fn inside_chunk(seq: u64, chunk_samples: u64, first_sample: u64, samples: u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_millis_are_the_three_decimals_omi_prints() {
+        assert_eq!(key_millis(1_786_961_845.727), Some(1_786_961_845_727));
+        assert_eq!(key_millis(1_786_961_845.727_4), Some(1_786_961_845_727));
+        assert_eq!(key_millis(1_786_961_845.727_6), Some(1_786_961_845_728));
+        assert_eq!(key_millis(0.0), Some(0));
+        assert_eq!(key_millis(-0.001), None);
+        assert_eq!(key_millis(f64::NAN), None);
+        assert_eq!(key_millis(f64::INFINITY), None);
+        assert_eq!(key_millis(MAX_START_TIME), None);
+        assert_eq!(omi_start(1_786_961_845_727, 1_786_961_845.727), Ok(()));
+        assert!(omi_start(1_786_961_845_728, 1_786_961_845.727).is_err());
+    }
 
     #[test]
     fn accepts_ordinary_ids() {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use spillway_ops::LogFormat;
@@ -10,6 +11,7 @@ use spillway_proto::link::Link;
 
 use crate::adaptive::{Bounds, Workers};
 use crate::object::KeyTemplate;
+use crate::seal::Sealer;
 use crate::spool::WhenFull;
 
 /// The `uploader` command line: the daemon's flags, or a subcommand.
@@ -146,6 +148,11 @@ pub struct Flags {
     /// Object key template: {prefix} {uid} {session} {seq} or {seq:0N}; must name uid, session, seq.
     #[arg(long, env = "SPILLWAY_KEY_TEMPLATE", default_value = crate::object::DEFAULT_TEMPLATE)]
     pub key_template: String,
+    /// File holding Omi's ENCRYPTION_SECRET (at least 32 bytes; a Kubernetes Secret mounted as
+    /// a file): chunks of the Omi front end are then stored as Omi's "enhanced" encryption at
+    /// rest, `.batch.enc` (HKDF-SHA256 per uid, AES-256-GCM). Without it they are `.batch.bin`.
+    #[arg(long, env = "SPILLWAY_OMI_SECRET_FILE")]
+    pub omi_secret_file: Option<PathBuf>,
     /// Consecutive upload failures that open the object-store circuit breaker.
     #[arg(long, env = "SPILLWAY_BREAKER_FAILURES", default_value_t = 5)]
     pub breaker_failures: u32,
@@ -224,6 +231,8 @@ pub struct Config {
     pub region: String,
     pub key_prefix: String,
     pub key_template: KeyTemplate,
+    /// Seals Omi-layout chunks (`--omi-secret-file`); `None`: stored in the clear.
+    pub omi_sealer: Option<Arc<Sealer>>,
     pub upload_timeout: Duration,
     pub drain_timeout: Duration,
     pub breaker: spillway_breaker::Config,
@@ -257,6 +266,8 @@ pub enum ConfigError {
     HighWatermark(f64),
     #[error("--bucket {0:?} is not a valid bucket name (3-63 characters of a-z, 0-9, '.', '-')")]
     Bucket(String),
+    #[error("--omi-secret-file: {0}")]
+    OmiSecret(#[from] crate::seal::SealError),
     #[error("--key-template: {0}")]
     KeyTemplate(#[from] crate::object::TemplateError),
     #[error(transparent)]
@@ -286,6 +297,7 @@ impl Config {
             region: "us-east-1".into(),
             key_prefix: String::new(),
             key_template: KeyTemplate::default(),
+            omi_sealer: None,
             upload_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             breaker: breaker_config(5, Duration::from_secs(1), Duration::from_secs(5)),
@@ -397,6 +409,12 @@ impl Flags {
             s3_endpoint: self.s3_endpoint,
             region: self.region,
             key_prefix: self.key_prefix,
+            omi_sealer: self
+                .omi_secret_file
+                .as_deref()
+                .map(Sealer::from_file)
+                .transpose()?
+                .map(Arc::new),
             upload_timeout: self.upload_timeout,
             drain_timeout: self.drain_timeout,
             breaker: breaker_config(

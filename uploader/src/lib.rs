@@ -16,6 +16,7 @@ pub mod seal;
 pub mod service;
 pub mod spool;
 pub mod store;
+pub mod upload;
 
 use std::sync::Arc;
 
@@ -97,6 +98,7 @@ pub async fn run(
         prefix: config.key_prefix.clone(),
         max_chunk_seconds: config.max_chunk_seconds,
         metrics: metrics.clone(),
+        omi_sealed: config.omi_sealer.is_some(),
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -222,6 +224,7 @@ fn drain_of(
         workers: config.worker_pool(),
         template: config.key_template.clone(),
         prefix: config.key_prefix.clone(),
+        sealer: config.omi_sealer.clone(),
         breaker: Arc::new(Mutex::new(spillway_breaker::Breaker::new(config.breaker))),
         metrics: metrics.clone(),
         attempts: Mutex::default(),
@@ -437,6 +440,7 @@ mod tests {
                     first_sample: seq * 32,
                     crc32c: crc32c::crc32c(&pcm),
                     pcm,
+                    ..spool::Record::default()
                 };
                 spool.commit(&record).await.unwrap();
             }

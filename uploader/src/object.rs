@@ -12,6 +12,7 @@ use std::io::Cursor;
 use std::str::FromStr;
 
 use spillway_proto::BYTES_PER_SAMPLE;
+use spillway_proto::uploader::Layout;
 
 /// The default key layout.
 pub const DEFAULT_TEMPLATE: &str = "{prefix}{uid}/{session}/{seq:06}{part}.wav";
@@ -128,10 +129,33 @@ impl KeyTemplate {
 }
 
 impl KeyTemplate {
-    /// The key of a spooled record.
-    pub fn key_of(&self, prefix: &str, r: &crate::spool::Record) -> String {
-        self.render(prefix, &r.uid, &r.session, r.seq, r.offset())
+    /// The key of a spooled record: by this template for a WAV record, by Omi's layout
+    /// ([`omi_key`]) for an Omi one (`sealed`: stored encrypted).
+    pub fn key_for(&self, prefix: &str, r: &crate::spool::Record, sealed: bool) -> String {
+        match r.layout() {
+            Layout::Wav => self.render(prefix, &r.uid, &r.session, r.seq, r.offset()),
+            Layout::Omi => omi_key(prefix, &r.uid, &r.session, r.seq, sealed),
+        }
     }
+}
+
+/// Omi's pusher's key: `{prefix}chunks/{uid}/{conversation}/{seconds}.{millis:03}.batch.bin`
+/// (`.batch.enc` when `sealed`), the first sample's Unix time as the pusher prints it with
+/// three decimals. `key_millis` is that time in milliseconds (the chunk's `seq`), so the key is
+/// a pure function of the chunk id, like the WAV layout's.
+pub fn omi_key(
+    prefix: &str,
+    uid: &str,
+    conversation: &str,
+    key_millis: u64,
+    sealed: bool,
+) -> String {
+    let ext = if sealed { "enc" } else { "bin" };
+    format!(
+        "{prefix}chunks/{uid}/{conversation}/{}.{:03}.batch.{ext}",
+        key_millis / 1000,
+        key_millis % 1000
+    )
 }
 
 /// Wraps PCM s16le mono in a WAV (RIFF) container at `sample_rate`.
@@ -185,6 +209,19 @@ pub fn wav_header(pcm_len: usize, sample_rate: u32) -> Result<Vec<u8>, hound::Er
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn omi_keys_are_the_pushers_and_a_function_of_the_chunk_id() {
+        assert_eq!(
+            omi_key("", "alice", "conv-1", 1_786_961_845_727, false),
+            "chunks/alice/conv-1/1786961845.727.batch.bin"
+        );
+        assert_eq!(
+            omi_key("p/", "alice", "conv-1", 1_786_961_845_007, true),
+            "p/chunks/alice/conv-1/1786961845.007.batch.enc"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use spillway_proto::uploader::uploader_server::Uploader;
-use spillway_proto::uploader::{PutChunkRequest, PutChunkResponse};
+use spillway_proto::uploader::{Layout, PutChunkRequest, PutChunkResponse};
 use spillway_proto::{BYTES_PER_SAMPLE, validate};
 use tonic::{Request, Response, Status};
 
@@ -18,6 +18,8 @@ pub struct Service {
     pub prefix: String,
     pub max_chunk_seconds: u32,
     pub metrics: Metrics,
+    /// Omi-layout chunks are stored encrypted (`--omi-secret-file`): their keys end `.batch.enc`.
+    pub omi_sealed: bool,
 }
 
 /// A refused put: the metric label and the status returned.
@@ -87,6 +89,23 @@ impl Service {
                 )),
             ));
         }
+        let layout = Layout::try_from(req.layout).map_err(|_| {
+            refuse(
+                "invalid_layout",
+                Status::invalid_argument(format!(
+                    "layout {} is not one this uploader knows",
+                    req.layout
+                )),
+            )
+        })?;
+        if layout == Layout::Omi {
+            validate::omi_start(id.seq, req.start_time).map_err(|e| {
+                refuse(
+                    "invalid_start_time",
+                    Status::invalid_argument(e.to_string()),
+                )
+            })?;
+        }
         let actual = spillway_proto::checksum::crc32c(&req.pcm);
         if actual != req.crc32c {
             return Err(refuse(
@@ -106,6 +125,12 @@ impl Service {
             first_sample: req.first_sample,
             crc32c: req.crc32c,
             pcm: req.pcm,
+            layout: req.layout,
+            start_time: if layout == Layout::Omi {
+                req.start_time
+            } else {
+                0.0
+            },
         })
     }
 }
@@ -123,7 +148,9 @@ impl Uploader for Service {
                 tracing::warn!(reason, message = status.message(), "PutChunk refused");
                 status
             })?;
-        let key = self.template.key_of(&self.prefix, &record);
+        let key = self
+            .template
+            .key_for(&self.prefix, &record, self.omi_sealed);
         // Checked against the PCM above; every outcome below commits exactly these samples.
         let crc32c = record.crc32c;
         let started = std::time::Instant::now();

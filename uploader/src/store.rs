@@ -13,7 +13,7 @@ use aws_sdk_s3::types::ChecksumAlgorithm;
 use base64::Engine as _;
 
 use crate::config::Config;
-use crate::spool::Spooled;
+pub use crate::upload::Upload;
 
 /// A bucket on an S3-compatible store.
 #[derive(Debug, Clone)]
@@ -29,33 +29,6 @@ pub enum BucketError {
     Missing { bucket: String, endpoint: String },
     #[error("creating bucket {bucket:?} failed: {message}")]
     Create { bucket: String, message: String },
-}
-
-/// A spooled chunk made ready to upload: the SHA-256 of its WAV body, which SigV4 signs, is
-/// computed once here rather than by the SDK's signer on every attempt.
-///
-/// Why: the signer hashes with the pure-Rust `sha2`, on the async runtime, once per attempt.
-/// On a CPU without SHA extensions that is about 177 MB/s (11 ms of a runtime thread per
-/// 1.92 MB chunk); aws-lc's assembly, already linked for TLS, does about 331 MB/s. `new`
-/// hashes the whole body: call it on the blocking pool.
-#[derive(Debug)]
-pub struct Upload {
-    pub spooled: Spooled,
-    /// Lowercase hex SHA-256 of `spooled.wav`, as `x-amz-content-sha256` carries it.
-    body_sha256: Option<String>,
-}
-
-impl Upload {
-    pub fn new(spooled: Spooled) -> Self {
-        let body_sha256 = spooled
-            .wav
-            .as_ref()
-            .map(|body| hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body)));
-        Self {
-            spooled,
-            body_sha256,
-        }
-    }
 }
 
 /// Hands the SigV4 signer the body hash [`Upload::new`] computed, in place of its own pass
@@ -173,12 +146,10 @@ impl Store {
     /// two pieces of one chunk can never leave the shorter one.
     pub async fn put(&self, key: &str, upload: &Upload) -> Result<Put, UploadError> {
         let record = &upload.spooled.record;
-        let Some(body) = upload.spooled.wav.clone() else {
-            let why = crate::object::wav_header(record.pcm.len(), record.sample_rate)
-                .err()
-                .map_or_else(|| "no body".to_owned(), |e| e.to_string());
-            return Err(UploadError(format!("building WAV: {why}")));
-        };
+        let body = upload
+            .body()
+            .map_err(|why| UploadError(format!("building the object: {why}")))?
+            .clone();
         // A few rounds: each ends in a decision unless the object changed between reading and
         // writing it (another uploader's piece), which is then read again.
         for _ in 0..4 {
@@ -188,8 +159,12 @@ impl Store {
             let Some(stored) = self.get(key).await? else {
                 continue; // deleted meanwhile: create it again
             };
-            let header = body.len().saturating_sub(record.pcm.len());
-            let theirs = stored.body.get(header..).unwrap_or_default();
+            // The audio the stored object holds; an object this form cannot read (another
+            // secret's, say) is different audio.
+            let Some(theirs) = upload.pcm_of(&stored.body) else {
+                return self.put_conflict(key, upload, &body, &stored.body).await;
+            };
+            let theirs = &theirs[..];
             let ours = &record.pcm[..];
             let outcome = if theirs == ours {
                 Put::Identical
@@ -227,7 +202,10 @@ impl Store {
         if self.put_if(&aside, upload, body, If::Absent).await? == Written::No {
             // Already set aside by an earlier attempt, or a copy with the same CRC32C.
             match self.get(&aside).await? {
-                Some(o) if o.body.ends_with(&record.pcm) => {}
+                Some(o)
+                    if upload
+                        .pcm_of(&o.body)
+                        .is_some_and(|p| p.ends_with(&record.pcm)) => {}
                 _ => {
                     tracing::error!(%key, %aside, "a different copy with the same CRC32C is already set aside; this one is not stored")
                 }
@@ -249,39 +227,32 @@ impl Store {
         body: &bytes::Bytes,
         condition: If,
     ) -> Result<Written, UploadError> {
-        let record = &upload.spooled.record;
-        let Some(sha256) = &upload.body_sha256 else {
+        let Some((sha256, crc)) = upload.body_digests() else {
             return Err(UploadError("no body hash".to_owned()));
         };
-        // The body's CRC32C from the header's and the PCM's as ingest computed it (checked when
-        // the record was read): no second pass over the audio, and the store verifies the bytes
-        // against the checksum made where they entered the pipeline.
-        let header = body.len().saturating_sub(record.pcm.len());
-        let crc = spillway_proto::checksum::combine(
-            spillway_proto::checksum::crc32c(&body[..header]),
-            record.crc32c,
-            record.pcm.len(),
-        );
+        // The body's CRC32C, which the store verifies: for a WAV or raw body made from the
+        // header's and the PCM's as ingest computed it (checked when the record was read), with
+        // no second pass over the audio.
         let checksum = base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes());
-        let request = self
+        let mut request = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .content_type("audio/wav")
+            .content_type(upload.content_type())
             .checksum_algorithm(ChecksumAlgorithm::Crc32C)
-            .checksum_crc32_c(checksum)
-            .metadata("sample-rate", record.sample_rate.to_string())
-            .metadata("first-sample", record.first_sample.to_string())
-            .metadata("pcm-crc32c", format!("{:08x}", record.crc32c))
-            .body(ByteStream::from(body.clone()));
+            .checksum_crc32_c(checksum);
+        for (name, value) in upload.metadata() {
+            request = request.metadata(name, value);
+        }
+        let request = request.body(ByteStream::from(body.clone()));
         let request = match condition {
             If::Absent => request.if_none_match("*"),
             If::Etag(etag) => request.if_match(etag),
         };
         match request
             .customize()
-            .interceptor(PrecomputedBodySha256(sha256.clone()))
+            .interceptor(PrecomputedBodySha256(sha256.to_owned()))
             .send()
             .await
         {

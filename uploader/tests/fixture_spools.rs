@@ -44,6 +44,8 @@ fn record(session: &str, seq: u64, first_sample: u64, samples: u64) -> Record {
         first_sample,
         crc32c: spillway_proto::checksum::crc32c(&pcm),
         pcm,
+        // Spooled before the Omi front end: no layout, so WAV.
+        ..Record::default()
     }
 }
 

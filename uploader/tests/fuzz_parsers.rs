@@ -345,6 +345,7 @@ fn record() -> impl Strategy<Value = Record> {
                     first_sample: seq * chunk_samples + off % (chunk_samples - 149),
                     crc32c: spillway_proto::checksum::crc32c(&pcm),
                     pcm: Bytes::from(pcm),
+                    ..Record::default()
                 }
             },
         )
@@ -718,6 +719,7 @@ fn put_request() -> impl Strategy<Value = PutChunkRequest> {
                     }),
                     crc32c: if good_crc { crc } else { crc ^ 1 },
                     pcm: Bytes::from(pcm),
+                    ..PutChunkRequest::default()
                 }
             },
         )
@@ -737,6 +739,7 @@ fn put_chunk_requests_of_any_content_get_a_precise_answer() {
         prefix: "p/".into(),
         max_chunk_seconds: MAX_CHUNK_SECONDS,
         metrics: Metrics::register(&mut Registry::default()),
+        omi_sealed: false,
     };
     let mut runner = TestRunner::new(io_config(1024));
     let strategy = prop_oneof![
@@ -845,6 +848,7 @@ fn an_empty_record_file_is_quarantined_not_panicked_on() {
         first_sample: 0,
         crc32c: spillway_proto::checksum::crc32c(b"ab"),
         pcm: Bytes::from_static(b"ab"),
+        ..Record::default()
     };
     let t = spool_with(&rt, std::slice::from_ref(&r));
     std::fs::write(&t.files[0], b"").unwrap();
@@ -919,6 +923,7 @@ fn record_metadata_outside_the_checksum_is_checked() {
         first_sample: 16_000,
         crc32c: spillway_proto::checksum::crc32c(b"abcd"),
         pcm: Bytes::from_static(b"abcd"),
+        ..Record::default()
     };
     let t = spool_with(&rt, std::slice::from_ref(&r));
     let mut bytes = std::fs::read(&t.files[0]).unwrap();

@@ -39,6 +39,8 @@ pub struct Drain {
     pub workers: Workers,
     pub template: KeyTemplate,
     pub prefix: String,
+    /// Seals Omi-layout chunks (`--omi-secret-file`).
+    pub sealer: Option<Arc<crate::seal::Sealer>>,
     pub breaker: Arc<Mutex<Breaker>>,
     pub metrics: Metrics,
     /// Attempts so far of each upload under way, by spool position (for the max-attempts gauge).
@@ -176,7 +178,12 @@ impl Drain {
             };
             let spool = Arc::clone(&self.spool);
             // Read, checked and (when intact) hashed for signing, all on the blocking pool.
-            let read = move || spool.load(&queued).map(|loaded| loaded.map(Upload::new));
+            let sealer = self.sealer.clone();
+            let read = move || {
+                spool
+                    .load(&queued)
+                    .map(|loaded| loaded.map(|s| Upload::new(s, sealer.as_ref())))
+            };
             let error = match tokio::task::spawn_blocking(read).await {
                 Ok(Ok(Loaded::Ready(upload))) => return Some(upload),
                 Ok(Ok(Loaded::Quarantined)) => {
@@ -198,7 +205,9 @@ impl Drain {
     }
 
     async fn upload(&self, pos: u64, upload: Upload, pool: &Pool, abort: &CancellationToken) {
-        let key = self.template.key_of(&self.prefix, &upload.spooled.record);
+        let key =
+            self.template
+                .key_for(&self.prefix, &upload.spooled.record, self.sealer.is_some());
         let key_lock = self.key_lock(&key);
         let guard = key_lock.lock().await;
         self.upload_locked(pos, &upload, &key, pool, abort).await;

@@ -16,8 +16,10 @@
 //!   at start (`lib.rs`); the record files are adopted into a new one.
 //!
 //! **A record file** is the protobuf [`Record`]: uid (1), session (2), seq (3), sample rate
-//! (4), chunk samples (5), first sample (6), CRC32C of the PCM (7), PCM (8). The PCM is the last
-//! field, so a file is the other fields and the PCM's tag and length, then the PCM itself,
+//! (4), chunk samples (5), first sample (6), CRC32C of the PCM (7), PCM (8), and for an Omi
+//! chunk its layout (9) and first-sample Unix time (10), absent from WAV records (so a record
+//! spooled before the Omi front end is a WAV record). The PCM comes last in the file, so a
+//! file is the other fields and the PCM's tag and length, then the PCM itself,
 //! written from the request's buffer; the file's length is the record's size, the unit of the
 //! byte bound. The CRC32C covers the PCM only: a record read back must also be
 //! [`Record::sound`] (the rules `PutChunk` enforced) and match its metadata entry, or it is

@@ -12,6 +12,7 @@ use prost::Message;
 use super::fs::{Filesystem, is_disk_full};
 use super::{Spool, SpoolError};
 use crate::disk::Room;
+pub use spillway_proto::uploader::Layout;
 
 /// `Record.pcm`'s field number: the last, so the PCM ends every record file.
 const PCM_FIELD: u32 = 8;
@@ -35,6 +36,13 @@ pub struct Record {
     pub crc32c: u32,
     #[prost(bytes = "bytes", tag = "8")]
     pub pcm: Bytes,
+    /// The object's `spillway.uploader.v1.Layout` (0 WAV, 1 Omi); absent, so WAV, in records
+    /// spooled before the Omi front end. Written before the PCM like every other field.
+    #[prost(int32, tag = "9")]
+    pub layout: i32,
+    /// Omi layout: Unix seconds of the first sample (`seq` is it in key milliseconds).
+    #[prost(double, tag = "10")]
+    pub start_time: f64,
 }
 
 impl Record {
@@ -88,13 +96,26 @@ impl Record {
                 .len()
                 .is_multiple_of(spillway_proto::BYTES_PER_SAMPLE)
             && inside
+            && match Layout::try_from(self.layout) {
+                Ok(Layout::Wav) => true,
+                Ok(Layout::Omi) => {
+                    spillway_proto::validate::omi_start(self.seq, self.start_time).is_ok()
+                }
+                Err(_) => false,
+            }
             && self.intact()
     }
 
+    /// The record's object layout; WAV for a value no uploader writes (`sound` refuses those).
+    pub fn layout(&self) -> Layout {
+        Layout::try_from(self.layout).unwrap_or(Layout::Wav)
+    }
+
     /// The record file's bytes before the PCM: every other field, then the PCM's tag and
-    /// length. `pcm` is the last field, so this head followed by the PCM is byte for byte
-    /// `self.encode_to_vec()`, and the audio is written from the request's own buffer
-    /// without that copy.
+    /// length, so the PCM ends every record file and the audio is written from the request's
+    /// own buffer without a copy. Fields numbered after the PCM's (9, 10) come before it here;
+    /// protobuf decodes fields in any order, and a WAV record (where they are absent) is byte
+    /// for byte `self.encode_to_vec()`.
     pub(super) fn file_head(&self) -> Vec<u8> {
         let head = Record {
             pcm: Bytes::new(),

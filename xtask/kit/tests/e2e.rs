@@ -450,6 +450,7 @@ async fn put(
         first_sample: seq * 8_000 * 60,
         pcm: Bytes::from(pcm),
         crc32c,
+        ..Default::default()
     })
     .await
 }

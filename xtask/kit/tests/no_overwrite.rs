@@ -27,6 +27,7 @@ fn request(session: &str, pcm: &[u8]) -> PutChunkRequest {
         first_sample: 0,
         pcm: Bytes::copy_from_slice(pcm),
         crc32c: crc32c::crc32c(pcm),
+        ..Default::default()
     }
 }
 

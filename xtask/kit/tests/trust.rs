@@ -430,6 +430,7 @@ fn mallory_put(session: &str, pcm: Vec<u8>) -> spillway_proto::uploader::PutChun
         first_sample: 0,
         crc32c: spillway_proto::checksum::crc32c(&pcm),
         pcm: pcm.into(),
+        ..Default::default()
     }
 }
 

@@ -634,6 +634,7 @@ fn put_request(uid: &str, session: &str, seq: u64, pcm: &[u8]) -> PutChunkReques
         first_sample: seq * chunk_samples,
         crc32c: spillway_proto::checksum::crc32c(pcm),
         pcm: Bytes::copy_from_slice(pcm),
+        ..Default::default()
     }
 }
 

@@ -63,6 +63,7 @@ async fn put_chunks(
                     // Ingest computes it as the bytes arrive, with the same function.
                     crc32c: spillway_proto::checksum::crc32c(&pcm),
                     pcm,
+                    ..Default::default()
                 };
                 // Ingest's own call: the request's fields, then the audio's own buffer.
                 spillway_ingest::put_chunk::put_chunk(

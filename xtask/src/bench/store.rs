@@ -72,6 +72,7 @@ pub async fn fill_spool(dir: &Path, chunks: u64, session: &str) -> anyhow::Resul
                     first_sample: seq * CHUNK_SAMPLES,
                     crc32c: spillway_proto::checksum::crc32c(&pcm),
                     pcm,
+                    ..Default::default()
                 };
                 spool.commit(&record).await?;
             }

@@ -29,6 +29,7 @@ fn record(seq: u64, pcm: &[u8]) -> Record {
         first_sample: seq * 480_000,
         crc32c: crc32c::crc32c(pcm),
         pcm: Bytes::copy_from_slice(pcm),
+        ..Record::default()
     }
 }
 
