@@ -135,6 +135,9 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// The Omi pusher WebSocket front end.
+    #[command(flatten)]
+    pub omi: crate::omi::OmiArgs,
 }
 
 /// Validated configuration that [`crate::run`] takes.
@@ -163,6 +166,8 @@ pub struct Config {
     pub internal_server_name: Option<String>,
     pub shutdown_grace: Duration,
     pub forward_timeout: Duration,
+    /// The Omi front end's rules (served when [`crate::Listeners::omi`] is given).
+    pub omi: crate::omi::OmiConfig,
 }
 
 /// A configuration value out of range.
@@ -234,6 +239,7 @@ impl Config {
             internal_server_name: None,
             shutdown_grace: Duration::from_secs(30),
             forward_timeout: Duration::from_secs(30),
+            omi: crate::omi::OmiConfig::local(),
         }
     }
 
@@ -353,6 +359,7 @@ impl Args {
             internal_server_name: self.internal_server_name,
             shutdown_grace: self.shutdown_grace,
             forward_timeout: self.forward_timeout,
+            omi: self.omi.into_config()?,
         };
         config.validate()?;
         Ok(config)

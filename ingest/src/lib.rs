@@ -12,8 +12,10 @@ pub mod admission;
 pub mod budget;
 pub mod cli;
 pub mod config;
+pub(crate) mod feed;
 pub mod forward;
 pub mod metrics;
+pub mod omi;
 pub mod put_chunk;
 mod server;
 pub mod tls;
@@ -40,6 +42,8 @@ pub struct Listeners {
     pub quic: std::net::UdpSocket,
     /// TCP listener of /metrics, /healthz and /readyz.
     pub http: tokio::net::TcpListener,
+    /// TCP listener of the Omi pusher WebSocket (`--omi-listen`), if it is served.
+    pub omi: Option<tokio::net::TcpListener>,
 }
 
 /// Bytes a device may send on one session beyond what ingest has read: what QUIC buffers for a
@@ -183,6 +187,18 @@ pub async fn run(
         abandon: abandon.clone(),
         tasks: tasks.clone(),
     });
+    let omi_task = listeners.omi.map(|listener| {
+        let addr = listener.local_addr();
+        if matches!(config.omi.auth, omi::OmiAuth::None) {
+            tracing::warn!("--omi-auth none: anyone who reaches the Omi WebSocket may write as any uid (a private network only)");
+        }
+        tracing::info!(omi = %ops::describe(addr), route = omi::ROUTE, "Omi pusher WebSocket listening");
+        let front = Arc::new(omi::Front {
+            shared: Arc::clone(&shared),
+            config: config.omi,
+        });
+        tokio::spawn(omi::serve(listener, front, shutdown.clone()))
+    });
     ready.set(true);
     match config.auth.as_ref() {
         auth::Auth::None => tracing::warn!(
@@ -212,6 +228,14 @@ pub async fn run(
     }
     ready.set(false);
     tracing::info!("ingest shutting down: flushing sessions");
+    if let Some(task) = omi_task {
+        // Stops accepting; upgraded connections are in `tasks`.
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the Omi WebSocket server failed"),
+            Err(e) => tracing::error!(error = %e, "the Omi WebSocket server task failed"),
+        }
+    }
     tasks.close();
     tasks.wait().await;
     abandon.cancel();

@@ -9,13 +9,21 @@ async fn main() -> anyhow::Result<()> {
         return command.run().await;
     }
     spillway_ops::init_tracing(args.log_format);
-    let (listen, http_listen) = (args.listen, args.http_listen);
+    let (listen, http_listen, omi_listen) = (args.listen, args.http_listen, args.omi.omi_listen);
     let config = args.into_config()?;
     let quic =
         std::net::UdpSocket::bind(listen).with_context(|| format!("binding QUIC on {listen}"))?;
     let http = tokio::net::TcpListener::bind(http_listen)
         .await
         .with_context(|| format!("binding HTTP on {http_listen}"))?;
+    let omi = match omi_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the Omi WebSocket on {addr}"))?,
+        ),
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -24,5 +32,10 @@ async fn main() -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    spillway_ingest::run(config, spillway_ingest::Listeners { quic, http }, shutdown).await
+    spillway_ingest::run(
+        config,
+        spillway_ingest::Listeners { quic, http, omi },
+        shutdown,
+    )
+    .await
 }

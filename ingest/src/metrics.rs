@@ -40,6 +40,12 @@ pub struct Metrics {
     pub idle_connections_closed: Counter,
     pub connections_refused: Family<EndLabel, Counter>,
     pub quic_retries: Counter,
+    /// The Omi WebSocket front end (`--omi-listen`).
+    pub omi_connections: Counter,
+    pub omi_closes: Family<CodeLabel, Counter>,
+    pub omi_ignored_bytes: Family<EndLabel, Counter>,
+    pub omi_unknown_opcodes: Counter,
+    pub omi_chunks_cut: Family<EndLabel, Counter>,
 }
 
 impl Metrics {
@@ -145,6 +151,31 @@ impl Metrics {
             "quic_retries",
             "QUIC connection attempts asked to prove their address first (retry), sent once ingest holds half of --max-connections",
             m.quic_retries.clone(),
+        );
+        r.register(
+            "omi_connections",
+            "Omi pusher WebSocket connections accepted (--omi-listen), after authentication",
+            m.omi_connections.clone(),
+        );
+        r.register(
+            "omi_closes",
+            "Omi WebSocket connections closed by ingest, by close code (1000 normal, 1001 shutdown, 1003 malformed frame, 1008 bad query, 1011 receive timeout, 1013 at a session limit)",
+            m.omi_closes.clone(),
+        );
+        r.register(
+            "omi_ignored_bytes",
+            "Omi audio bytes not stored, by reason: no_conversation (before any 103), replay and overlap (timeline v2: audio already accepted), conflict (replayed bytes that differ from the audio held), unverified (replayed bytes no longer held to compare)",
+            m.omi_ignored_bytes.clone(),
+        );
+        r.register(
+            "omi_unknown_opcodes",
+            "Omi frames with an opcode this front end does not know (ignored)",
+            m.omi_unknown_opcodes.clone(),
+        );
+        r.register(
+            "omi_chunks_cut",
+            "Omi chunks finished, by why: full, gap (v2, over 1 ms), conversation (a 103 named another), processed (104), disconnect, fill_timeout",
+            m.omi_chunks_cut.clone(),
         );
         m
     }

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Uids;
 use crate::budget::{Budget, Reservation};
 use crate::chunker::Chunk;
+use crate::feed::{self, Budgeted, Stopped};
 use crate::fill::FillTimer;
 use crate::forward::{ForwardError, Forwarder};
 use crate::metrics::{EndLabel, Metrics};
@@ -361,42 +362,26 @@ async fn run_session(
                 Ok(Output::Audio(pcm)) => {
                     shared.metrics.audio_bytes.inc_by(pcm.len() as u64);
                     let mut rest = &pcm[..];
+                    let from = Budgeted {
+                        budget: &shared.budget,
+                        shutdown: &shared.shutdown,
+                        fatal: &fatal,
+                    };
                     while !rest.is_empty() {
-                        // Reserve memory before taking bytes (a first step, then the rest of the
-                        // chunk); waiting here stops reading, so QUIC flow control slows the
-                        // device, and the wait is not held against its fill timeout.
-                        let held = reserved.as_ref().map_or(0, Reservation::bytes);
-                        if let Some(more) = session.reservation_needed(held) {
-                            let waited = tokio::time::Instant::now();
-                            let step = tokio::select! {
-                                biased;
-                                () = fatal.cancelled() => break 'read End::ForwardFailed,
-                                r = shared.budget.reserve(more, &shared.shutdown) => match r {
-                                    Some(r) => r,
-                                    None => break 'read End::Shutdown,
-                                },
+                        let (taken, chunk) =
+                            match feed::step(&mut session, rest, &mut reserved, &mut fill, &from)
+                                .await
+                            {
+                                Ok(fed) => fed,
+                                Err(Stopped::Shutdown) => break 'read End::Shutdown,
+                                Err(Stopped::Fatal) => break 'read End::ForwardFailed,
                             };
-                            fill.excuse(waited.elapsed());
-                            match &mut reserved {
-                                Some(r) => r.merge(step),
-                                None => reserved = Some(step),
-                            }
-                            session.ensure_capacity(held + more);
-                        }
-                        let room = reserved.as_ref().map_or(0, Reservation::bytes)
-                            - session.pending_bytes();
-                        let (taken, chunk) = session.feed(&rest[..room.min(rest.len())]);
-                        rest = &rest[taken..];
-                        fill.fed(
-                            std::time::Instant::now(),
-                            chunk.is_some(),
-                            session.pending_bytes(),
-                        );
+                        rest = rest.get(taken..).unwrap_or_default();
                         if let Some(chunk) = chunk {
                             // Waits while the previous chunk is still being committed.
                             let waited = tokio::time::Instant::now();
                             tokio::select! {
-                                r = chunk_tx.send((chunk, reserved.take())) => if r.is_err() {
+                                r = chunk_tx.send(chunk) => if r.is_err() {
                                     break 'read End::ForwardFailed;
                                 },
                                 () = fatal.cancelled() => break 'read End::ForwardFailed,

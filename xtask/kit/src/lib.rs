@@ -7,12 +7,14 @@
 //! - [`sim`]: simulated devices and byte-for-byte verification of what reached the store.
 //! - [`pki`]: a throwaway CA and the internal link's certificates.
 //! - [`rogue`]: a device that speaks the protocol badly on purpose.
+//! - [`omi`]: a stand-in for Omi's listen service, the pusher WebSocket's client side.
 //! - [`metrics`]: reading the daemons' Prometheus text (`/metrics`).
 //! - [`damage`]: a stopped spool damaged the way a bad disk does.
 
 pub mod cluster;
 pub mod damage;
 pub mod metrics;
+pub mod omi;
 pub mod pipeline;
 pub mod pki;
 pub mod rogue;

@@ -36,6 +36,11 @@ pub struct Options {
     /// The ingest → uploader link's PKI: mutual TLS when set (the real path, which
     /// [`Pipeline::start`] always takes: it makes one when there is none); plaintext otherwise.
     pub pki: Option<crate::pki::DevPki>,
+    /// The Omi WebSocket's bearer token (`--omi-auth bearer`); `None`: no authentication.
+    pub omi_token: Option<Vec<u8>>,
+    /// The uploader seals Omi chunks with this secret (`--omi-secret-file`).
+    pub omi_secret: Option<Vec<u8>>,
+    pub omi_receive_timeout: Duration,
 }
 
 impl Default for Options {
@@ -59,6 +64,9 @@ impl Default for Options {
             max_puts_in_flight: 64,
             put_timeout: Duration::from_secs(60),
             pki: None,
+            omi_token: None,
+            omi_secret: None,
+            omi_receive_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -70,6 +78,8 @@ pub struct Pipeline {
     pub bucket: String,
     pub ingest_quic: SocketAddr,
     pub ingest_http: SocketAddr,
+    /// The Omi pusher WebSocket (`ws://{ingest_omi}/v1/trigger/listen?...`).
+    pub ingest_omi: SocketAddr,
     pub uploader_grpc: SocketAddr,
     pub uploader_http: SocketAddr,
     pub cert_der: Vec<u8>,
@@ -146,6 +156,13 @@ pub fn uploader_config(
     if let Some(pki) = &opts.pki {
         c.link = spillway_proto::link::Link::Tls(pki.uploader_tls());
     }
+    if let Some(secret) = &opts.omi_secret {
+        match spillway_uploader::seal::Sealer::from_secret(zeroize::Zeroizing::new(secret.clone()))
+        {
+            Ok(sealer) => c.omi_sealer = Some(std::sync::Arc::new(sealer)),
+            Err(e) => tracing::error!(error = %e, "the test's Omi secret is refused"),
+        }
+    }
     c.credentials = Some(spillway_uploader::StaticCredentials {
         access_key_id: crate::s3::ACCESS_KEY.into(),
         secret_access_key: crate::s3::SECRET_KEY.into(),
@@ -185,10 +202,15 @@ impl Pipeline {
         let quic = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let ingest_quic = quic.local_addr()?;
         let (ihttp, ingest_http) = tcp().await?;
+        let (omi, ingest_omi) = tcp().await?;
         let ingest_stop = CancellationToken::new();
         let ingest = tokio::spawn(spillway_ingest::run(
             iconfig,
-            spillway_ingest::Listeners { quic, http: ihttp },
+            spillway_ingest::Listeners {
+                quic,
+                http: ihttp,
+                omi: Some(omi),
+            },
             ingest_stop.clone(),
         ));
 
@@ -197,6 +219,7 @@ impl Pipeline {
             bucket: opts.bucket,
             ingest_quic,
             ingest_http,
+            ingest_omi,
             uploader_grpc,
             uploader_http,
             cert_der,
@@ -350,6 +373,7 @@ impl Pipeline {
         (&mut self.ingest).await??;
         let quic = bind_udp_again(self.ingest_quic).await?;
         let http = bind_tcp_again(self.ingest_http).await?;
+        let omi = bind_tcp_again(self.ingest_omi).await?;
         self.ingest_stop = CancellationToken::new();
         let config = ingest_config(
             self.uploader_grpc,
@@ -359,7 +383,11 @@ impl Pipeline {
         );
         self.ingest = tokio::spawn(spillway_ingest::run(
             config,
-            spillway_ingest::Listeners { quic, http },
+            spillway_ingest::Listeners {
+                quic,
+                http,
+                omi: Some(omi),
+            },
             self.ingest_stop.clone(),
         ));
         wait_ready(self.ingest_http)
@@ -443,6 +471,13 @@ fn ingest_config(
     if let Some(roots) = &opts.device_ca {
         c.auth = std::sync::Arc::new(spillway_ingest::auth::Auth::Certificates);
         c.device_ca = Some(roots.clone());
+    }
+    c.omi.receive_timeout = opts.omi_receive_timeout;
+    if let Some(token) = &opts.omi_token {
+        match spillway_core::omi::bearer::BearerToken::from_file_contents(token) {
+            Ok(token) => c.omi.auth = spillway_ingest::omi::OmiAuth::Bearer(token),
+            Err(e) => tracing::error!(error = %e, "the test's Omi token is refused"),
+        }
     }
     c
 }

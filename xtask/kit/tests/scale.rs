@@ -56,7 +56,11 @@ async fn ingest_fails_over_when_one_of_three_uploaders_dies_and_its_spool_drains
         let stop = CancellationToken::new();
         let ingest = tokio::spawn(spillway_ingest::run(
             config,
-            spillway_ingest::Listeners { quic, http },
+            spillway_ingest::Listeners {
+                quic,
+                http,
+                omi: None,
+            },
             stop.clone(),
         ));
         spillway_kit::pipeline::wait_ready(ingest_http)

@@ -46,6 +46,7 @@ use std::fmt;
 
 use spillway_proto::validate::{self, IdError};
 
+pub mod bearer;
 pub mod frame;
 pub mod query;
 pub mod timeline;

@@ -1,0 +1,91 @@
+//! The Omi pusher's WebSocket front end (`--omi-listen`): Omi's `listen` service points its
+//! pusher URL here and changes nothing else. The protocol's rules are sans-IO in
+//! [`spillway_core::omi`]; this module moves bytes, keeps time and reuses everything QUIC
+//! sessions use: the session and per-uid slots, the memory budget ([`crate::feed`]), the
+//! forwarder and the uploaders. Chunks are stored in Omi's layout (`chunks/{uid}/{conversation}/
+//! {start}.batch.bin`, or `.batch.enc` when the uploader seals them).
+//!
+//! A connection's life:
+//! 1. Before the upgrade: the bearer token (`--omi-auth bearer`; 401 without it). Nothing is
+//!    held for a request that fails it.
+//! 2. After the upgrade: the query (uid, sample rate, timeline version; 1008 when bad), then a
+//!    session slot and a slot of the uid's (1013, "try again later", at either limit), then 202
+//!    when `audio_timeline=2` was asked.
+//! 3. Frames, one at a time ([`session`]): a malformed one closes 1003, none for
+//!    `--omi-receive-timeout` closes 1011, shutdown closes 1001; every close first stores the
+//!    audio received so far.
+
+mod config;
+mod session;
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use spillway_core::omi::query::ListenParams;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{OmiArgs, OmiAuth, OmiAuthMode, OmiConfig};
+
+use crate::metrics::CodeLabel;
+use crate::server::Shared;
+
+/// The route Omi's listen connects to.
+pub const ROUTE: &str = "/v1/trigger/listen";
+
+/// What the front end's connections share.
+pub(crate) struct Front {
+    pub shared: Arc<Shared>,
+    pub config: OmiConfig,
+}
+
+/// Serves the WebSocket on `listener` until `stop` fires; upgraded connections are tracked by
+/// the daemon's task tracker, so shutdown waits for them to store their audio.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    front: Arc<Front>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route(ROUTE, axum::routing::get(upgrade))
+        .with_state(front);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+async fn upgrade(
+    State(front): State<Arc<Front>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let OmiAuth::Bearer(token) = &front.config.auth
+        && !token.verify(
+            headers
+                .get(header::AUTHORIZATION)
+                .map(axum::http::HeaderValue::as_bytes),
+        )
+    {
+        front
+            .shared
+            .metrics
+            .omi_closes
+            .get_or_create(&CodeLabel { code: "401".into() })
+            .inc();
+        tracing::warn!("Omi connection refused: no valid bearer token");
+        return (
+            StatusCode::UNAUTHORIZED,
+            "Authorization: Bearer <--omi-token-file's token> is needed\n",
+        )
+            .into_response();
+    }
+    let params = ListenParams::parse(query.as_deref().unwrap_or(""));
+    let max = front.shared.max_frame_bytes;
+    let tasks = front.shared.tasks.clone();
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| tasks.track_future(session::run(socket, params, front)))
+}
