@@ -2,7 +2,7 @@
 //! address) and session slots per uid. Each slot is a guard that gives itself back when dropped,
 //! so a connection or session that ends any way at all frees its slot.
 //!
-//! Plain counting, no I/O and no clock: the QUIC front end asks, and refuses what does not fit.
+//! Plain counting, no I/O and no clock: the front ends ask, and refuse what does not fit.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-/// Counts held per key, each at most `per_key`, and all together at most `total`.
-#[derive(Debug)]
+/// Counts held per key, each at most `per_key`, and all together at most `total`. Clones share
+/// the counts.
+#[derive(Debug, Clone)]
 pub struct Slots<K: Hash + Eq + Clone> {
     inner: Arc<Mutex<Counts<K>>>,
     total: usize,

@@ -187,6 +187,8 @@ pub async fn run(
         abandon: abandon.clone(),
         tasks: tasks.clone(),
     });
+    let connections =
+        admission::Connections::new(config.max_connections, config.max_connections_per_ip);
     let omi_task = listeners.omi.map(|listener| {
         let addr = listener.local_addr();
         if matches!(config.omi.auth, omi::OmiAuth::None) {
@@ -197,7 +199,12 @@ pub async fn run(
             shared: Arc::clone(&shared),
             config: config.omi,
         });
-        tokio::spawn(omi::serve(listener, front, shutdown.clone()))
+        tokio::spawn(omi::serve(
+            listener,
+            connections.clone(),
+            front,
+            shutdown.clone(),
+        ))
     });
     ready.set(true);
     match config.auth.as_ref() {
@@ -215,8 +222,6 @@ pub async fn run(
         uploaders = ?config.uploaders.iter().map(ToString::to_string).collect::<Vec<_>>(),
         chunk_seconds = config.chunk_seconds, "ingest started");
 
-    let connections =
-        admission::Connections::new(config.max_connections, config.max_connections_per_ip);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {

@@ -6,7 +6,8 @@
 //! {start}.batch.bin`, or `.batch.enc` when the uploader seals them).
 //!
 //! A connection's life:
-//! 1. Before the upgrade: the bearer token (`--omi-auth bearer`; 401 without it). Nothing is
+//! 1. Before the upgrade: a connection slot under the caps QUIC connections share
+//!    (`listener.rs`), then the bearer token (`--omi-auth bearer`; 401 without it). Nothing is
 //!    held for a request that fails it.
 //! 2. After the upgrade: the query (uid, sample rate, timeline version; 1008 when bad), then a
 //!    session slot and a slot of the uid's (1013, "try again later", at either limit), then 202
@@ -16,6 +17,7 @@
 //!    audio received so far.
 
 mod config;
+mod listener;
 mod session;
 
 use std::sync::Arc;
@@ -45,13 +47,19 @@ pub(crate) struct Front {
 /// the daemon's task tracker, so shutdown waits for them to store their audio.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
+    connections: crate::admission::Connections,
     front: Arc<Front>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let capped = listener::Capped {
+        inner: listener,
+        slots: connections,
+        metrics: front.shared.metrics.clone(),
+    };
     let app = axum::Router::new()
         .route(ROUTE, axum::routing::get(upgrade))
         .with_state(front);
-    axum::serve(listener, app)
+    axum::serve(capped, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
 }
