@@ -37,6 +37,12 @@ pub struct OmiArgs {
     /// does after 300 s (listen sends a heartbeat every 20 s).
     #[arg(long, env = "SPILLWAY_OMI_RECEIVE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
     pub omi_receive_timeout: Duration,
+    /// Omi's protocol has no acknowledgements: audio ingest holds when it dies is lost. A
+    /// session's open chunk is committed (as a shorter chunk in Omi's layout) once its first
+    /// byte is this old, which bounds that loss; smaller means more objects (3,600 / this per
+    /// hour per session) and spool writes. The default, 60s, makes the pusher's 60 s objects.
+    #[arg(long, env = "SPILLWAY_OMI_COMMIT_EVERY", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub omi_commit_every: Duration,
 }
 
 /// How a listen connection is authenticated.
@@ -51,6 +57,8 @@ pub enum OmiAuth {
 pub struct OmiConfig {
     pub auth: OmiAuth,
     pub receive_timeout: Duration,
+    /// The longest an open chunk holds audio before it is committed (`--omi-commit-every`).
+    pub commit_every: Duration,
 }
 
 impl OmiConfig {
@@ -59,6 +67,7 @@ impl OmiConfig {
         Self {
             auth: OmiAuth::None,
             receive_timeout: Duration::from_secs(300),
+            commit_every: Duration::from_secs(60),
         }
     }
 }
@@ -69,6 +78,10 @@ impl OmiArgs {
         anyhow::ensure!(
             self.omi_receive_timeout >= Duration::from_secs(1),
             "--omi-receive-timeout must be at least 1s"
+        );
+        anyhow::ensure!(
+            self.omi_commit_every >= Duration::from_secs(1),
+            "--omi-commit-every must be at least 1s"
         );
         let auth = match (self.omi_auth, &self.omi_token_file) {
             (Some(OmiAuthMode::Bearer), Some(path)) => {
@@ -98,6 +111,7 @@ impl OmiArgs {
         Ok(OmiConfig {
             auth,
             receive_timeout: self.omi_receive_timeout,
+            commit_every: self.omi_commit_every,
         })
     }
 }

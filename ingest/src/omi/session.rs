@@ -163,6 +163,8 @@ async fn read_loop(
     let mut omi = OmiStream::for_params(params, shared.limits.chunk_seconds);
     let mut reserved: Option<Reservation> = None;
     let mut fill = FillTimer::new(shared.chunk_fill_timeout);
+    // The loss bound (`--omi-commit-every`): unlike the fill deadline, no wait excuses it.
+    let mut commit = FillTimer::new(front.config.commit_every);
     let from = Budgeted {
         budget: &shared.budget,
         shutdown: &shared.shutdown,
@@ -170,7 +172,12 @@ async fn read_loop(
     };
     let receive_timeout = front.config.receive_timeout;
     let end = 'read: loop {
-        let fill_at = fill.deadline().map(tokio::time::Instant::from_std);
+        let commit_at = commit.deadline();
+        let fill_at = match (fill.deadline(), commit_at) {
+            (Some(f), Some(c)) => Some(f.min(c)),
+            (f, c) => f.or(c),
+        }
+        .map(tokio::time::Instant::from_std);
         let next = tokio::select! {
             biased;
             () = shared.shutdown.cancelled() => break End::Close(
@@ -178,14 +185,21 @@ async fn read_loop(
             () = fatal.cancelled() => break End::Close(
                 close::RECEIVE_TIMEOUT, "the uploader refused a chunk; resend".into()),
             () = sleep_until(fill_at) => {
-                // A chunk open past --chunk-fill-timeout is stored as it is; the connection
-                // goes on, and its next audio starts a new chunk.
+                // A chunk whose first byte is --omi-commit-every old, or open past
+                // --chunk-fill-timeout, is stored as it is; the connection goes on, and its next
+                // audio starts a new chunk.
+                let why = if commit_at.is_some_and(|c| c <= std::time::Instant::now()) {
+                    "commit_every"
+                } else {
+                    "fill_timeout"
+                };
                 if let Some(chunk) = omi.finish()
-                    && hand_over(tx, chunk, "fill_timeout", &mut reserved, metrics, fatal, &mut fill).await.is_err()
+                    && hand_over(tx, chunk, why, &mut reserved, metrics, fatal, &mut fill).await.is_err()
                 {
                     break End::Close(close::RECEIVE_TIMEOUT, "the uploader refused a chunk; resend".into());
                 }
                 fill = FillTimer::new(shared.chunk_fill_timeout);
+                commit = FillTimer::new(front.config.commit_every);
                 continue;
             }
             r = tokio::time::timeout(receive_timeout, stream.next()) => r,
@@ -223,6 +237,10 @@ async fn read_loop(
             match action {
                 Action::Chunk(chunk) => {
                     let why = cut_label(chunk.cut);
+                    // The run ended: nothing is open, so neither deadline runs.
+                    let now = std::time::Instant::now();
+                    fill.fed(now, true, 0);
+                    commit.fed(now, true, 0);
                     if hand_over(tx, chunk, why, &mut reserved, metrics, fatal, &mut fill)
                         .await
                         .is_err()
@@ -258,6 +276,11 @@ async fn read_loop(
                                 }
                             };
                         rest = rest.get(taken..).unwrap_or_default();
+                        commit.fed(
+                            std::time::Instant::now(),
+                            chunk.is_some(),
+                            omi.pending_bytes(),
+                        );
                         if let Some((chunk, held)) = chunk {
                             reserved = held;
                             if hand_over(

@@ -41,6 +41,7 @@ pub struct Options {
     /// The uploader seals Omi chunks with this secret (`--omi-secret-file`).
     pub omi_secret: Option<Vec<u8>>,
     pub omi_receive_timeout: Duration,
+    pub omi_commit_every: Duration,
 }
 
 impl Default for Options {
@@ -67,6 +68,7 @@ impl Default for Options {
             omi_token: None,
             omi_secret: None,
             omi_receive_timeout: Duration::from_secs(300),
+            omi_commit_every: Duration::from_secs(60),
         }
     }
 }
@@ -473,6 +475,7 @@ fn ingest_config(
         c.device_ca = Some(roots.clone());
     }
     c.omi.receive_timeout = opts.omi_receive_timeout;
+    c.omi.commit_every = opts.omi_commit_every;
     if let Some(token) = &opts.omi_token {
         match spillway_core::omi::bearer::BearerToken::from_file_contents(token) {
             Ok(token) => c.omi.auth = spillway_ingest::omi::OmiAuth::Bearer(token),

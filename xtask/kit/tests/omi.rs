@@ -257,3 +257,48 @@ async fn refusals_get_omis_close_codes_and_the_token_is_checked_before_the_upgra
     .await
     .expect("within the limit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_chunk_is_committed_once_its_first_byte_is_commit_every_old() {
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(Options {
+            omi_commit_every: Duration::from_secs(1),
+            ..options()
+        })
+        .await
+        .unwrap();
+        let pcm = capture(3);
+        let query = format!("uid=alice&sample_rate={RATE}&audio_timeline=2");
+        let mut l = Listen::connect(p.ingest_omi, &query, None).await.unwrap();
+        l.next().await.unwrap();
+        l.conversation("conv-4").await.unwrap();
+        // 1.5 s of a 2 s chunk, then nothing: stored after 1 s, the connection still open.
+        send(&mut l, &pcm, 0, 24_000).await;
+        let started = std::time::Instant::now();
+        assert_eq!(
+            keys(&p, "chunks/alice/conv-4/", 1).await,
+            [key("conv-4", T0, "bin")]
+        );
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(900), "{waited:?}");
+        // The capture goes on: its next audio starts the next chunk where the first ended (and
+        // that chunk runs its 2 s from there; the close stores the 1.5 s it got).
+        send(&mut l, &pcm, 24_000, 48_000).await;
+        assert_eq!(l.close().await.unwrap(), 1000);
+        let want = [key("conv-4", T0, "bin"), key("conv-4", T0 + 1.5, "bin")];
+        assert_eq!(keys(&p, "chunks/alice/conv-4/", 2).await, want);
+        let mut stored = Vec::new();
+        for k in &want {
+            stored.extend(p.object(k).await.unwrap().unwrap());
+        }
+        assert!(stored == pcm, "the capture, byte for byte, in two objects");
+        let m = p.ingest_metrics().await.unwrap();
+        assert_eq!(
+            metric(&m, "spillway_ingest_omi_chunks_cut_total{reason=\"commit_every\"}"),
+            1.0
+        );
+        p.stop().await.unwrap();
+    })
+    .await
+    .expect("within the limit");
+}
