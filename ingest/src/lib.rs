@@ -195,10 +195,11 @@ pub async fn run(
             tracing::warn!("--omi-auth none: anyone who reaches the Omi WebSocket may write as any uid (a private network only)");
         }
         tracing::info!(omi = %ops::describe(addr), route = omi::ROUTE, "Omi pusher WebSocket listening");
-        let front = Arc::new(omi::Front {
-            shared: Arc::clone(&shared),
-            config: config.omi,
-        });
+        let front = Arc::new(omi::Front::new(
+            Arc::clone(&shared),
+            config.omi,
+            config.max_sessions,
+        ));
         tokio::spawn(omi::serve(
             listener,
             connections.clone(),

@@ -18,6 +18,7 @@
 
 mod config;
 mod listener;
+mod resume;
 mod session;
 
 use std::sync::Arc;
@@ -41,6 +42,21 @@ pub const ROUTE: &str = "/v1/trigger/listen";
 pub(crate) struct Front {
     pub shared: Arc<Shared>,
     pub config: OmiConfig,
+    /// Where recent captures' accepted audio ended, for reconnects.
+    pub(crate) timelines: resume::Timelines,
+}
+
+impl Front {
+    pub(crate) fn new(shared: Arc<Shared>, config: OmiConfig, max_sessions: usize) -> Self {
+        Self {
+            shared,
+            config,
+            timelines: resume::Timelines::new(
+                max_sessions.saturating_mul(4),
+                std::time::Duration::from_secs(600),
+            ),
+        }
+    }
 }
 
 /// Serves the WebSocket on `listener` until `stop` fires; upgraded connections are tracked by

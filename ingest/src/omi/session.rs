@@ -233,6 +233,16 @@ async fn read_loop(
             metrics.omi_unknown_opcodes.inc();
             tracing::debug!(op, "Omi frame with an unknown opcode ignored");
         }
+        // A reconnect: audio an earlier connection of this capture accepted is a replay.
+        if let frame::Frame::Conversation(id) = &frame
+            && omi.end_time().is_none()
+            && let Some(end) =
+                front
+                    .timelines
+                    .get(&params.uid, id.as_str(), std::time::Instant::now())
+        {
+            omi.continue_after(end);
+        }
         for action in omi.on_frame(&frame) {
             match action {
                 Action::Chunk(chunk) => {
@@ -329,7 +339,11 @@ async fn read_loop(
                 }
             }
         }
+        if matches!(frame, frame::Frame::Audio(_)) {
+            remember(front, params, &omi);
+        }
     };
+    remember(front, params, &omi);
     if !fatal.is_cancelled()
         && let Some(chunk) = omi.finish()
     {
@@ -345,6 +359,18 @@ async fn read_loop(
         .await;
     }
     end
+}
+
+/// Remembers where this connection's accepted audio ends, for a reconnect of the same capture.
+fn remember(front: &Front, params: &ListenParams, omi: &OmiStream) {
+    if let (Some(conversation), Some(end)) = (omi.conversation(), omi.end_time()) {
+        front.timelines.put(
+            &params.uid,
+            conversation.as_str(),
+            end,
+            std::time::Instant::now(),
+        );
+    }
 }
 
 /// Sends a finished chunk, with the reservation it was filled under, to the forwarding half;

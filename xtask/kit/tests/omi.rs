@@ -147,7 +147,7 @@ async fn a_timeline_v2_stream_is_stored_in_omis_layout_with_replays_ignored_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sealed_chunks_open_with_omis_key_and_a_reconnect_completes_the_cut_chunk() {
+async fn sealed_chunks_open_with_omis_key_and_a_reconnects_resend_is_not_stored_twice() {
     tokio::time::timeout(LIMIT, async {
         let p = Pipeline::start(Options {
             omi_secret: Some(SECRET.to_vec()),
@@ -167,21 +167,22 @@ async fn sealed_chunks_open_with_omis_key_and_a_reconnect_completes_the_cut_chun
         drop(l);
         let first = keys(&p, "chunks/alice/conv-2/", 1).await;
         assert_eq!(first, [key("conv-2", T0, "enc")]);
-        // listen reconnects and resends from where its capture began: the first chunk grows
-        // to its full 2 s in place, and the rest follows.
+        // listen reconnects and resends from half a second before the break (the same
+        // timestamps): ingest remembers where the capture's accepted audio ended, so the resent
+        // half second is a replay, and the capture goes on from the break.
         let mut l = Listen::connect(p.ingest_omi, &query, None).await.unwrap();
         l.next().await.unwrap();
         l.conversation("conv-2").await.unwrap();
-        for from in (0..48_000).step_by(8_000) {
+        send(&mut l, &pcm, 16_000, 24_000).await;
+        for from in (24_000..48_000).step_by(8_000) {
             send(&mut l, &pcm, from, from + 8_000).await;
         }
         assert_eq!(l.close().await.unwrap(), 1000);
 
-        let want = [key("conv-2", T0, "enc"), key("conv-2", T0 + 2.0, "enc")];
+        let want = [key("conv-2", T0, "enc"), key("conv-2", T0 + 1.5, "enc")];
         let sealer =
             spillway_uploader::seal::Sealer::from_secret(zeroize::Zeroizing::new(SECRET.to_vec()))
                 .unwrap();
-        // The first object is replaced by its longer piece once the reconnect's chunk drains.
         let mut opened = Vec::new();
         for _ in 0..100 {
             assert_eq!(keys(&p, "chunks/alice/conv-2/", 2).await, want);
@@ -294,7 +295,10 @@ async fn an_open_chunk_is_committed_once_its_first_byte_is_commit_every_old() {
         assert!(stored == pcm, "the capture, byte for byte, in two objects");
         let m = p.ingest_metrics().await.unwrap();
         assert_eq!(
-            metric(&m, "spillway_ingest_omi_chunks_cut_total{reason=\"commit_every\"}"),
+            metric(
+                &m,
+                "spillway_ingest_omi_chunks_cut_total{reason=\"commit_every\"}"
+            ),
             1.0
         );
         p.stop().await.unwrap();

@@ -4,7 +4,7 @@
 Plays, with audio_timeline=2 and 1 s frames of seeded PCM sent as fast as the socket takes them:
 conversation A, a switch to conversation B (103), a heartbeat (100) every 20 s of capture, one
 transcript (102), then the connection breaks without a close frame; listen reconnects and resends
-the last seconds before the break (version 2: the same timestamps), goes on to the end, asks for
+the last 3 s before the break (version 2: the same timestamps), goes on to the end, asks for
 B to be processed (104), waits for its 201 and closes (1000). Checks every reply, then writes to
 OUT what the pusher should have stored: OUT/<conversation>.pcm (the conversation's audio, in
 order, each sample once) and OUT/expected.json (uid, sample_rate, and each chunk: conversation,
@@ -13,9 +13,10 @@ key without the .bin/.enc ending, v2_start, samples, in key order). Exits non-ze
     omi_listen.py ws://127.0.0.1:PORT --uid U --rate 16000 --seed 7 --seconds 45 \\
         --chunk-seconds 2 --out DIR
 
-The contract's chunks are 60 s; a test pusher may cut shorter (--chunk-seconds). Where the
-contract is silent (a chunk cut by the disconnect, then resent longer under the same key), the
-store is expected to keep the longer piece: nothing of the capture lost, nothing twice.
+The contract's chunks are 60 s; a test pusher may cut shorter (--chunk-seconds). A version-2
+pusher ignores replays and trims overlaps, also of audio an earlier connection delivered, so the
+resent seconds are not stored again: the capture goes on from the break, in chunks that start
+there. Nothing of the capture lost, nothing twice.
 """
 
 import argparse
@@ -59,31 +60,35 @@ class Session:
         await ws.send(frame(103, conversation.encode()))
         return ws
 
-    async def play(self, ws, conversation, start, end):
-        """Sends seconds [start, end) of the capture, stamped with their capture time."""
+    async def play(self, ws, conversation, start, end, stored_from=None):
+        """Sends seconds [start, end) of the capture, stamped with their capture time; the
+        pusher stores [stored_from, end) of them (the rest it already has)."""
         for i in range(start, end):
             await ws.send(frame(101, struct.pack("<d", T0 + i) + self.second(i)))
             if i % 20 == 19:
                 await ws.send(frame(100))
-        self.runs.append((conversation, start, end))
+        self.runs.append((conversation, start if stored_from is None else stored_from, end))
 
     async def run(self):
         n, c = self.a.seconds, self.a.chunk_seconds
         a, b = self.convs
         switch = c * (n // (3 * c)) + 1  # A ends 1 s into a chunk: cut by the 103
         brk = switch + c * ((n * 3 // 5 - switch) // c) + 1  # the break: 1 s into a chunk of B
-        resend = brk - 1 - c  # from a chunk start of B's run, over the cut chunk
+        resend = brk - 3  # 3 s before the break, from the middle of a chunk
         assert 0 < switch < resend < brk < n, "too short a capture for this session"
         ws = await self.open(a)
         await self.play(ws, a, 0, switch)
         await ws.send(frame(103, b.encode()))
         await ws.send(frame(102, json.dumps({"segments": [], "memory_id": b}).encode()))
         await self.play(ws, b, switch, brk)
+        # The pusher read everything before the break (its pong follows the frames it read):
+        # so it is known which seconds it holds, and the resend repeats them.
+        await asyncio.wait_for(await ws.ping(), 30)
         ws.transport.abort()  # no close frame: the connection just breaks
         await ws.wait_closed()
         await asyncio.sleep(1)  # listen's reconnect backoff
         ws = await self.open(b)
-        await self.play(ws, b, resend, n)
+        await self.play(ws, b, resend, n, stored_from=brk)
         await ws.send(frame(104, json.dumps({"conversation_id": b, "language": "en"}).encode()))
         reply = await asyncio.wait_for(ws.recv(), 30)
         op, body = struct.unpack("<I", reply[:4])[0], json.loads(reply[4:])

@@ -200,6 +200,32 @@ impl OmiStream {
         self.conversation.as_ref()
     }
 
+    /// Timeline version 2: the Unix time one past the last sample accepted on this connection,
+    /// for a later connection of the same capture to continue from ([`Self::continue_after`]).
+    pub fn end_time(&self) -> Option<f64> {
+        let tl = self
+            .timeline
+            .filter(|_| self.version == TimelineVersion::V2)?;
+        Some(tl.anchor_ts + (tl.end - tl.anchor_pos) as f64 / f64::from(self.sample_rate))
+    }
+
+    /// Timeline version 2, before this connection accepted any audio: an earlier connection of
+    /// the same capture accepted audio up to `end_time` ([`Self::end_time`]), so audio before it
+    /// is a replay (ignored) or an overlap (trimmed), counted as unverified since none of it is
+    /// held here. Does nothing once the connection has a timeline, or in version 1.
+    pub fn continue_after(&mut self, end_time: f64) {
+        if self.version == TimelineVersion::V2
+            && self.timeline.is_none()
+            && (0.0..crate::omi::frame::MAX_TIMESTAMP).contains(&end_time)
+        {
+            self.timeline = Some(Timeline {
+                anchor_ts: end_time,
+                anchor_pos: 0,
+                end: 0,
+            });
+        }
+    }
+
     /// Applies one frame. See the module doc for the order of the actions.
     pub fn on_frame(&mut self, frame: &Frame<'_>) -> Vec<Action> {
         let mut out = Vec::new();

@@ -397,3 +397,50 @@ fn a_caller_feeds_in_reserved_steps_and_the_end_is_what_it_fed() {
     };
     assert_eq!((c.cut, c.pcm.len()), (Cut::Gap, crate::reserve::FIRST_STEP));
 }
+
+#[test]
+fn a_new_connection_continues_after_the_last_one_and_stores_nothing_twice() {
+    let mut first = Run::v2();
+    first.send(0, 48_000);
+    first.chunks.extend(first.s.finish());
+    let end = first.s.end_time().expect("a v2 timeline");
+    assert!((end - at(48_000)).abs() < 1e-6, "{end}");
+
+    // listen reconnects and resends from 1 s before the break (same timestamps).
+    let mut second = Run::v2();
+    second.s.continue_after(end);
+    let replay = second.send(16_000, 32_000);
+    assert!(replay.contains(&Action::Ignored {
+        reason: Ignore::Replay,
+        bytes: 32_000
+    }));
+    let overlap = second.send(32_000, 64_000);
+    assert!(overlap.contains(&Action::Ignored {
+        reason: Ignore::Overlap,
+        bytes: 32_000
+    }));
+    assert!(overlap.contains(&Action::Unverified { bytes: 32_000 }));
+    second.chunks.extend(second.s.finish());
+
+    let stored: Vec<u8> = first
+        .chunks
+        .iter()
+        .chain(&second.chunks)
+        .flat_map(|c| c.pcm.to_vec())
+        .collect();
+    assert_eq!(stored, capture(0, 64_000), "each sample once");
+    assert_eq!(second.chunks.len(), 1);
+    assert!((second.chunks[0].start - at(48_000)).abs() < 1e-6);
+}
+
+#[test]
+fn continuing_is_ignored_in_version_1_and_once_audio_was_accepted() {
+    let mut v1 = Run::new(TimelineVersion::V1, 60 * u64::from(RATE));
+    v1.s.continue_after(at(100));
+    assert_eq!(v1.s.end_time(), None);
+    let mut v2 = Run::v2();
+    v2.send(0, 1_000);
+    v2.s.continue_after(at(100_000));
+    let end = v2.s.end_time().expect("a v2 timeline");
+    assert!((end - at(1_000)).abs() < 1e-6);
+}
