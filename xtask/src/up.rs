@@ -16,7 +16,11 @@ pub struct UpArgs {
     /// Simulated devices, each streaming one session; 0 runs the pipeline until Ctrl-C.
     #[arg(long, default_value_t = 0)]
     pub devices: usize,
-    /// Seconds of audio each device sends.
+    /// Simulated Omi listen sessions (the pusher WebSocket, timeline version 2, 1 s frames),
+    /// each with its own uid and conversation, beside the devices.
+    #[arg(long, default_value_t = 0)]
+    pub omi: usize,
+    /// Seconds of audio each device (and each Omi session) sends.
     #[arg(long, default_value_t = 150.0)]
     pub seconds: f64,
     /// Playback speed: 1 is real time, 10 ten times faster, 0 as fast as possible.
@@ -58,7 +62,7 @@ pub struct UpArgs {
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ensure!(
-        args.devices == 0 || args.seconds > 0.0,
+        (args.devices == 0 && args.omi == 0) || args.seconds > 0.0,
         "--seconds must be positive"
     );
     ensure!(
@@ -119,13 +123,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("  logs        {}", cluster.logs.display());
 
-    let result = if args.devices == 0 {
+    let omi: Vec<SocketAddr> = cluster.ingests.iter().map(|n| n.omi).collect();
+    for (i, addr) in omi.iter().enumerate() {
+        println!(
+            "  omi {i}       ws://{addr}/v1/trigger/listen  (Omi's pusher protocol, no authentication)"
+        );
+    }
+    let result = if args.devices == 0 && args.omi == 0 {
         println!("Press Ctrl-C to stop.");
         tokio::signal::ctrl_c().await?;
         Ok(())
     } else {
         let token = |uid: &str| cluster.token(uid);
-        simulate(&args, &ingests, &cert, &s3_endpoint, &token).await
+        simulate(&args, &ingests, &omi, &cert, &s3_endpoint, &token).await
     };
     println!("stopping");
     let stopped = cluster.stop().await;
@@ -136,6 +146,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 async fn simulate(
     args: &UpArgs,
     ingests: &[SocketAddr],
+    omi_addrs: &[SocketAddr],
     cert: &[u8],
     s3_endpoint: &str,
     token: &dyn Fn(&str) -> anyhow::Result<String>,
@@ -195,6 +206,32 @@ async fn simulate(
             report
         });
     }
+    let mut omi_tasks = tokio::task::JoinSet::new();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64()
+        .floor();
+    for o in 0..args.omi {
+        let spec = spillway_kit::omi_sim::OmiSpec {
+            uid: format!("omi-{o:03}"),
+            conversation: format!("conv-{run_id}"),
+            sample_rate: rate,
+            seconds: args.seconds.ceil() as u32,
+            speed: args.speed,
+            t0: t0 + 0.25,
+            seed: o as u64 + 1,
+        };
+        let addr = omi_addrs[o % omi_addrs.len()];
+        let limit = Duration::from_secs_f64(if args.speed > 0.0 {
+            args.seconds / args.speed + 120.0
+        } else {
+            600.0
+        });
+        omi_tasks.spawn(async move {
+            let played = spillway_kit::omi_sim::play(addr, &spec, limit).await;
+            played.map(|p| (spec, p))
+        });
+    }
     let mut reports = Vec::new();
     while let Some(r) = tasks.join_next().await {
         reports.push(r.context("device task")??);
@@ -214,10 +251,43 @@ async fn simulate(
     for r in reports.iter().filter(|r| !r.errors.is_empty()) {
         eprintln!("  {}/{}: {:?}", r.spec.uid, r.spec.session, r.errors);
     }
+    let mut omi_played = Vec::new();
+    while let Some(r) = omi_tasks.join_next().await {
+        omi_played.push(r.context("Omi session task")??);
+    }
+    if args.omi > 0 {
+        let reconnects: u32 = omi_played.iter().map(|(_, p)| p.reconnects).sum();
+        println!(
+            "{} Omi sessions sent {} s of audio each; {reconnects} reconnects",
+            args.omi,
+            args.seconds.ceil()
+        );
+    }
     if !args.verify {
         return Ok(());
     }
     let s3 = spillway_kit::s3::client(s3_endpoint).await;
+    for (spec, _) in &omi_played {
+        let waited = Instant::now();
+        let audit = loop {
+            let audit = spillway_kit::omi_sim::audit(&s3, BUCKET, spec).await?;
+            if audit.missing == 0.0 || waited.elapsed() > Duration::from_secs(120) {
+                break audit;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        ensure!(
+            audit.missing == 0.0 && audit.duplicated == 0.0 && audit.altered == 0,
+            "Omi session {}: {audit:?}",
+            spec.uid
+        );
+    }
+    if args.omi > 0 {
+        println!(
+            "verified {} Omi sessions: every second of each capture stored once, in Omi's layout",
+            args.omi
+        );
+    }
     let mut objects = 0;
     for r in &reports {
         objects +=

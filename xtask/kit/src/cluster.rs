@@ -213,6 +213,8 @@ pub struct UploaderNode {
 pub struct IngestNode {
     pub quic: SocketAddr,
     pub http: SocketAddr,
+    /// The Omi pusher WebSocket (`--omi-listen`, loopback, no authentication).
+    pub omi: SocketAddr,
     proc: Option<Proc>,
 }
 
@@ -261,6 +263,7 @@ impl Cluster {
                 Ok(IngestNode {
                     quic: free_udp()?,
                     http: free_tcp()?,
+                    omi: free_tcp()?,
                     proc: None,
                 })
             })
@@ -453,6 +456,8 @@ impl Cluster {
                     node.quic.to_string(),
                     "--http-listen".into(),
                     node.http.to_string(),
+                    "--omi-listen".into(),
+                    node.omi.to_string(),
                     "--tls-cert".into(),
                     self.dir.join("ingest-cert.pem").display().to_string(),
                     "--tls-key".into(),

@@ -8,6 +8,7 @@
 //! - [`pki`]: a throwaway CA and the internal link's certificates.
 //! - [`rogue`]: a device that speaks the protocol badly on purpose.
 //! - [`omi`]: a stand-in for Omi's listen service, the pusher WebSocket's client side.
+//! - [`omi_sim`]: simulated Omi listen sessions and the audit of what they stored.
 //! - [`metrics`]: reading the daemons' Prometheus text (`/metrics`).
 //! - [`damage`]: a stopped spool damaged the way a bad disk does.
 
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod damage;
 pub mod metrics;
 pub mod omi;
+pub mod omi_sim;
 pub mod pipeline;
 pub mod pki;
 pub mod rogue;
