@@ -41,6 +41,12 @@ pub struct Options {
     /// The uploader seals Omi chunks with this secret (`--omi-secret-file`).
     pub omi_secret: Option<Vec<u8>>,
     pub omi_receive_timeout: Duration,
+    /// The real pusher Omi sessions are relayed to (`--omi-upstream ws://...`); `None`: off.
+    pub omi_upstream: Option<String>,
+    /// Relay audio upstream too (`--omi-upstream-audio`).
+    pub omi_upstream_audio: bool,
+    /// `--omi-upstream-queue-bytes`.
+    pub omi_upstream_queue_bytes: usize,
 }
 
 impl Default for Options {
@@ -67,6 +73,9 @@ impl Default for Options {
             omi_token: None,
             omi_secret: None,
             omi_receive_timeout: Duration::from_secs(300),
+            omi_upstream: None,
+            omi_upstream_audio: false,
+            omi_upstream_queue_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -473,6 +482,16 @@ fn ingest_config(
         c.device_ca = Some(roots.clone());
     }
     c.omi.receive_timeout = opts.omi_receive_timeout;
+    if let Some(url) = &opts.omi_upstream {
+        match spillway_ingest::omi::UpstreamConfig::new(
+            url,
+            opts.omi_upstream_audio,
+            opts.omi_upstream_queue_bytes,
+        ) {
+            Ok(upstream) => c.omi.upstream = Some(upstream),
+            Err(e) => tracing::error!(error = %e, "the test's Omi upstream is refused"),
+        }
+    }
     if let Some(token) = &opts.omi_token {
         match spillway_core::omi::bearer::BearerToken::from_file_contents(token) {
             Ok(token) => c.omi.auth = spillway_ingest::omi::OmiAuth::Bearer(token),
