@@ -190,7 +190,7 @@ impl OmiArgs {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::UpstreamConfig;
+    use super::{OmiArgs, UpstreamConfig};
 
     #[test]
     fn an_upstream_url_is_a_websocket_base_url() {
@@ -209,5 +209,39 @@ mod tests {
             assert!(UpstreamConfig::new(bad, false, 1 << 22).is_err(), "{bad}");
         }
         assert!(UpstreamConfig::new("ws://pusher", false, 1024).is_err());
+    }
+
+    #[test]
+    fn the_upstream_flags_go_together() {
+        let args = |listen: Option<&str>, upstream: Option<&str>, audio| OmiArgs {
+            omi_listen: listen.map(|a| a.parse().unwrap()),
+            omi_auth: None,
+            omi_token_file: None,
+            omi_receive_timeout: std::time::Duration::from_secs(300),
+            omi_upstream: upstream.map(str::to_owned),
+            omi_upstream_audio: audio,
+            omi_upstream_queue_bytes: 4 << 20,
+        };
+        let ok = args(Some("127.0.0.1:8080"), Some("ws://pusher:8080"), true);
+        let upstream = ok.into_config().unwrap().upstream.unwrap();
+        assert!(upstream.audio);
+        assert_eq!(upstream.queue_bytes, 4 << 20);
+        assert!(
+            args(None, Some("ws://pusher:8080"), false)
+                .into_config()
+                .is_err()
+        );
+        assert!(
+            args(Some("127.0.0.1:8080"), None, true)
+                .into_config()
+                .is_err()
+        );
+        assert!(
+            args(Some("127.0.0.1:8080"), None, false)
+                .into_config()
+                .unwrap()
+                .upstream
+                .is_none()
+        );
     }
 }
