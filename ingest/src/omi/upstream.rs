@@ -4,32 +4,33 @@
 //! to `{upstream}/v1/trigger/listen?{the query listen sent}`.
 //!
 //! - What goes up: every client frame but audio, in the order read (100, 102 to 105, unknown
-//!   opcodes), audio (101) too with `--omi-upstream-audio`; the message as read (a `Bytes` clone).
+//!   opcodes), audio (101) too with `--omi-upstream-audio`. Each is copied into a buffer of its
+//!   own: a `Bytes` view would keep alive the whole WebSocket read buffer it was cut from
+//!   (tungstenite splits messages out of one), so queued heartbeats could hold many times the
+//!   queue's bytes; the copy makes the bound below the memory held.
 //! - The queue: one per session, bounded by bytes (`--omi-upstream-queue-bytes`). A push never
-//!   waits: when the frame does not fit, the oldest frames are dropped and counted
-//!   (`queue_full`); what is still queued when the session ends, or is lost with a broken
-//!   connection, is counted `upstream_down`. The last 103 to leave the queue (sent or dropped)
-//!   is sent first on every new connection, so the audio after a reconnect, or after a dropped
-//!   103, lands in its conversation.
-//! - Connecting: exponential backoff with jitter per session, and one circuit breaker per
-//!   upstream endpoint shared by every session ([`Upstream`], held by the front end): after
-//!   [`BREAKER`]'s consecutive failures no session tries until the breaker lets one probe
-//!   through, so a pusher that is down is not hammered by every session at once (Omi's #6022
-//!   retry storm).
+//!   waits: the oldest frames are dropped to make room (`queue_full`); what is still queued when
+//!   the session ends, or is lost with a broken connection, is `upstream_down`. The last 103 to
+//!   leave the queue (sent or dropped) is sent first on every new connection, so the audio after
+//!   a reconnect, or after a dropped 103, lands in its conversation.
+//! - Connecting: jittered exponential backoff per session, and one circuit breaker per upstream
+//!   endpoint shared by every session ([`Upstream`], held by the front end): after [`BREAKER`]'s
+//!   consecutive failures no session tries until it lets one probe through, so a pusher that is
+//!   down is not hammered by every session at once (Omi's #6022 retry storm).
 //! - What comes back: a 201 goes to listen through the session's sink. A 202 is dropped (ingest
 //!   sent its own before the relay started); anything else is counted and dropped.
 //! - The 104 and its 201: with an upstream, ingest sends no 201 of its own and listen gets the
 //!   pusher's. A 201 is the result of conversation processing, which the pusher runs and
-//!   Spillway does not: listen takes one 201 per 104 as that result (it stops re-sending the 104
-//!   on it), so a 201 from ingest would either come twice or hide the pusher's answer. The audio
-//!   before a 104 is committed all the same; a 104 the relay drops, or one the pusher never
-//!   answers, leaves listen without a 201, as a pusher that is down would.
+//!   Spillway does not, and listen takes it as the answer to its pending 104: a 201 from ingest
+//!   would either come twice or stand in for the pusher's. The audio before a 104 is committed
+//!   all the same; a 104 the relay drops, or one the pusher never answers, leaves listen without
+//!   a 201, as a pusher that is down would.
 //!
 //! **Invariant: the durable path never waits for the upstream.** The read loop's only call
-//! here is [`Relay::offer`], a push under a short lock; connecting, sending and replying run in
-//! the relay's own task. An upstream that is down, slow or stalled costs dropped relay frames,
-//! never a stalled session or a dropped listen connection (`xtask/kit/tests/omi_upstream.rs`
-//! measures the time to store with and without a dead upstream).
+//! here is [`Relay::offer`], a copy and a push under a short lock; connecting, sending and
+//! replying run in the relay's own task. An upstream that is down, slow or stalled costs dropped
+//! relay frames, never a stalled session or a dropped listen connection
+//! (`xtask/kit/tests/omi_upstream.rs` measures the time to store with and without a dead one).
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -221,9 +222,9 @@ pub(crate) struct Relay {
 impl Relay {
     /// Queues a copy of `message` (whose decoded form is `frame`) for the upstream if it is
     /// relayed. Never waits.
-    pub(crate) fn offer(&self, frame: &Frame<'_>, message: &Bytes) {
+    pub(crate) fn offer(&self, frame: &Frame<'_>, message: &[u8]) {
         if self.audio || !matches!(frame, Frame::Audio(_)) {
-            self.queue.push(message.clone());
+            self.queue.push(Bytes::copy_from_slice(message));
         }
     }
 }
