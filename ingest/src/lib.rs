@@ -120,6 +120,10 @@ pub async fn run(
     config.validate()?;
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
+    let omi_upstream = match &config.omi.upstream {
+        Some(upstream) => Some(Arc::new(omi::Upstream::new(upstream, metrics.clone())?)),
+        None => None,
+    };
 
     let mut server_config = tls::server_config(&config.tls, config.device_ca.as_deref())?;
     server_config.transport_config(Arc::new(transport_config()));
@@ -195,9 +199,14 @@ pub async fn run(
             tracing::warn!("--omi-auth none: anyone who reaches the Omi WebSocket may write as any uid (a private network only)");
         }
         tracing::info!(omi = %ops::describe(addr), route = omi::ROUTE, "Omi pusher WebSocket listening");
+        if let Some(up) = &config.omi.upstream {
+            tracing::info!(upstream = %up.url, audio = up.audio, queue_bytes = up.queue_bytes,
+                "Omi sessions relayed to the upstream pusher");
+        }
         let front = Arc::new(omi::Front::new(
             Arc::clone(&shared),
             config.omi,
+            omi_upstream,
             config.max_sessions,
         ));
         tokio::spawn(omi::serve(

@@ -12,6 +12,12 @@ pub struct CodeLabel {
     pub code: String,
 }
 
+/// Label of an outcome (an upstream connection attempt).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
 /// Label of how a session ended.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndLabel {
@@ -46,6 +52,13 @@ pub struct Metrics {
     pub omi_ignored_bytes: Family<EndLabel, Counter>,
     pub omi_unknown_opcodes: Counter,
     pub omi_chunks_cut: Family<EndLabel, Counter>,
+    /// The relay to an upstream Omi pusher (`--omi-upstream`).
+    pub omi_upstream_frames: Counter,
+    pub omi_upstream_dropped_frames: Family<EndLabel, Counter>,
+    pub omi_upstream_connects: Family<ResultLabel, Counter>,
+    pub omi_upstream_replies: Family<EndLabel, Counter>,
+    pub omi_upstream_queued_bytes: Gauge,
+    pub omi_upstream_breaker_state: Gauge,
 }
 
 impl Metrics {
@@ -176,6 +189,36 @@ impl Metrics {
             "omi_chunks_cut",
             "Omi chunks finished, by why: full, gap (v2, over 1 ms), conversation (a 103 named another), processed (104), disconnect, fill_timeout",
             m.omi_chunks_cut.clone(),
+        );
+        r.register(
+            "omi_upstream_frames",
+            "Omi frames relayed to the upstream pusher (--omi-upstream)",
+            m.omi_upstream_frames.clone(),
+        );
+        r.register(
+            "omi_upstream_dropped_frames",
+            "Omi frames not relayed to the upstream pusher, by reason: queue_full (the oldest, to make room under --omi-upstream-queue-bytes), upstream_down (still queued when the session ended, or lost with a broken upstream connection)",
+            m.omi_upstream_dropped_frames.clone(),
+        );
+        r.register(
+            "omi_upstream_connects",
+            "Connection attempts to the upstream pusher, by result: ok, failed, timeout, breaker_open (not tried: the endpoint's circuit breaker is open)",
+            m.omi_upstream_connects.clone(),
+        );
+        r.register(
+            "omi_upstream_replies",
+            "Messages from the upstream pusher, by what became of them: relayed (a 201, to listen), undelivered (a 201 listen did not take: gone, or not reading for 10 s), timeline_ack (a 202, dropped: ingest sent its own), other (dropped)",
+            m.omi_upstream_replies.clone(),
+        );
+        r.register(
+            "omi_upstream_queued_bytes",
+            "Bytes of Omi frames waiting to be relayed upstream, all sessions together",
+            m.omi_upstream_queued_bytes.clone(),
+        );
+        r.register(
+            "omi_upstream_breaker_state",
+            "The upstream pusher's circuit breaker: 0 closed, 1 half-open, 2 open",
+            m.omi_upstream_breaker_state.clone(),
         );
         m
     }

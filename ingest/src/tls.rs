@@ -67,6 +67,20 @@ pub fn server_config(
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
 
+/// A TLS client configuration that trusts the system's CA roots (a `wss://` --omi-upstream).
+pub fn system_roots_client() -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A certificate the store refuses is skipped, as rustls' own loaders do.
+        let _ = roots.add(cert);
+    }
+    anyhow::ensure!(!roots.is_empty(), "no CA certificates found on this system");
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Reads PEM certificates (a CA bundle).
 pub fn pem_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)

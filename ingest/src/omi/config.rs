@@ -43,6 +43,67 @@ pub struct OmiArgs {
     /// hour per session) and spool writes. The default, 60s, makes the pusher's 60 s objects.
     #[arg(long, env = "SPILLWAY_OMI_COMMIT_EVERY", default_value = "60s", value_parser = humantime::parse_duration)]
     pub omi_commit_every: Duration,
+    /// Base URL of the real Omi pusher (`ws://host:port`, or `wss://` with the system's CA
+    /// roots): every listen session is relayed to `{URL}/v1/trigger/listen?{its query}`, all
+    /// frames but audio, and the pusher's 201s come back. Off when absent. The relay never holds
+    /// up storing audio.
+    #[arg(long, env = "SPILLWAY_OMI_UPSTREAM")]
+    pub omi_upstream: Option<String>,
+    /// Relay audio (101) to --omi-upstream too, for the pusher's webhooks and realtime apps.
+    #[arg(long, env = "SPILLWAY_OMI_UPSTREAM_AUDIO")]
+    pub omi_upstream_audio: bool,
+    /// Bytes of frames one session holds for --omi-upstream while it is slow or down; when
+    /// full the oldest are dropped (counted in spillway_ingest_omi_upstream_dropped_frames_total).
+    /// The most held is this times --max-sessions.
+    #[arg(long, env = "SPILLWAY_OMI_UPSTREAM_QUEUE_BYTES", default_value_t = MIN_QUEUE_BYTES)]
+    pub omi_upstream_queue_bytes: usize,
+}
+
+/// The smallest `--omi-upstream-queue-bytes`: two of listen's largest audio frames and more.
+pub const MIN_QUEUE_BYTES: usize = 256 * 1024;
+
+/// Where and what the front end relays (`--omi-upstream*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// `ws://` or `wss://` URL, no query, no trailing `/`: the route is appended to it.
+    pub url: String,
+    /// Relay audio (101) too.
+    pub audio: bool,
+    /// Bytes of frames a session's relay holds at most.
+    pub queue_bytes: usize,
+}
+
+impl UpstreamConfig {
+    /// Checks an `--omi-upstream` URL: `ws://` or `wss://`, a host, no query or fragment.
+    pub fn new(url: &str, audio: bool, queue_bytes: usize) -> anyhow::Result<Self> {
+        let uri: http::Uri = url
+            .parse()
+            .with_context(|| format!("--omi-upstream {url} is not a URL"))?;
+        match uri.scheme_str() {
+            Some("ws" | "wss") => {}
+            _ => anyhow::bail!(
+                "--omi-upstream {url}: the pusher's WebSocket URL starts ws:// or wss://"
+            ),
+        }
+        anyhow::ensure!(
+            uri.host().is_some_and(|h| !h.is_empty()),
+            "--omi-upstream {url} names no host"
+        );
+        anyhow::ensure!(
+            uri.query().is_none() && !url.contains('#'),
+            "--omi-upstream {url}: give the base URL only; each session's query is appended"
+        );
+        anyhow::ensure!(
+            queue_bytes >= MIN_QUEUE_BYTES,
+            "--omi-upstream-queue-bytes must be at least {MIN_QUEUE_BYTES} (listen sends about a \
+             second of audio a frame, 96 KB at 48 kHz)"
+        );
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            audio,
+            queue_bytes,
+        })
+    }
 }
 
 /// How a listen connection is authenticated.
@@ -59,6 +120,8 @@ pub struct OmiConfig {
     pub receive_timeout: Duration,
     /// The longest an open chunk holds audio before it is committed (`--omi-commit-every`).
     pub commit_every: Duration,
+    /// The real pusher every session is relayed to (`--omi-upstream`), if any.
+    pub upstream: Option<UpstreamConfig>,
 }
 
 impl OmiConfig {
@@ -68,6 +131,7 @@ impl OmiConfig {
             auth: OmiAuth::None,
             receive_timeout: Duration::from_secs(300),
             commit_every: Duration::from_secs(60),
+            upstream: None,
         }
     }
 }
@@ -108,10 +172,91 @@ impl OmiArgs {
                 _ => OmiAuth::None,
             },
         };
+        let upstream = match &self.omi_upstream {
+            Some(url) => {
+                anyhow::ensure!(
+                    self.omi_listen.is_some(),
+                    "--omi-upstream relays the sessions of --omi-listen, which is not given"
+                );
+                Some(UpstreamConfig::new(
+                    url,
+                    self.omi_upstream_audio,
+                    self.omi_upstream_queue_bytes,
+                )?)
+            }
+            None => {
+                anyhow::ensure!(
+                    !self.omi_upstream_audio,
+                    "--omi-upstream-audio needs --omi-upstream URL"
+                );
+                None
+            }
+        };
         Ok(OmiConfig {
             auth,
             receive_timeout: self.omi_receive_timeout,
             commit_every: self.omi_commit_every,
+            upstream,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::{OmiArgs, UpstreamConfig};
+
+    #[test]
+    fn an_upstream_url_is_a_websocket_base_url() {
+        let c = UpstreamConfig::new("ws://pusher:8080/", false, 1 << 22).unwrap();
+        assert_eq!(c.url, "ws://pusher:8080");
+        let c = UpstreamConfig::new("wss://pusher.example/base", true, 1 << 22).unwrap();
+        assert_eq!(c.url, "wss://pusher.example/base");
+        for bad in [
+            "http://pusher:8080",
+            "pusher:8080",
+            "ws://pusher/?uid=x",
+            "ws://pusher/#x",
+            "ws:///path",
+            "not a url",
+        ] {
+            assert!(UpstreamConfig::new(bad, false, 1 << 22).is_err(), "{bad}");
+        }
+        assert!(UpstreamConfig::new("ws://pusher", false, 1024).is_err());
+    }
+
+    #[test]
+    fn the_upstream_flags_go_together() {
+        let args = |listen: Option<&str>, upstream: Option<&str>, audio| OmiArgs {
+            omi_listen: listen.map(|a| a.parse().unwrap()),
+            omi_auth: None,
+            omi_token_file: None,
+            omi_receive_timeout: std::time::Duration::from_secs(300),
+            omi_commit_every: std::time::Duration::from_secs(60),
+            omi_upstream: upstream.map(str::to_owned),
+            omi_upstream_audio: audio,
+            omi_upstream_queue_bytes: 4 << 20,
+        };
+        let ok = args(Some("127.0.0.1:8080"), Some("ws://pusher:8080"), true);
+        let upstream = ok.into_config().unwrap().upstream.unwrap();
+        assert!(upstream.audio);
+        assert_eq!(upstream.queue_bytes, 4 << 20);
+        assert!(
+            args(None, Some("ws://pusher:8080"), false)
+                .into_config()
+                .is_err()
+        );
+        assert!(
+            args(Some("127.0.0.1:8080"), None, true)
+                .into_config()
+                .is_err()
+        );
+        assert!(
+            args(Some("127.0.0.1:8080"), None, false)
+                .into_config()
+                .unwrap()
+                .upstream
+                .is_none()
+        );
     }
 }

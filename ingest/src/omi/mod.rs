@@ -14,12 +14,15 @@
 //!    when `audio_timeline=2` was asked.
 //! 3. Frames, one at a time ([`session`]): a malformed one closes 1003, none for
 //!    `--omi-receive-timeout` closes 1011, shutdown closes 1001; every close first stores the
-//!    audio received so far.
+//!    audio received so far. With `--omi-upstream`, a copy of each frame (audio only with
+//!    `--omi-upstream-audio`) is offered to the session's relay to the real pusher
+//!    ([`upstream`]), which never holds up the rest.
 
 mod config;
 mod listener;
 mod resume;
 mod session;
+mod upstream;
 
 use std::sync::Arc;
 
@@ -30,7 +33,8 @@ use axum::response::{IntoResponse, Response};
 use spillway_core::omi::query::ListenParams;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{OmiArgs, OmiAuth, OmiAuthMode, OmiConfig};
+pub use config::{OmiArgs, OmiAuth, OmiAuthMode, OmiConfig, UpstreamConfig};
+pub(crate) use upstream::Upstream;
 
 use crate::metrics::CodeLabel;
 use crate::server::Shared;
@@ -42,15 +46,23 @@ pub const ROUTE: &str = "/v1/trigger/listen";
 pub(crate) struct Front {
     pub shared: Arc<Shared>,
     pub config: OmiConfig,
+    /// The real pusher sessions are relayed to (`--omi-upstream`), and its circuit breaker.
+    pub upstream: Option<Arc<Upstream>>,
     /// Where recent captures' accepted audio ended, for reconnects.
     pub(crate) timelines: resume::Timelines,
 }
 
 impl Front {
-    pub(crate) fn new(shared: Arc<Shared>, config: OmiConfig, max_sessions: usize) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        config: OmiConfig,
+        upstream: Option<Arc<Upstream>>,
+        max_sessions: usize,
+    ) -> Self {
         Self {
             shared,
             config,
+            upstream,
             timelines: resume::Timelines::new(
                 max_sessions.saturating_mul(4),
                 std::time::Duration::from_secs(600),
@@ -106,10 +118,11 @@ async fn upgrade(
         )
             .into_response();
     }
-    let params = ListenParams::parse(query.as_deref().unwrap_or(""));
+    let query = query.unwrap_or_default();
+    let params = ListenParams::parse(&query);
     let max = front.shared.max_frame_bytes;
     let tasks = front.shared.tasks.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tasks.track_future(session::run(socket, params, front)))
+        .on_upgrade(move |socket| tasks.track_future(session::run(socket, params, query, front)))
 }

@@ -16,13 +16,14 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Front;
+use super::upstream::Relay;
 use crate::budget::Reservation;
 use crate::feed::{self, Budgeted, Stopped};
 use crate::fill::FillTimer;
 use crate::forward::ForwardError;
 use crate::metrics::{CodeLabel, EndLabel, Metrics};
 
-type Sink = Arc<Mutex<SplitSink<WebSocket, Message>>>;
+pub(super) type Sink = Arc<Mutex<SplitSink<WebSocket, Message>>>;
 
 /// Close code for a connection refused at a session limit: "try again later".
 const TRY_AGAIN_LATER: u16 = 1013;
@@ -62,6 +63,7 @@ impl End {
 pub(super) async fn run(
     socket: WebSocket,
     params: Result<ListenParams, CloseRefusal>,
+    query: String,
     front: Arc<Front>,
 ) {
     let shared = &front.shared;
@@ -116,7 +118,17 @@ pub(super) async fn run(
         fatal.clone(),
     ));
     if !matches!(end, End::Transport) {
-        end = read_loop(&front, &params, stream, &tx, &fatal).await;
+        // The relay to --omi-upstream, if any, lives as long as the read loop.
+        let relay = front.upstream.as_ref().map(|up| {
+            up.start(
+                &query,
+                &params.uid,
+                Arc::clone(&sink),
+                &shared.tasks,
+                shared.shutdown.clone(),
+            )
+        });
+        end = read_loop(&front, &params, stream, &tx, relay.as_ref(), &fatal).await;
     }
     drop(tx);
     let forwarded = forwarding.await.unwrap_or(Err(ForwardError::Abandoned));
@@ -156,6 +168,7 @@ async fn read_loop(
     params: &ListenParams,
     mut stream: SplitStream<WebSocket>,
     tx: &mpsc::Sender<Item>,
+    relay: Option<&Relay>,
     fatal: &CancellationToken,
 ) -> End {
     let shared = &front.shared;
@@ -229,6 +242,9 @@ async fn read_loop(
             Ok(frame) => frame,
             Err(refusal) => break End::Close(refusal.code, refusal.reason.into_owned()),
         };
+        if let Some(relay) = relay {
+            relay.offer(&frame, &data);
+        }
         if let frame::Frame::Unknown(op) = frame {
             metrics.omi_unknown_opcodes.inc();
             tracing::debug!(op, "Omi frame with an unknown opcode ignored");
@@ -328,7 +344,9 @@ async fn read_loop(
                 }
                 Action::Unverified { bytes } => ignored(metrics, "unverified", bytes),
                 Action::Process { conversation_id } => {
-                    if let Some(id) = conversation_id
+                    // With an upstream, listen gets the pusher's 201 instead (upstream.rs).
+                    if relay.is_none()
+                        && let Some(id) = conversation_id
                         && tx.send(Item::Processed(id)).await.is_err()
                     {
                         break 'read End::Close(
@@ -499,7 +517,7 @@ fn request_of(uid: &str, chunk_samples: u64, chunk: &OmiChunk) -> Option<PutChun
     })
 }
 
-async fn send(sink: &Sink, msg: Message) -> Result<(), axum::Error> {
+pub(super) async fn send(sink: &Sink, msg: Message) -> Result<(), axum::Error> {
     sink.lock().await.send(msg).await
 }
 

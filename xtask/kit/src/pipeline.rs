@@ -42,6 +42,12 @@ pub struct Options {
     pub omi_secret: Option<Vec<u8>>,
     pub omi_receive_timeout: Duration,
     pub omi_commit_every: Duration,
+    /// The real pusher Omi sessions are relayed to (`--omi-upstream ws://...`); `None`: off.
+    pub omi_upstream: Option<String>,
+    /// Relay audio upstream too (`--omi-upstream-audio`).
+    pub omi_upstream_audio: bool,
+    /// `--omi-upstream-queue-bytes`.
+    pub omi_upstream_queue_bytes: usize,
 }
 
 impl Default for Options {
@@ -69,6 +75,9 @@ impl Default for Options {
             omi_secret: None,
             omi_receive_timeout: Duration::from_secs(300),
             omi_commit_every: Duration::from_secs(60),
+            omi_upstream: None,
+            omi_upstream_audio: false,
+            omi_upstream_queue_bytes: 256 * 1024,
         }
     }
 }
@@ -476,6 +485,16 @@ fn ingest_config(
     }
     c.omi.receive_timeout = opts.omi_receive_timeout;
     c.omi.commit_every = opts.omi_commit_every;
+    if let Some(url) = &opts.omi_upstream {
+        match spillway_ingest::omi::UpstreamConfig::new(
+            url,
+            opts.omi_upstream_audio,
+            opts.omi_upstream_queue_bytes,
+        ) {
+            Ok(upstream) => c.omi.upstream = Some(upstream),
+            Err(e) => tracing::error!(error = %e, "the test's Omi upstream is refused"),
+        }
+    }
     if let Some(token) = &opts.omi_token {
         match spillway_core::omi::bearer::BearerToken::from_file_contents(token) {
             Ok(token) => c.omi.auth = spillway_ingest::omi::OmiAuth::Bearer(token),

@@ -29,7 +29,15 @@ pub(super) fn exposed_metrics() -> Result<BTreeSet<String>> {
     m.omi_closes
         .get_or_create(&ingest::CodeLabel { code: "ANY".into() })
         .inc();
-    for family in [&m.omi_ignored_bytes, &m.omi_chunks_cut] {
+    m.omi_upstream_connects
+        .get_or_create(&ingest::ResultLabel { result: "any" })
+        .inc();
+    for family in [
+        &m.omi_ignored_bytes,
+        &m.omi_chunks_cut,
+        &m.omi_upstream_dropped_frames,
+        &m.omi_upstream_replies,
+    ] {
         family
             .get_or_create(&ingest::EndLabel { reason: "any" })
             .inc();
