@@ -2,8 +2,8 @@
 //! path, and the audit of what they left in the store.
 //!
 //! A session plays a deterministic capture in 1 s frames with `audio_timeline=2`, a heartbeat
-//! every 20 s, as listen does; when its connection fails it reconnects with backoff and resends
-//! from the frame before the one that failed (listen resends what it is unsure of). Omi's
+//! every 20 s, as listen does; when its connection fails it reconnects with backoff and sends the
+//! frame that failed, and on from there (listen keeps its unsent audio). Omi's
 //! protocol has no acknowledgements, so the audit measures, per session, how much of the capture
 //! the store holds, how much is missing, and whether any of it is there twice or altered.
 
@@ -107,8 +107,8 @@ pub async fn play(addr: SocketAddr, spec: &OmiSpec, limit: Duration) -> anyhow::
             match sent {
                 Ok(()) => next += 1,
                 Err(_) => {
-                    // listen resends what it is unsure of: the frame before, and this one.
-                    next = next.saturating_sub(1);
+                    // listen keeps what it could not send and sends it on the next connection;
+                    // what the dead connection took is gone (the protocol has no acks).
                     report.reconnects += 1;
                     break;
                 }

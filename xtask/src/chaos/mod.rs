@@ -16,6 +16,8 @@ use spillway_kit::metrics::metric;
 use spillway_kit::pipeline::http_get;
 use spillway_kit::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
+mod omi;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
     /// Short outages (5 s) for CI; without it the store outage lasts 60 s.
@@ -240,8 +242,28 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         eprintln!("   {:.1} s, {:?}", started.elapsed().as_secs_f64(), row);
         rows.push(row);
     }
+    let omi_rows = omi::rows(
+        &ClusterOptions {
+            dir: args.dir.join("omi"),
+            bin: bin.clone(),
+            chunk_seconds: CHUNK_SECONDS,
+            workers: 8,
+            uploaders: 1,
+            ingests: 1,
+            uploader_args: Vec::new(),
+            ingest_args: Vec::new(),
+            device_auth: true,
+        },
+        args.devices,
+        args.only.as_deref(),
+    )
+    .await;
     let table = render(&rows);
     println!("{table}");
+    let omi_table = omi::render(&omi_rows);
+    if !omi_rows.is_empty() {
+        println!("{omi_table}");
+    }
     if let Some(path) = &args.record {
         let command = format!(
             "cargo xtask chaos{}{}",
@@ -257,11 +279,30 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             outage.as_secs()
         );
         crate::report::write_between_markers(path, BEGIN, END, &text)?;
+        if !omi_rows.is_empty() {
+            let text = format!(
+                "Produced by `{command}`: {} simulated Omi listen sessions per row (timeline \
+                 version 2, 1 s frames of 16 kHz audio in real time, 30 s each), the daemon killed \
+                 12 s in and restarted 2 s later, 60 s chunks with `--omi-commit-every {}s`. \
+                 Omi's protocol has no acknowledgements: \"most lost\" is the largest share of one \
+                 capture missing from the store, which must stay within the bound; duplicated and \
+                 altered must be 0.\n\n{omi_table}\n",
+                args.devices,
+                omi::COMMIT_EVERY_S
+            );
+            crate::report::write_between_markers(path, OMI_BEGIN, OMI_END, &text)?;
+        }
     }
     let failed: Vec<_> = rows
         .iter()
         .filter(|r| !r.problems.is_empty() || r.lost > r.counted_drops || r.duplicated > 0)
         .map(|r| r.scenario.clone())
+        .chain(
+            omi_rows
+                .iter()
+                .filter(|r| r.failed())
+                .map(|r| r.name().to_owned()),
+        )
         .collect();
     anyhow::ensure!(failed.is_empty(), "scenarios failed: {failed:?}");
     Ok(())
@@ -626,6 +667,8 @@ async fn finish(c: Cluster, mut row: Row) -> anyhow::Result<Row> {
 
 const BEGIN: &str = "<!-- chaos:begin (written by cargo xtask chaos --record) -->";
 const END: &str = "<!-- chaos:end -->";
+const OMI_BEGIN: &str = "<!-- chaos-omi:begin (written by cargo xtask chaos --record) -->";
+const OMI_END: &str = "<!-- chaos-omi:end -->";
 
 #[cfg(test)]
 mod tests {
