@@ -41,6 +41,12 @@ enum Cmd {
         #[arg(long)]
         key: PathBuf,
     },
+    /// A WebSocket server on the Omi pusher's route that reads every message and discards it
+    /// (the bench's baseline for the Omi front end).
+    WsSink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Serve the embedded S3-compatible store (what `up` starts as its first process).
     S3 {
         /// Directory holding one folder per bucket.
@@ -81,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::QuicSink { listen, cert, key } => {
             xtask::bench::ingest::quic_sink(listen, &cert, &key).await
         }
+        Cmd::WsSink { listen } => xtask::bench::ingest::ws_sink(listen).await,
         Cmd::S3 {
             root,
             listen,

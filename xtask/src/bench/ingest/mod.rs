@@ -1,5 +1,6 @@
 //! Ingest: throughput against raw QUIC (row 4), real-time devices the whole pipeline sustains
-//! (row 4b), ingest's memory (row 5) and ack latency (row 6).
+//! (row 4b), ingest's memory (row 5) and ack latency (row 6); the Omi WebSocket's throughput
+//! and memory (rows 4w and 5w, `omi.rs`).
 //!
 //! Ingest runs as its release binary. For row 4 it forwards to an uploader in this process that
 //! acknowledges without storing (so the figure is ingest's own), and the baseline is
@@ -26,9 +27,11 @@ use spillway_kit::cluster::{Proc, free_tcp, free_udp, ready};
 use spillway_kit::pipeline::http_get;
 
 mod memory;
+mod omi;
 mod realtime;
 
 use memory::*;
+pub use omi::ws_sink;
 use realtime::*;
 
 /// 16 kHz, 16-bit mono.
@@ -147,7 +150,20 @@ async fn ingest(
     uploader: SocketAddr,
     chunk_seconds: u32,
     name: &str,
+    limits: (usize, u64),
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    ingest_with(env, tls, uploader, chunk_seconds, name, limits, &[]).await
+}
+
+/// [`ingest`] with `extra` flags.
+async fn ingest_with(
+    env: &Env,
+    tls: &Tls,
+    uploader: SocketAddr,
+    chunk_seconds: u32,
+    name: &str,
     (sessions, budget): (usize, u64),
+    extra: &[String],
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let (quic, http) = (free_udp()?, free_tcp()?);
     let mut args = env.ingest_link_args(uploader)?;
@@ -174,6 +190,7 @@ async fn ingest(
         "--max-connections-per-ip".into(),
         "100000".into(),
     ]);
+    args.extend(extra.iter().cloned());
     let mut p = Proc::spawn(name, &env.bin.join("ingest"), &args, &[], &env.logs)?;
     ready(http, &mut p).await?;
     Ok((p, quic, http))
@@ -356,6 +373,8 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
             per_device as f64 / MB
         )),
     );
+
+    omi::run(env, &tls, results).await?;
 
     eprintln!("== ingest: real-time 16 kHz devices through the whole pipeline");
     let store = StoreProc::start(env, "realtime", Duration::ZERO).await?;
