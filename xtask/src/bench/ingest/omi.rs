@@ -21,6 +21,9 @@ pub async fn ws_sink(listen: SocketAddr) -> anyhow::Result<()> {
             .on_upgrade(|mut socket| async move {
                 while let Some(Ok(m)) = socket.recv().await {
                     if matches!(m, Message::Close(_)) {
+                        // Answer the close (as ingest does) and flush it before the socket goes.
+                        let _ = socket.send(Message::Close(None)).await;
+                        let _ = futures_util::SinkExt::close(&mut socket).await;
                         break;
                     }
                 }
