@@ -257,7 +257,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         args.devices,
         args.only.as_deref(),
     )
-    .await;
+    .await?;
     let table = render(&rows);
     println!("{table}");
     let omi_table = omi::render(&omi_rows);
@@ -278,7 +278,10 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             args.devices,
             outage.as_secs()
         );
-        crate::report::write_between_markers(path, BEGIN, END, &text)?;
+        // `--only` that picks no row of a table leaves that table as it was.
+        if !rows.is_empty() {
+            crate::report::write_between_markers(path, BEGIN, END, &text)?;
+        }
         if !omi_rows.is_empty() {
             let text = format!(
                 "Produced by `{command}`: {} simulated Omi listen sessions per row (timeline \

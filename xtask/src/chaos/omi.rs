@@ -48,6 +48,8 @@ impl OmiRow {
 enum Kill {
     Uploader,
     Ingest,
+    /// Nothing is killed: ingest relays to an upstream pusher that is down for the whole row.
+    UpstreamDown,
 }
 
 /// The rows: kill -9 of the uploader (nothing may be lost: ingest holds the audio until an
@@ -56,7 +58,7 @@ pub(super) async fn rows(
     base: &ClusterOptions,
     sessions: usize,
     only: Option<&str>,
-) -> Vec<OmiRow> {
+) -> anyhow::Result<Vec<OmiRow>> {
     let mut rows = Vec::new();
     for (name, kill, bound) in [
         ("Omi: kill -9 uploader", Kill::Uploader, 0.0),
@@ -65,6 +67,7 @@ pub(super) async fn rows(
             Kill::Ingest,
             f64::from(COMMIT_EVERY_S) + 1.0,
         ),
+        ("Omi: upstream pusher down", Kill::UpstreamDown, 0.0),
     ] {
         if only.is_some_and(|o| !name.contains(o)) {
             continue;
@@ -74,6 +77,15 @@ pub(super) async fn rows(
         opts.dir = base.dir.join(name.replace([' ', ':'], "-"));
         opts.chunk_seconds = 60;
         opts.ingest_args = vec!["--omi-commit-every".into(), format!("{COMMIT_EVERY_S}s")];
+        if let Kill::UpstreamDown = kill {
+            // A port nothing listens on: every connect is refused, as from a pusher that is down.
+            let dead = spillway_kit::cluster::free_tcp()?;
+            opts.ingest_args.extend([
+                "--omi-upstream".into(),
+                format!("ws://{dead}"),
+                "--omi-upstream-audio".into(),
+            ]);
+        }
         let row = tokio::time::timeout(
             Duration::from_secs(240),
             row(name, kill, bound, opts, sessions),
@@ -88,7 +100,7 @@ pub(super) async fn rows(
         eprintln!("   {row:?}");
         rows.push(row);
     }
-    rows
+    Ok(rows)
 }
 
 async fn row(
@@ -124,16 +136,23 @@ async fn row(
     // Mid-capture: 12 s in, 2 s down.
     tokio::time::sleep(Duration::from_secs(12)).await;
     let daemon = match kill {
-        Kill::Uploader => Daemon::Uploader(0),
-        Kill::Ingest => Daemon::Ingest(0),
+        Kill::Uploader => Some(Daemon::Uploader(0)),
+        Kill::Ingest => Some(Daemon::Ingest(0)),
+        Kill::UpstreamDown => None,
     };
-    c.kill(daemon).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    c.start_daemon(daemon).await?;
+    if let Some(daemon) = daemon {
+        c.kill(daemon).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.start_daemon(daemon).await?;
+    }
     let mut reconnects = 0;
     for t in tasks {
         reconnects += t.await??.reconnects;
     }
+    let relay = spillway_kit::pipeline::http_get(c.ingests[0].http, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
     let s3 = spillway_kit::s3::client(&c.s3_endpoint).await;
     // Until the store holds all it is going to: nothing new for 3 s.
     let mut audits: Vec<OmiAudit> = Vec::new();
@@ -167,6 +186,19 @@ async fn row(
             Kill::Ingest => format!(
                 "--omi-commit-every {COMMIT_EVERY_S}s: the open chunk and the frame in flight die with ingest"
             ),
+            Kill::UpstreamDown => {
+                let m = |series: &str| spillway_kit::metrics::metric(&relay, series);
+                format!(
+                    "--omi-upstream (audio too) refuses every connect: {} connects tried by {sessions} sessions in 30 s (the breaker's), {} frames dropped and counted; every capture stored in full",
+                    m("spillway_ingest_omi_upstream_connects_total{result=\"failed\"}")
+                        + m("spillway_ingest_omi_upstream_connects_total{result=\"timeout\"}"),
+                    m(
+                        "spillway_ingest_omi_upstream_dropped_frames_total{reason=\"upstream_down\"}"
+                    ) + m(
+                        "spillway_ingest_omi_upstream_dropped_frames_total{reason=\"queue_full\"}"
+                    ),
+                )
+            }
         },
         problems: Vec::new(),
     })
