@@ -223,6 +223,14 @@ impl Metrics {
         m
     }
 
+    /// A session (of either front end) ended for `reason`.
+    pub fn session_ended(&self, reason: &'static str) {
+        self.sessions_active.dec();
+        self.sessions_ended
+            .get_or_create(&EndLabel { reason })
+            .inc();
+    }
+
     pub fn refused(&self, code: spillway_proto::device::ErrorCode) {
         self.refusals
             .get_or_create(&CodeLabel {

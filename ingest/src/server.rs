@@ -20,7 +20,7 @@ use crate::chunker::Chunk;
 use crate::feed::{self, Budgeted, Stopped};
 use crate::fill::FillTimer;
 use crate::forward::{ForwardError, Forwarder};
-use crate::metrics::{EndLabel, Metrics};
+use crate::metrics::Metrics;
 use crate::session::{Limits, Output, Params, Refusal, Session};
 
 /// What every session task shares.
@@ -479,14 +479,7 @@ async fn run_session(
         tracing::info!(uid = %params.uid, session = %params.session, reason = end.reason(), "session ended");
     }
     // Counted before the goodbye is delivered, so the metric is true once the device has it.
-    shared.metrics.sessions_active.dec();
-    shared
-        .metrics
-        .sessions_ended
-        .get_or_create(&EndLabel {
-            reason: end.reason(),
-        })
-        .inc();
+    shared.metrics.session_ended(end.reason());
     if !matches!(end, End::Transport(_)) {
         close(writer, final_error).await;
     }

@@ -146,14 +146,7 @@ pub(super) async fn run(
         };
     }
     tracing::info!(uid = %params.uid, reason = end.reason(), "Omi session ended");
-    shared.metrics.sessions_active.dec();
-    shared
-        .metrics
-        .sessions_ended
-        .get_or_create(&EndLabel {
-            reason: end.reason(),
-        })
-        .inc();
+    shared.metrics.session_ended(end.reason());
     match end {
         End::Transport => {}
         End::Peer => close(&sink, &shared.metrics, close::NORMAL, "").await,
