@@ -444,6 +444,11 @@ pub struct StoreProc {
 }
 
 impl StoreProc {
+    /// The store process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self._proc.id()
+    }
+
     pub async fn start(env: &Env, name: &str, latency: Duration) -> anyhow::Result<Self> {
         let root = env.store_dir.join(name);
         let addr = free_tcp()?;

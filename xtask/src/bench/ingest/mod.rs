@@ -377,10 +377,6 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     omi::run(env, &tls, results).await?;
 
     eprintln!("== ingest: real-time 16 kHz devices through the whole pipeline");
-    let store = StoreProc::start(env, "realtime", Duration::ZERO).await?;
-    let spool = env.dir.join("spool-realtime");
-    let up = super::uploader(env, "uploader-realtime", &spool, &store.endpoint).await?;
-    let (uploader, grpc, up_http) = (up.proc, up.grpc, up.http);
     let (chunk_seconds, fixed): (u32, &[usize]) = if env.quick {
         (2, &[20, 40])
     } else {
@@ -390,84 +386,24 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
         .disk_mb_s
         .map(|mb| mb * MB / BYTES_PER_SECOND as f64);
     let steps = with_goal_step(fixed, ceiling.filter(|_| !env.quick));
-    let mut done: Vec<Step> = Vec::new();
-    for &n in &steps {
-        let before = commit_buckets(&http_get(up_http, "/metrics").await?.1);
-        let mut step = realtime(env, &tls, grpc, chunk_seconds, n, 2).await?;
-        let after = commit_buckets(&http_get(up_http, "/metrics").await?.1);
-        step.commits_within = slowest_commit_within(&before, &after);
-        eprintln!(
-            "   {n} devices: {} of {} acks, p50 {:?}, p99 {:?}, max {:?}, worst send lag {:?}, {} errors, ingest peak RSS {:.0} MiB, every commit within {}",
-            step.latencies.len(),
-            step.expected_acks,
-            percentile(&step.latencies, 50.0),
-            percentile(&step.latencies, 99.0),
-            step.latencies.last().copied().unwrap_or_default(),
-            step.worst_lag,
-            step.errors,
-            step.ingest_peak as f64 / MIB,
-            within(step.commits_within)
-        );
-        let ok = step.sustained();
-        done.push(step);
-        if !ok {
-            break;
-        }
-        store.clear()?;
+    let done = real_time_steps(env, &tls, chunk_seconds, &steps, None).await?;
+    results
+        .rows
+        .push(row_4b("4b", &done, &steps, ceiling, chunk_seconds, None));
+    // The same with the load generator (devices, store) on one core and the daemons on the
+    // other, so the row measures Spillway rather than the devices it shares the cores with.
+    if !env.quick && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {
+        eprintln!("== ingest: real-time devices, devices and store on CPU 0, daemons on CPU 1");
+        let pinned = real_time_steps(env, &tls, chunk_seconds, &steps, Some(PINNING)).await?;
+        results.rows.push(row_4b(
+            "4b-pinned",
+            &pinned,
+            &steps,
+            ceiling,
+            chunk_seconds,
+            Some(PINNING),
+        ));
     }
-    uploader.stop().await?;
-    drop(store);
-    std::fs::remove_dir_all(&spool).ok();
-
-    let max = done
-        .iter()
-        .filter(|s| s.sustained())
-        .map(|s| s.devices)
-        .max()
-        .unwrap_or(0);
-    let tried = done
-        .iter()
-        .map(|s| s.devices.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let top = steps.iter().max().copied().unwrap_or(0);
-    let row = match ceiling {
-        Some(c) => Row::ratio_at_least(
-            "4b",
-            "real-time 16 kHz devices sustained (every ack within 1 s) vs the disk-bound ceiling",
-            "devices",
-            max as f64,
-            c,
-            GOAL_4B,
-        ),
-        None => Row::figure(
-            "4b",
-            "real-time 16 kHz devices sustained",
-            "devices",
-            max as f64,
-            "run the spool group for the ceiling",
-            true,
-        ),
-    };
-    let limited = if max == top {
-        format!("; {top} is the most tried: not the limit")
-    } else {
-        String::new()
-    };
-    // The disk's share of the acks' latency at the last step tried.
-    let commits = done
-        .last()
-        .map(|s| {
-            format!(
-                "; at {} devices every commit durable within {}",
-                s.devices,
-                within(s.commits_within)
-            )
-        })
-        .unwrap_or_default();
-    results.rows.push(row.note(format!(
-        "steps {tried}; {chunk_seconds} s chunks; ceiling = row 3's append+fdatasync MB/s ÷ 32 KB/s{limited}{commits}; devices run in the bench process on the same cores, {SIM_SOCKETS} UDP sockets among them"
-    )));
 
     // Memory: the audio ingest must hold is one chunk in progress per session (the seeds'
     // pusher held ~16 times its one chunk). The goal allows a constant under 64 MiB beside
@@ -510,6 +446,12 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     );
 
     // Latency at half the maximum sustained load.
+    let max = done
+        .iter()
+        .filter(|s| s.sustained())
+        .map(|s| s.devices)
+        .max()
+        .unwrap_or(0);
     let half = max / 2;
     if let Some(step) = done
         .iter()

@@ -89,6 +89,7 @@ pub(super) async fn realtime(
     chunk_seconds: u32,
     devices: usize,
     chunks: u64,
+    pin_to: Option<&str>,
 ) -> anyhow::Result<Step> {
     let (proc, quic, _http) = ingest(
         env,
@@ -100,6 +101,9 @@ pub(super) async fn realtime(
     )
     .await?;
     let pid = proc.id().context("ingest pid")?;
+    if let Some(cpus) = pin_to {
+        pin(pid, cpus)?;
+    }
     let (_, idle) = rss(pid)?;
     let chunk_bytes = u64::from(chunk_seconds) * BYTES_PER_SECOND;
     let frame = Bytes::from(crate::bench::store::base_pcm().slice(..6_400).to_vec());
@@ -224,4 +228,165 @@ pub(super) async fn realtime(
     step.ingest_peak = rss(pid)?.0;
     proc.stop().await?;
     Ok(step)
+}
+
+/// Which CPUs the load generator and the daemons run on, for row 4b-pinned.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pinning {
+    /// The bench process (the simulated devices) and the store.
+    pub(super) load: &'static str,
+    /// ingest and the uploader.
+    pub(super) daemons: &'static str,
+}
+
+pub(super) const PINNING: Pinning = Pinning {
+    load: "0",
+    daemons: "1",
+};
+
+/// Every thread of process `pid` onto `cpus` (`taskset -a -c`).
+fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-cp", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    anyhow::ensure!(status.success(), "taskset -a -cp {cpus} {pid} failed");
+    Ok(())
+}
+
+/// Row 4b's steps: a store, an uploader, then per step a fresh ingest and that many real-time
+/// devices, until a step is not sustained. With `pinning`, this process and the store run on
+/// its `load` CPUs and the daemons on its `daemons` CPUs (restored afterwards).
+pub(super) async fn real_time_steps(
+    env: &Env,
+    tls: &Tls,
+    chunk_seconds: u32,
+    steps: &[usize],
+    pinning: Option<Pinning>,
+) -> anyhow::Result<Vec<Step>> {
+    let store = StoreProc::start(env, "realtime", Duration::ZERO).await?;
+    let spool = env.dir.join("spool-realtime");
+    let up = crate::bench::uploader(env, "uploader-realtime", &spool, &store.endpoint).await?;
+    let (uploader, grpc, up_http) = (up.proc, up.grpc, up.http);
+    let all = format!(
+        "0-{}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+    );
+    if let Some(p) = pinning {
+        pin(std::process::id(), p.load)?;
+        pin(store.pid().context("store pid")?, p.load)?;
+        pin(uploader.id().context("uploader pid")?, p.daemons)?;
+    }
+    let mut done: Vec<Step> = Vec::new();
+    let ran = async {
+        for &n in steps {
+            let before = commit_buckets(&http_get(up_http, "/metrics").await?.1);
+            let mut step =
+                realtime(env, tls, grpc, chunk_seconds, n, 2, pinning.map(|p| p.daemons)).await?;
+            let after = commit_buckets(&http_get(up_http, "/metrics").await?.1);
+            step.commits_within = slowest_commit_within(&before, &after);
+            eprintln!(
+                "   {n} devices: {} of {} acks, p50 {:?}, p99 {:?}, max {:?}, worst send lag {:?}, {} errors, ingest peak RSS {:.0} MiB, every commit within {}",
+                step.latencies.len(),
+                step.expected_acks,
+                percentile(&step.latencies, 50.0),
+                percentile(&step.latencies, 99.0),
+                step.latencies.last().copied().unwrap_or_default(),
+                step.worst_lag,
+                step.errors,
+                step.ingest_peak as f64 / MIB,
+                within(step.commits_within)
+            );
+            let ok = step.sustained();
+            done.push(step);
+            if !ok {
+                break;
+            }
+            store.clear()?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if pinning.is_some() {
+        pin(std::process::id(), &all)?;
+    }
+    ran?;
+    uploader.stop().await?;
+    drop(store);
+    std::fs::remove_dir_all(&spool).ok();
+    Ok(done)
+}
+
+/// Row 4b (or 4b-pinned) from its steps.
+pub(super) fn row_4b(
+    id: &str,
+    done: &[Step],
+    steps: &[usize],
+    ceiling: Option<f64>,
+    chunk_seconds: u32,
+    pinning: Option<Pinning>,
+) -> Row {
+    let max = done
+        .iter()
+        .filter(|s| s.sustained())
+        .map(|s| s.devices)
+        .max()
+        .unwrap_or(0);
+    let tried = done
+        .iter()
+        .map(|s| s.devices.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let top = steps.iter().max().copied().unwrap_or(0);
+    let what = match pinning {
+        None => "real-time 16 kHz devices sustained (every ack within 1 s)",
+        Some(_) => "the same, devices and store on one core, ingest and uploader on the other",
+    };
+    let row = match ceiling {
+        Some(c) => Row::ratio_at_least(
+            id,
+            &format!("{what} vs the disk-bound ceiling"),
+            "devices",
+            max as f64,
+            c,
+            GOAL_4B,
+        ),
+        None => Row::figure(
+            id,
+            what,
+            "devices",
+            max as f64,
+            "run the spool group for the ceiling",
+            true,
+        ),
+    };
+    let limited = if max == top {
+        format!("; {top} is the most tried: not the limit")
+    } else {
+        String::new()
+    };
+    // The disk's share of the acks' latency at the last step tried.
+    let commits = done
+        .last()
+        .map(|s| {
+            format!(
+                "; at {} devices every commit durable within {}",
+                s.devices,
+                within(s.commits_within)
+            )
+        })
+        .unwrap_or_default();
+    let placed = match pinning {
+        None => format!(
+            "devices run in the bench process on the same cores, {SIM_SOCKETS} UDP sockets among them"
+        ),
+        Some(p) => format!(
+            "taskset: bench process (devices) and store on CPU {}, ingest and uploader on CPU {}",
+            p.load, p.daemons
+        ),
+    };
+    row.note(format!(
+        "steps {tried}; {chunk_seconds} s chunks; ceiling = row 3's append+fdatasync MB/s ÷ 32 KB/s{limited}{commits}; {placed}"
+    ))
 }
