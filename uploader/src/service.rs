@@ -166,7 +166,11 @@ impl Uploader for Service {
                 SpoolError::Storage(_)
                 | SpoolError::Io(_)
                 | SpoolError::Task(_)
-                | SpoolError::InUse(_) => ("storage", Status::unavailable(e.to_string())),
+                | SpoolError::InUse(_)
+                | SpoolError::NewerFormat { .. }
+                | SpoolError::UnknownFormat { .. } => {
+                    ("storage", Status::unavailable(e.to_string()))
+                }
             };
             self.metrics.rejected(reason);
             tracing::warn!(reason, %key, error = %e, "PutChunk not committed");

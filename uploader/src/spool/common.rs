@@ -112,6 +112,18 @@ pub enum SpoolError {
         "the spool in {0} is in use by another process (an uploader, or `uploader drain`); one spool has one owner"
     )]
     InUse(PathBuf),
+    #[error(
+        "the spool in {dir} is format {found}, newer than this uploader reads (up to {supported}): run the release that wrote it (or a newer one) on it; it was left as it is"
+    )]
+    NewerFormat {
+        dir: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "the spool in {dir} has a FORMAT file this uploader cannot read ({text:?}); it was left as it is"
+    )]
+    UnknownFormat { dir: PathBuf, text: String },
 }
 
 /// What [`Spool::reconcile`](super::Spool::reconcile) found.

@@ -4,6 +4,8 @@
 //! # On-disk model
 //!
 //! Under `--spool-dir`:
+//! - `FORMAT`: the spool's format version (`format.rs`): read before anything is written, so a
+//!   spool of a newer format is refused and left as it is; written once the spool opened.
 //! - `lock`: an exclusive file lock, held by the one process that owns the spool
 //!   ([`SpoolError::InUse`] for a second one).
 //! - `records/<position>.rec` (the position in 20 digits): one file per chunk, the record.
@@ -138,6 +140,7 @@
 //! - `mod.rs`: this design, [`Spool`] and its accessors.
 //! - `common.rs`: the public leaf types ([`Limits`], [`WhenFull`], [`SpoolError`], ...).
 //! - `fs.rs`: the filesystem seam and the real filesystem.
+//! - `format.rs`: the format version and its check.
 //! - `record.rs`: [`Record`], [`Spooled`], writing and reading record files.
 //! - `index.rs`: the sled trees' encodings, opening sled, installing a commit's entries.
 //! - `open.rs`: [`Spool::open`]. `commit.rs`: steps 1 to 8. `read.rs`: the drain's reads.
@@ -155,6 +158,7 @@ use tokio::sync::Notify;
 
 mod commit;
 mod common;
+mod format;
 mod fs;
 mod index;
 mod open;
@@ -169,6 +173,7 @@ use commit::Pending;
 pub use common::{
     Committed, Dropped, Limits, OnDrop, Reconciled, SpoolError, WhenFull, default_max_chunks,
 };
+pub use format::FORMAT;
 use fs::Filesystem;
 use index::position_of;
 pub use read::{Loaded, Queued};

@@ -27,6 +27,8 @@ impl Spool {
         fs: Arc<dyn Filesystem>,
     ) -> Result<Self, SpoolError> {
         let started = Instant::now();
+        // Before anything is written: a spool of a newer format is left exactly as it is.
+        let format = super::format::check(dir)?;
         std::fs::create_dir_all(dir)?;
         // Our own lock, taken before sled's: a second owner is told so plainly, and a spool in
         // use is never mistaken for a damaged one.
@@ -81,6 +83,7 @@ impl Spool {
         let floor = highest_record_position(fs.as_ref(), &records)?
             .max(chunks.last()?.and_then(|(k, _)| position_of(&k)))
             .map_or(0, |p| p + 1);
+        super::format::mark(dir, format)?;
         tracing::debug!(count, used, floor, elapsed = ?started.elapsed(), "spool sized from its index");
         Ok(Self {
             db,
