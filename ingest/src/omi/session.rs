@@ -49,6 +49,21 @@ enum End {
 }
 
 impl End {
+    /// The forwarding half gave up on a chunk: listen should resend.
+    fn forward_failed() -> Self {
+        End::Close(
+            close::RECEIVE_TIMEOUT,
+            "the uploader refused a chunk; resend".into(),
+        )
+    }
+
+    fn shutting_down() -> Self {
+        End::Close(
+            close::GOING_AWAY,
+            "ingest is shutting down; audio so far was stored".into(),
+        )
+    }
+
     fn reason(&self) -> &'static str {
         match self {
             End::Peer => "finished",
@@ -139,10 +154,7 @@ pub(super) async fn run(
                 close::GOING_AWAY,
                 "ingest shut down before every chunk was committed; resend".into(),
             ),
-            ForwardError::Refused(_) => End::Close(
-                close::RECEIVE_TIMEOUT,
-                "the uploader refused a chunk; resend".into(),
-            ),
+            ForwardError::Refused(_) => End::forward_failed(),
         };
     }
     tracing::info!(uid = %params.uid, reason = end.reason(), "Omi session ended");
@@ -186,10 +198,8 @@ async fn read_loop(
         .map(tokio::time::Instant::from_std);
         let next = tokio::select! {
             biased;
-            () = shared.shutdown.cancelled() => break End::Close(
-                close::GOING_AWAY, "ingest is shutting down; audio so far was stored".into()),
-            () = fatal.cancelled() => break End::Close(
-                close::RECEIVE_TIMEOUT, "the uploader refused a chunk; resend".into()),
+            () = shared.shutdown.cancelled() => break End::shutting_down(),
+            () = fatal.cancelled() => break End::forward_failed(),
             () = sleep_until(fill_at) => {
                 // A chunk whose first byte is --omi-commit-every old, or open past
                 // --chunk-fill-timeout, is stored as it is; the connection goes on, and its next
@@ -200,9 +210,9 @@ async fn read_loop(
                     "fill_timeout"
                 };
                 if let Some(chunk) = omi.finish()
-                    && hand_over(tx, chunk, why, &mut reserved, metrics, fatal, &mut fill).await.is_err()
+                    && hand_over(tx, chunk, why, reserved.take(), metrics, fatal, &mut fill).await.is_err()
                 {
-                    break End::Close(close::RECEIVE_TIMEOUT, "the uploader refused a chunk; resend".into());
+                    break End::forward_failed();
                 }
                 fill = FillTimer::new(shared.chunk_fill_timeout);
                 commit = FillTimer::new(front.config.commit_every);
@@ -260,14 +270,11 @@ async fn read_loop(
                     let now = std::time::Instant::now();
                     fill.fed(now, true, 0);
                     commit.fed(now, true, 0);
-                    if hand_over(tx, chunk, why, &mut reserved, metrics, fatal, &mut fill)
+                    if hand_over(tx, chunk, why, reserved.take(), metrics, fatal, &mut fill)
                         .await
                         .is_err()
                     {
-                        break 'read End::Close(
-                            close::RECEIVE_TIMEOUT,
-                            "the uploader refused a chunk; resend".into(),
-                        );
+                        break 'read End::forward_failed();
                     }
                 }
                 Action::Append(range) => {
@@ -282,16 +289,10 @@ async fn read_loop(
                             {
                                 Ok(fed) => fed,
                                 Err(Stopped::Shutdown) => {
-                                    break 'read End::Close(
-                                        close::GOING_AWAY,
-                                        "ingest is shutting down; audio so far was stored".into(),
-                                    );
+                                    break 'read End::shutting_down();
                                 }
                                 Err(Stopped::Fatal) => {
-                                    break 'read End::Close(
-                                        close::RECEIVE_TIMEOUT,
-                                        "the uploader refused a chunk; resend".into(),
-                                    );
+                                    break 'read End::forward_failed();
                                 }
                             };
                         rest = rest.get(taken..).unwrap_or_default();
@@ -300,25 +301,12 @@ async fn read_loop(
                             chunk.is_some(),
                             omi.pending_bytes(),
                         );
-                        if let Some((chunk, held)) = chunk {
-                            reserved = held;
-                            if hand_over(
-                                tx,
-                                chunk,
-                                "full",
-                                &mut reserved,
-                                metrics,
-                                fatal,
-                                &mut fill,
-                            )
-                            .await
-                            .is_err()
-                            {
-                                break 'read End::Close(
-                                    close::RECEIVE_TIMEOUT,
-                                    "the uploader refused a chunk; resend".into(),
-                                );
-                            }
+                        if let Some((chunk, held)) = chunk
+                            && hand_over(tx, chunk, "full", held, metrics, fatal, &mut fill)
+                                .await
+                                .is_err()
+                        {
+                            break 'read End::forward_failed();
                         }
                     }
                 }
@@ -342,10 +330,7 @@ async fn read_loop(
                         && let Some(id) = conversation_id
                         && tx.send(Item::Processed(id)).await.is_err()
                     {
-                        break 'read End::Close(
-                            close::RECEIVE_TIMEOUT,
-                            "the uploader refused a chunk; resend".into(),
-                        );
+                        break 'read End::forward_failed();
                     }
                 }
             }
@@ -362,7 +347,7 @@ async fn read_loop(
             tx,
             chunk,
             "disconnect",
-            &mut reserved,
+            reserved.take(),
             metrics,
             fatal,
             &mut fill,
@@ -390,7 +375,7 @@ async fn hand_over(
     tx: &mpsc::Sender<Item>,
     chunk: OmiChunk,
     why: &'static str,
-    reserved: &mut Option<Reservation>,
+    reservation: Option<Reservation>,
     metrics: &Metrics,
     fatal: &CancellationToken,
     fill: &mut FillTimer,
@@ -401,7 +386,7 @@ async fn hand_over(
         .inc();
     let waited = tokio::time::Instant::now();
     let sent = tokio::select! {
-        r = tx.send(Item::Chunk(chunk, reserved.take())) => r.map_err(|_| ()),
+        r = tx.send(Item::Chunk(chunk, reservation)) => r.map_err(|_| ()),
         () = fatal.cancelled() => Err(()),
     };
     fill.excuse(waited.elapsed());
