@@ -330,11 +330,7 @@ fn render(rows: &[Row]) -> String {
             let recovery = r
                 .recovery
                 .map_or_else(|| "-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
-            let note = if r.problems.is_empty() {
-                r.note.clone()
-            } else {
-                format!("FAILED: {}", r.problems.join("; "))
-            };
+            let note = note_cell(&r.note, &r.problems);
             vec![
                 r.scenario.clone(),
                 format!("{:.0} s", r.audio_seconds),
@@ -348,6 +344,15 @@ fn render(rows: &[Row]) -> String {
             ]
         }),
     )
+}
+
+/// A row's notes cell: its note, or what went wrong.
+fn note_cell(note: &str, problems: &[String]) -> String {
+    if problems.is_empty() {
+        note.to_owned()
+    } else {
+        format!("FAILED: {}", problems.join("; "))
+    }
 }
 
 async fn metrics_of(addr: std::net::SocketAddr) -> String {

@@ -221,11 +221,7 @@ pub(super) fn render(rows: &[OmiRow]) -> String {
     crate::report::table(
         &columns,
         rows.iter().map(|r| {
-            let note = if r.problems.is_empty() {
-                r.note.clone()
-            } else {
-                format!("FAILED: {}", r.problems.join("; "))
-            };
+            let note = super::note_cell(&r.note, &r.problems);
             vec![
                 r.scenario.clone(),
                 r.sessions.to_string(),

@@ -446,13 +446,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     );
 
     // Latency at half the maximum sustained load.
-    let max = done
-        .iter()
-        .filter(|s| s.sustained())
-        .map(|s| s.devices)
-        .max()
-        .unwrap_or(0);
-    let half = max / 2;
+    let half = most_sustained(&done) / 2;
     if let Some(step) = done
         .iter()
         .filter(|s| s.sustained() && s.devices <= half.max(1))

@@ -318,6 +318,15 @@ pub(super) async fn real_time_steps(
     Ok(done)
 }
 
+/// The most devices a step sustained (0 when none did).
+pub(super) fn most_sustained(done: &[Step]) -> usize {
+    done.iter()
+        .filter(|s| s.sustained())
+        .map(|s| s.devices)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Row 4b (or 4b-pinned) from its steps.
 pub(super) fn row_4b(
     id: &str,
@@ -327,12 +336,7 @@ pub(super) fn row_4b(
     chunk_seconds: u32,
     pinning: Option<Pinning>,
 ) -> Row {
-    let max = done
-        .iter()
-        .filter(|s| s.sustained())
-        .map(|s| s.devices)
-        .max()
-        .unwrap_or(0);
+    let max = most_sustained(done);
     let tried = done
         .iter()
         .map(|s| s.devices.to_string())
