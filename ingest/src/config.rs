@@ -359,7 +359,7 @@ impl Args {
             internal_server_name: self.internal_server_name,
             shutdown_grace: self.shutdown_grace,
             forward_timeout: self.forward_timeout,
-            omi: self.omi.into_config()?,
+            omi: self.omi.into_config(self.chunk_seconds)?,
         };
         config.validate()?;
         Ok(config)

@@ -106,6 +106,11 @@ impl UpstreamConfig {
     }
 }
 
+/// The longest `--chunk-seconds` the Omi front end takes: an Omi chunk's id puts its first sample
+/// at `seq × chunk_samples` with `seq` its start in Unix milliseconds (below 2^32 s), and that
+/// product must fit in 64 bits at 48 kHz.
+pub const MAX_OMI_CHUNK_SECONDS: u32 = 89;
+
 /// How a listen connection is authenticated.
 #[derive(Debug)]
 pub enum OmiAuth {
@@ -137,8 +142,14 @@ impl OmiConfig {
 }
 
 impl OmiArgs {
-    /// The front end's configuration; errors say which flag to fix.
-    pub fn into_config(self) -> anyhow::Result<OmiConfig> {
+    /// The front end's configuration for chunks of `chunk_seconds`; errors say which flag to fix.
+    pub fn into_config(self, chunk_seconds: u32) -> anyhow::Result<OmiConfig> {
+        anyhow::ensure!(
+            self.omi_listen.is_none() || chunk_seconds <= MAX_OMI_CHUNK_SECONDS,
+            "--omi-listen takes --chunk-seconds up to {MAX_OMI_CHUNK_SECONDS} (an Omi chunk's \
+             id is its start in milliseconds times its length in samples, which must fit in 64 \
+             bits); got {chunk_seconds}"
+        );
         anyhow::ensure!(
             self.omi_receive_timeout >= Duration::from_secs(1),
             "--omi-receive-timeout must be at least 1s"
@@ -204,7 +215,7 @@ impl OmiArgs {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{OmiArgs, UpstreamConfig};
+    use super::{MAX_OMI_CHUNK_SECONDS, MIN_QUEUE_BYTES, OmiArgs, UpstreamConfig};
 
     #[test]
     fn an_upstream_url_is_a_websocket_base_url() {
@@ -226,6 +237,46 @@ mod tests {
     }
 
     #[test]
+    fn chunks_too_long_for_an_omi_chunk_id_are_refused_at_start() {
+        let args = OmiArgs {
+            omi_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            omi_auth: None,
+            omi_token_file: None,
+            omi_receive_timeout: std::time::Duration::from_secs(300),
+            omi_commit_every: std::time::Duration::from_secs(60),
+            omi_upstream: None,
+            omi_upstream_audio: false,
+            omi_upstream_queue_bytes: MIN_QUEUE_BYTES,
+        };
+        assert!(args.clone().into_config(MAX_OMI_CHUNK_SECONDS).is_ok());
+        let refused = args
+            .clone()
+            .into_config(MAX_OMI_CHUNK_SECONDS + 1)
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("--chunk-seconds up to 89"),
+            "{refused}"
+        );
+        // The largest id the limit allows fits: 2^32 s in ms, times the chunk at 48 kHz.
+        let largest = (1u64 << 32) * 1000;
+        assert!(
+            largest
+                .checked_mul(u64::from(MAX_OMI_CHUNK_SECONDS) * 48_000)
+                .is_some()
+        );
+        assert!(
+            largest
+                .checked_mul(u64::from(MAX_OMI_CHUNK_SECONDS + 1) * 48_000)
+                .is_none()
+        );
+        let off = OmiArgs {
+            omi_listen: None,
+            ..args
+        };
+        assert!(off.into_config(600).is_ok(), "no Omi front end, no limit");
+    }
+
+    #[test]
     fn the_upstream_flags_go_together() {
         let args = |listen: Option<&str>, upstream: Option<&str>, audio| OmiArgs {
             omi_listen: listen.map(|a| a.parse().unwrap()),
@@ -238,22 +289,22 @@ mod tests {
             omi_upstream_queue_bytes: 4 << 20,
         };
         let ok = args(Some("127.0.0.1:8080"), Some("ws://pusher:8080"), true);
-        let upstream = ok.into_config().unwrap().upstream.unwrap();
+        let upstream = ok.into_config(60).unwrap().upstream.unwrap();
         assert!(upstream.audio);
         assert_eq!(upstream.queue_bytes, 4 << 20);
         assert!(
             args(None, Some("ws://pusher:8080"), false)
-                .into_config()
+                .into_config(60)
                 .is_err()
         );
         assert!(
             args(Some("127.0.0.1:8080"), None, true)
-                .into_config()
+                .into_config(60)
                 .is_err()
         );
         assert!(
             args(Some("127.0.0.1:8080"), None, false)
-                .into_config()
+                .into_config(60)
                 .unwrap()
                 .upstream
                 .is_none()
