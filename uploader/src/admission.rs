@@ -3,9 +3,10 @@
 //! before its body is read, and counted. ingest treats that as it treats a full spool: it
 //! sends the chunk to another uploader or holds it and retries, which pushes back on devices.
 //!
-//! Each call in flight holds at most one largest chunk twice (the decoded request and the record
-//! written from it), so the uploader's memory is bounded by its own flags (deploy/README.md,
-//! "Memory"), not by the size of the ingest fleet.
+//! Each call in flight streams its PCM to disk and holds about 1.5 MiB
+//! ([`crate::put::STREAMED_CALL_BYTES`]; a few gathered whole hold a chunk, `put/http.rs`), so
+//! the uploader's memory is bounded by its own flags (deploy/README.md, "Memory"), not by the
+//! size of the ingest fleet.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -438,14 +438,21 @@ fn breaker_config(failures: u32, open: Duration, max_open: Duration) -> spillway
 }
 
 /// The uploader's memory bound in bytes (deploy/README.md, "Memory"), set by its own flags
-/// alone: `--workers` uploads and `--max-puts-in-flight` puts, each holding up to two largest
-/// chunks (`--max-chunk-seconds` at 48 kHz), plus 128 MiB for the runtime, TLS and the index.
-/// deploy-check holds the manifests' limits to it.
+/// alone: `--workers` uploads, each holding up to two largest chunks (`--max-chunk-seconds` at
+/// 48 kHz); `--max-puts-in-flight` puts streamed to the spool, each holding its stream's window
+/// and a few frames ([`crate::put::STREAMED_CALL_BYTES`]); at most [`crate::put::Gathered::MAX`]
+/// puts gathered whole (a chunk each, beside that); plus 128 MiB for the runtime, TLS and the
+/// index. deploy-check holds the manifests' limits to it.
 pub fn memory_bound(workers: u128, puts_in_flight: u128, max_chunk_seconds: u128) -> u128 {
     const MIB: u128 = 1024 * 1024;
     let largest_chunk =
         max_chunk_seconds * u128::from(spillway_proto::validate::MAX_SAMPLE_RATE) * 2;
-    2 * (workers + puts_in_flight) * largest_chunk + 128 * MIB
+    let streamed = u128::from(crate::put::STREAMED_CALL_BYTES);
+    let gathered = crate::put::Gathered::MAX as u128;
+    2 * workers * largest_chunk
+        + puts_in_flight * streamed
+        + gathered * (largest_chunk + streamed)
+        + 128 * MIB
 }
 
 #[cfg(test)]

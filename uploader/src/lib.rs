@@ -12,8 +12,8 @@ pub mod disk;
 pub mod drain;
 pub mod metrics;
 pub mod object;
+pub mod put;
 pub mod seal;
-pub mod service;
 pub mod spool;
 pub mod store;
 pub mod upload;
@@ -24,7 +24,6 @@ use anyhow::Context;
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use spillway_ops::{self as ops, Readiness};
-use spillway_proto::uploader::uploader_server::UploaderServer;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Args, Command, Config, Flags, OmiDecrypt, StaticCredentials};
@@ -91,17 +90,15 @@ pub async fn run(
         })
     };
 
-    let limit = spillway_proto::validate::max_chunk_bytes(config.max_chunk_seconds) + 64 * 1024;
-    let service = UploaderServer::new(service::Service {
+    let service = put::Server(Arc::new(put::Service {
         spool: Arc::clone(&spool),
         template: config.key_template.clone(),
         prefix: config.key_prefix.clone(),
         max_chunk_seconds: config.max_chunk_seconds,
         metrics: metrics.clone(),
         omi_sealed: config.omi_sealer.is_some(),
-    })
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
+        gathered: put::Gathered::default(),
+    }));
 
     let grpc_addr = listeners.grpc.local_addr();
     let readiness = tokio::spawn(track_readiness(
@@ -132,16 +129,13 @@ pub async fn run(
         ),
     }
     let served = server
-        .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
+        .initial_stream_window_size(put::PUT_STREAM_WINDOW)
         .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
         .max_concurrent_streams(streams)
         .timeout(config.put_timeout)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
-        .layer(tower::util::MapResponseLayer::new(
-            service::count_transport_refusals(metrics.clone()),
-        ))
         .layer(admission::PutsInFlight::new(
             config.max_puts_in_flight,
             metrics.clone(),

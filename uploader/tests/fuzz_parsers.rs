@@ -46,12 +46,11 @@ use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use prost::Message;
 use spillway_proto::device::{ClientMessage, ServerMessage};
-use spillway_proto::uploader::uploader_server::Uploader;
 use spillway_proto::uploader::{ChunkId, PutChunkRequest, PutChunkResponse};
 use spillway_proto::validate;
 use spillway_uploader::metrics::Metrics;
 use spillway_uploader::object::{DEFAULT_TEMPLATE, KeyTemplate, TemplateError};
-use spillway_uploader::service::Service;
+use spillway_uploader::put::{Server, Service};
 use spillway_uploader::spool::{Limits, Record, Spool, Spooled};
 
 // ---------------------------------------------------------------------------------------------
@@ -725,31 +724,126 @@ fn put_request() -> impl Strategy<Value = PutChunkRequest> {
         )
 }
 
-/// `PutChunk` requests of any content through the service itself: refused with exactly the
-/// status the rules give, or (when the spool has room) stored and answered with the key the
-/// template gives.
-#[test]
-fn put_chunk_requests_of_any_content_get_a_precise_answer() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(Spool::open(dir.path(), Limits::reject(64 << 20)).unwrap());
-    let service = Service {
+/// How a property's request reaches the service.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// A whole request, as gathered.
+    Whole,
+    /// As an HTTP/2 body in the generated encoding (the PCM before the CRC32C: gathered), cut
+    /// every `step` bytes.
+    Generated { step: usize },
+    /// As an HTTP/2 body with the PCM last, as ingest sends it (streamed to the spool), cut
+    /// every `step` bytes.
+    PcmLast { step: usize },
+}
+
+fn route() -> impl Strategy<Value = Route> {
+    prop_oneof![
+        Just(Route::Whole),
+        (1usize..300).prop_map(|step| Route::Generated { step }),
+        (1usize..300).prop_map(|step| Route::PcmLast { step }),
+    ]
+}
+
+/// `body` framed as one gRPC message.
+fn framed(message: &[u8]) -> Vec<u8> {
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(message);
+    body
+}
+
+/// Calls `PutChunk` on `server` with `body` cut into frames of `step` bytes, and reads the
+/// answer as a gRPC client would.
+async fn call_http(
+    server: &Server,
+    body: &[u8],
+    step: usize,
+) -> Result<PutChunkResponse, tonic::Status> {
+    use http_body_util::BodyExt as _;
+    use tower::Service as _;
+    let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = body
+        .chunks(step.max(1))
+        .map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/spillway.uploader.v1.Uploader/PutChunk")
+        .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+        .unwrap();
+    let response = server.clone().call(request).await.unwrap();
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        assert_ne!(status.code(), tonic::Code::Ok, "an answer in the headers");
+        return Err(status);
+    }
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    let data = collected.to_bytes();
+    assert_eq!(data[0], 0);
+    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+    assert_eq!(data.len(), 5 + len);
+    Ok(PutChunkResponse::decode(&data[5..]).unwrap())
+}
+
+/// `req` through `path`.
+async fn put_by(
+    service: &Arc<Service>,
+    req: &PutChunkRequest,
+    path: Route,
+) -> Result<PutChunkResponse, tonic::Status> {
+    let server = Server(Arc::clone(service));
+    match path {
+        Route::Whole => service.put(req.clone()).await,
+        Route::Generated { step } => call_http(&server, &framed(&req.encode_to_vec()), step).await,
+        Route::PcmLast { step } => {
+            let head = PutChunkRequest {
+                pcm: Bytes::new(),
+                ..req.clone()
+            };
+            let mut message = Vec::new();
+            spillway_proto::split::encode_head(&head, 5, req.pcm.len(), &mut message);
+            message.extend_from_slice(&req.pcm);
+            call_http(&server, &framed(&message), step).await
+        }
+    }
+}
+
+fn put_service(spool: Arc<Spool>) -> Arc<Service> {
+    Arc::new(Service {
         spool,
         template: KeyTemplate::default(),
         prefix: "p/".into(),
         max_chunk_seconds: MAX_CHUNK_SECONDS,
         metrics: Metrics::register(&mut Registry::default()),
         omi_sealed: false,
-    };
+        gathered: Default::default(),
+    })
+}
+
+/// `PutChunk` requests of any content through the service itself, whole or as HTTP/2 bodies
+/// cut anywhere (gathered, or streamed to the spool): refused with exactly the status the rules
+/// give, or (when the spool has room) stored and answered with the key the template gives.
+#[test]
+fn put_chunk_requests_of_any_content_get_a_precise_answer() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path(), Limits::reject(64 << 20)).unwrap());
+    let service = put_service(Arc::clone(&spool));
     let mut runner = TestRunner::new(io_config(1024));
-    let strategy = prop_oneof![
-        1 => proptest::collection::vec(any::<u8>(), 0..256)
-            .prop_map(|b| PutChunkRequest::decode(b.as_slice()).unwrap_or_default()),
-        4 => put_request(),
-    ];
-    check(runner.run(&strategy, |req| {
+    let strategy = (
+        prop_oneof![
+            1 => proptest::collection::vec(any::<u8>(), 0..256)
+                .prop_map(|b| PutChunkRequest::decode(b.as_slice()).unwrap_or_default()),
+            4 => put_request(),
+        ],
+        route(),
+    );
+    check(runner.run(&strategy, |(req, path)| {
         let want = expected_refusal(&req);
-        let got = rt.block_on(service.put_chunk(tonic::Request::new(req.clone())));
+        let got = rt.block_on(put_by(&service, &req, path));
         match (got, want) {
             (Err(status), Some(code)) => {
                 prop_assert_eq!(status.code(), code, "{}", status.message());
@@ -776,11 +870,47 @@ fn put_chunk_requests_of_any_content_get_a_precise_answer() {
                     id.seq,
                     req.first_sample - chunk_start,
                 );
-                prop_assert_eq!(resp.into_inner().key, want_key);
+                prop_assert_eq!(resp.key, want_key);
+                prop_assert_eq!(resp.crc32c, req.crc32c);
             }
             (Ok(resp), Some(code)) => {
                 prop_assert!(false, "accepted {:?} ({:?}), want {:?}", req, resp, code);
             }
+        }
+        Ok::<(), TestCaseError>(())
+    }));
+    // Streamed or not, a refused put left no temporary file behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("records"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Any bytes at all as a `PutChunk` body, cut anywhere: answered (never a panic or a hang),
+/// refused with a status and message unless they happen to be a valid put.
+#[test]
+fn put_chunk_bodies_of_any_bytes_get_an_answer() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path(), Limits::reject(64 << 20)).unwrap());
+    let server = Server(put_service(spool));
+    let mut runner = TestRunner::new(config(2048));
+    let body = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..64),
+        // A plausible prefix, then anything.
+        (0u32..200, proptest::collection::vec(any::<u8>(), 0..200)).prop_map(|(len, rest)| {
+            let mut b = vec![0];
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend(rest);
+            b
+        }),
+    ];
+    check(runner.run(&(body, 1usize..40), |(body, step)| {
+        match rt.block_on(call_http(&server, &body, step)) {
+            Ok(resp) => prop_assert!(!resp.key.is_empty()),
+            Err(status) => prop_assert!(!status.message().trim().is_empty(), "{status:?}"),
         }
         Ok::<(), TestCaseError>(())
     }));

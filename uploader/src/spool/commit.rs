@@ -19,6 +19,9 @@ pub(super) struct Pending {
     id: Vec<u8>,
     tmp: PathBuf,
     need: u64,
+    /// The PCM is only in the file (`record.pcm` is empty): a put received by
+    /// [`Spool::incoming`].
+    streamed: bool,
     done: SyncSender<Result<Committed, SpoolError>>,
 }
 
@@ -60,7 +63,7 @@ impl Spool {
     /// always; beyond the spool's bounds when full puts are refused (with drop-oldest the
     /// commit evicts instead). A put of an id already spooled may supersede its record, whose
     /// bytes it frees: left to the commit.
-    fn precheck(&self, id: &[u8], need: u64) -> Result<(), SpoolError> {
+    pub(super) fn precheck(&self, id: &[u8], need: u64) -> Result<(), SpoolError> {
         let room = self.fs.room(&self.records)?;
         if !room.fits(need) {
             return Err(SpoolError::DiskFull {
@@ -94,9 +97,7 @@ impl Spool {
     fn insert(&self, record: &Record) -> Result<Committed, SpoolError> {
         let id = record.index_key();
         // A plain repeat needs no file at all.
-        if let Some(existing) = self.index.get(&id)?
-            && parse_index(&existing).is_some_and(|(_, crc, _)| crc == record.crc32c)
-        {
+        if self.is_repeat(&id, record.crc32c)? {
             return Ok(Committed::Duplicate);
         }
         // The record's fields, then its PCM written from the request's own buffer: the file is
@@ -107,12 +108,33 @@ impl Spool {
         // The slow part, the file and its sync, happens before any lock: concurrent puts
         // write their files in parallel.
         let tmp = self.write_tmp(&fields, &record.pcm)?;
+        self.group_commit(record.clone(), id, tmp, need, false)
+    }
+
+    /// True when the index names `id` with this CRC32C: the put is a plain repeat.
+    pub(super) fn is_repeat(&self, id: &[u8], crc32c: u32) -> Result<bool, SpoolError> {
+        Ok(self.index.get(id)?.is_some_and(|existing| {
+            parse_index(&existing).is_some_and(|(_, crc, _)| crc == crc32c)
+        }))
+    }
+
+    /// Commits the synced temporary file `tmp` holding `record` (its PCM only in the file when
+    /// `streamed`): steps 4 to 8 of the module doc.
+    pub(super) fn group_commit(
+        &self,
+        record: Record,
+        id: Vec<u8>,
+        tmp: PathBuf,
+        need: u64,
+        streamed: bool,
+    ) -> Result<Committed, SpoolError> {
         let (done, outcome) = std::sync::mpsc::sync_channel(1);
         self.queue.lock().push(Pending {
-            record: record.clone(),
+            record,
             id,
             tmp,
             need,
+            streamed,
             done,
         });
         // Group commit: whoever takes the writer lock commits every put queued so far, with
@@ -179,7 +201,7 @@ impl Spool {
         let mut answers = Vec::with_capacity(batch.len());
         let mut linked = Vec::new();
         for p in batch {
-            match self.link(&p.record, &p.id, &p.tmp, p.need) {
+            match self.link(&p.record, &p.id, &p.tmp, p.need, p.streamed) {
                 Ok(Linked::Done(c)) => {
                     let _ = self.fs.remove_file(&p.tmp);
                     answers.push((p.done, Ok(c)));
@@ -251,10 +273,20 @@ impl Spool {
         id: &[u8],
         tmp: &Path,
         need: u64,
+        streamed: bool,
     ) -> Result<Linked, SpoolError> {
         let mut supersedes = None;
         if let Some(existing) = self.index.get(id)? {
-            let (old_pos, _, old_size) = parse_index(&existing).unwrap_or((u64::MAX, 0, 0));
+            let (old_pos, old_crc, old_size) = parse_index(&existing).unwrap_or((u64::MAX, 0, 0));
+            // Other content under this id: the comparison needs the PCM, which a streamed put
+            // has only in its file (read back on this rare path).
+            let loaded;
+            let record = if streamed && old_crc != record.crc32c {
+                loaded = self.read_tmp(tmp)?;
+                &loaded
+            } else {
+                record
+            };
             match self.compare(&existing, record)? {
                 Existing::Same | Existing::Covers => return Ok(Linked::Done(Committed::Duplicate)),
                 Existing::Differs(existing) => {

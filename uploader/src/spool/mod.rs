@@ -49,7 +49,10 @@
 //! 3. **The temporary file**: `tmp-<pid>-<n>` created, written (head and PCM in one vectored
 //!    write, short writes continued), `fdatasync`ed, outside any lock so concurrent puts write
 //!    in parallel. A failed write deletes it (out of space: [`SpoolError::DiskFull`]). A crash:
-//!    a temporary file, deleted at the next open; nothing answered.
+//!    a temporary file, deleted at the next open; nothing answered. A put received as a stream
+//!    ([`Spool::incoming`], `stream.rs`) writes the same bytes in pieces as its frames arrive,
+//!    and is synced only once the caller confirmed the whole PCM and its CRC32C; a put given up
+//!    deletes it.
 //! 4. **Group commit.** The put joins a queue; whoever takes the writer lock commits the whole
 //!    queue as one batch, never two puts of one id (the later waits for the next batch).
 //! 5. **Link**, per put, under the writer lock: compared with what its id names (the same or a
@@ -166,6 +169,7 @@ mod read;
 mod reconcile;
 mod record;
 mod removal;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -178,6 +182,7 @@ use fs::Filesystem;
 use index::position_of;
 pub use read::{Loaded, Queued};
 pub use record::{Record, Spooled};
+pub use stream::{Incoming, QUEUED_FRAMES};
 
 /// The spool (the design is in the module doc). Index operations are synchronous; file writes
 /// and the flush run off the async threads.

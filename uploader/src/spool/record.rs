@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use prost::Message;
 
-use super::fs::{Filesystem, is_disk_full};
+use super::fs::{WriteFile, is_disk_full};
 use super::{Spool, SpoolError};
 use crate::disk::Room;
 pub use spillway_proto::uploader::Layout;
@@ -117,12 +117,18 @@ impl Record {
     /// protobuf decodes fields in any order, and a WAV record (where they are absent) is byte
     /// for byte `self.encode_to_vec()`.
     pub(super) fn file_head(&self) -> Vec<u8> {
+        self.file_head_for(self.pcm.len())
+    }
+
+    /// [`Record::file_head`] for a PCM of `pcm_len` bytes that is not in `self` (it is being
+    /// received: `crate::put`).
+    pub(super) fn file_head_for(&self, pcm_len: usize) -> Vec<u8> {
         let head = Record {
             pcm: Bytes::new(),
             ..self.clone()
         };
         let mut fields = Vec::with_capacity(head.encoded_len() + 16);
-        spillway_proto::split::encode_head(&head, PCM_FIELD, self.pcm.len(), &mut fields);
+        spillway_proto::split::encode_head(&head, PCM_FIELD, pcm_len, &mut fields);
         fields
     }
 }
@@ -191,16 +197,40 @@ impl Spool {
     /// where the kernel takes both) and syncs it. A write that runs out of space is
     /// [`SpoolError::DiskFull`].
     pub(super) fn write_tmp(&self, head: &[u8], tail: &[u8]) -> Result<PathBuf, SpoolError> {
-        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.records.join(format!("tmp-{}-{n}", std::process::id()));
-        match write_synced(self.fs.as_ref(), &path, head, tail) {
-            Ok(()) => Ok(path),
+        let mut tmp = self.create_tmp()?;
+        match tmp.write_all(&[head, tail]).and_then(|()| tmp.sync()) {
+            Ok(()) => Ok(tmp.path),
             Err(e) => {
                 // A failed write (a full disk, an I/O error) leaves nothing behind.
+                let _ = self.fs.remove_file(&tmp.path);
+                Err(self.write_error(e))
+            }
+        }
+    }
+
+    /// A new temporary file in `records/`, `tmp-<pid>-<n>`.
+    pub(super) fn create_tmp(&self) -> Result<TmpFile, SpoolError> {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.records.join(format!("tmp-{}-{n}", std::process::id()));
+        match self.fs.create(&path) {
+            Ok(file) => Ok(TmpFile { path, file }),
+            Err(e) => {
                 let _ = self.fs.remove_file(&path);
                 Err(self.write_error(e))
             }
         }
+    }
+
+    /// The record in the temporary file `path`, decoded (a streamed put's PCM, for the rare
+    /// comparison with a different piece of its id).
+    pub(super) fn read_tmp(&self, path: &Path) -> Result<Record, SpoolError> {
+        let buf = self.fs.read(path, 0)?;
+        Record::decode(Bytes::from(buf)).map_err(|e| {
+            SpoolError::Io(std::io::Error::other(format!(
+                "the temporary record {} does not decode: {e}",
+                path.display()
+            )))
+        })
     }
 
     /// The error for a failed write of a record file: [`SpoolError::DiskFull`] when the disk
@@ -246,19 +276,32 @@ impl Spool {
     }
 }
 
-/// Creates `path`, writes `head` then `tail` to it, retrying short writes and interrupted
-/// calls, and syncs its data.
-fn write_synced(fs: &dyn Filesystem, path: &Path, head: &[u8], tail: &[u8]) -> std::io::Result<()> {
-    let mut f = fs.create(path)?;
-    let mut parts = [IoSlice::new(head), IoSlice::new(tail)];
-    let mut left = &mut parts[..];
-    while !left.is_empty() {
-        match f.write_vectored(left) {
-            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
-            Ok(n) => IoSlice::advance_slices(&mut left, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// A temporary record file being written ([`Spool::create_tmp`]).
+pub(super) struct TmpFile {
+    pub(super) path: PathBuf,
+    file: Box<dyn WriteFile>,
+}
+
+impl TmpFile {
+    /// Writes every byte of `parts`, in order, in as few vectored writes as the kernel allows,
+    /// retrying short writes and interrupted calls.
+    pub(super) fn write_all<B: AsRef<[u8]>>(&mut self, parts: &[B]) -> std::io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p.as_ref())).collect();
+        let mut left = &mut slices[..];
+        IoSlice::advance_slices(&mut left, 0);
+        while !left.is_empty() {
+            match self.file.write_vectored(left) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
-    f.sync_data()
+
+    /// Makes the file's data durable (`fdatasync`).
+    pub(super) fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
 }

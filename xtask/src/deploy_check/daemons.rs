@@ -303,10 +303,12 @@ pub(super) fn check_daemon(
                 }
                 report.expect(limit.is_some_and(|l| l >= need), || {
                     format!(
-                        "{at_c}: memory limit {} is below 2·W·C + 2·Q·C + 128 MiB = {need} bytes ({} MiB) for W={w}, Q={q} (--max-puts-in-flight), C={}",
+                        "{at_c}: memory limit {} is below 2·W·C + Q·S + G·(C + S) + 128 MiB = {need} bytes ({} MiB) for W={w}, Q={q} (--max-puts-in-flight), C={}, S={} (a streamed put), G={} (gathered puts)",
                         limit.map_or("unset".into(), |l| l.to_string()),
                         need.div_ceil(MIB),
-                        secs * MAX_SAMPLE_RATE * 2
+                        secs * MAX_SAMPLE_RATE * 2,
+                        spillway_uploader::put::STREAMED_CALL_BYTES,
+                        spillway_uploader::put::Gathered::MAX,
                     )
                 });
             }
