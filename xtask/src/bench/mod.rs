@@ -103,6 +103,22 @@ impl Row {
         }
     }
 
+    /// A row whose goal is `ratio <= max` (Spillway over the baseline, lower is better).
+    pub fn ratio_at_most(
+        id: &str,
+        what: &str,
+        unit: &str,
+        spillway: f64,
+        baseline: f64,
+        max: f64,
+    ) -> Self {
+        let mut row = Self::ratio_at_least(id, what, unit, spillway, baseline, 0.0);
+        let ratio = row.ratio.unwrap_or(f64::INFINITY);
+        row.goal = format!("≤ {max}");
+        row.met = Some(baseline > 0.0 && ratio <= max);
+        row
+    }
+
     /// A row with a goal of its own.
     pub fn figure(id: &str, what: &str, unit: &str, spillway: f64, goal: &str, met: bool) -> Self {
         Self {
@@ -140,6 +156,47 @@ pub struct Results {
     /// Raw PutObject MB/s at 16 workers without latency (row 1's baseline).
     #[serde(skip)]
     pub put_mb_s: Option<f64>,
+    /// CPU seconds per MB of the floor's parts, each measured alone (row 4c's baseline).
+    #[serde(skip)]
+    pub floor: FloorCpu,
+}
+
+/// CPU seconds per MB of what carrying audio to a store cannot avoid, each part measured alone
+/// in the run: receiving it over QUIC (the raw quinn sink of row 4), appending and
+/// `fdatasync`ing it (row 3's baseline), and `PutObject`ing it (row 1's client).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FloorCpu {
+    pub quic: Option<f64>,
+    pub disk: Option<f64>,
+    pub put: Option<f64>,
+}
+
+impl FloorCpu {
+    /// The sum, once every part was measured.
+    pub fn per_mb(&self) -> Option<f64> {
+        Some(self.quic? + self.disk? + self.put?)
+    }
+}
+
+/// CPU time (user + system) process `pid` has used so far, in seconds (`/proc/PID/stat`'s
+/// utime and stime, in USER_HZ, 100 per second on Linux).
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name, in parentheses, may hold spaces: fields are counted after it.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("/proc/{pid}/stat has no command name"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the line; the 12th and 13th after the name.
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("/proc/{pid}/stat field {}", i + 3))
+    };
+    Ok((tick(11)? + tick(12)?) as f64 / 100.0)
 }
 
 /// The machine and the run's environment, shared by every group.

@@ -136,7 +136,10 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     let took = put_chunks(grpc, env.client_tls().as_ref(), chunks).await?;
     let ours = bytes / took.as_secs_f64() / MB;
     let (peak, now) = rss(pid)?;
+    let cpu = super::cpu_seconds(std::process::id())?;
     let raw = append_fdatasync(&env.dir.join("append.bin"), chunks)?;
+    // This process's CPU while its threads appended and synced (nothing else runs meanwhile).
+    results.floor.disk = Some((super::cpu_seconds(std::process::id())? - cpu) / (bytes / MB));
     let raw = bytes / raw.as_secs_f64() / MB;
     results.disk_mb_s = Some(raw);
     eprintln!("   commit {ours:.0} MB/s, append+fdatasync {raw:.0} MB/s");

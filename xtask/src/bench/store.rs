@@ -204,14 +204,14 @@ pub async fn raw_put(
 }
 
 /// One point: Spillway's drain and the raw loop, same objects and concurrency. Returns MB/s of
-/// each.
+/// each, and the raw loop's client CPU seconds per MB.
 async fn point(
     env: &Env,
     store: &StoreProc,
     spool: &Path,
     chunks: u64,
     workers: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64)> {
     let bytes = fill_spool(spool, chunks, &format!("w{workers}")).await? as f64;
     let took = drain(env, spool, store, &workers.to_string(), &[]).await?;
     store.clear()?;
@@ -219,12 +219,16 @@ async fn point(
     // does not hold 2 GB for row 1 (with all 1,024 in memory the raw loop ran 15-25 % slower in
     // three runs of eight).
     let bodies = wav_bodies(chunks.min(256))?;
+    let cpu = super::cpu_seconds(std::process::id())?;
     let raw = raw_put(&store.endpoint, &bodies, chunks as usize, workers).await?;
+    // This process's CPU while the raw loop ran: the `PutObject` client's alone.
+    let cpu = super::cpu_seconds(std::process::id())? - cpu;
     drop(bodies);
     store.clear()?;
     Ok((
         bytes / took.as_secs_f64() / MB,
         bytes / raw.as_secs_f64() / MB,
+        cpu / (bytes / MB),
     ))
 }
 
@@ -235,8 +239,9 @@ pub async fn run(env: &Env, results: &mut Results, out: &Path) -> anyhow::Result
     eprintln!("== store: drain vs raw PutObject");
     let store = StoreProc::start(env, "plain", Duration::ZERO).await?;
     let chunks = if env.quick { 24 } else { 1024 };
-    let (ours, raw) = point(env, &store, &spool, chunks, 16).await?;
+    let (ours, raw, put_cpu) = point(env, &store, &spool, chunks, 16).await?;
     results.put_mb_s = Some(raw);
+    results.floor.put = Some(put_cpu);
     results.rows.push(
         Row::ratio_at_least(
             "1",
@@ -269,7 +274,7 @@ pub async fn run(env: &Env, results: &mut Results, out: &Path) -> anyhow::Result
         } else {
             (w as u64 * 8).clamp(24, 320)
         };
-        let (ours, raw) = point(env, &store, &spool, chunks, w).await?;
+        let (ours, raw, _) = point(env, &store, &spool, chunks, w).await?;
         eprintln!("   workers {w:>2}: drain {ours:.0} MB/s, raw {raw:.0} MB/s");
         results.sweep.push((w, ours, raw));
     }

@@ -297,11 +297,15 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     )?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     sink.check_alive()?;
+    let sink_pid = sink.id().context("quic-sink pid")?;
+    let cpu = crate::bench::cpu_seconds(sink_pid)?;
     let raw = total
         / blast(sink_addr, &tls.der, devices, bytes)
             .await?
             .as_secs_f64()
         / MB;
+    // The receiving end's CPU alone: a quinn server that reads every byte and drops it.
+    results.floor.quic = Some((crate::bench::cpu_seconds(sink_pid)? - cpu) / (total / MB));
     sink.stop().await.ok();
     eprintln!("   ingest {ours:.0} MB/s, raw quinn {raw:.0} MB/s");
     results.rows.push(
@@ -390,6 +394,9 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     results
         .rows
         .push(row_4b("4b", &done, &steps, ceiling, chunk_seconds, None));
+    if let Some(row) = row_4c(&done, results.floor.per_mb(), &results.machine) {
+        results.rows.push(row);
+    }
     // The same with the load generator (devices, store) on one core and the daemons on the
     // other, so the row measures Spillway rather than the devices it shares the cores with.
     if !env.quick && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {

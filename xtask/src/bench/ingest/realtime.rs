@@ -66,6 +66,9 @@ pub(super) struct Step {
     pub(super) max_held: u64,
     /// Every commit of the step was durable within this many seconds (a histogram bound).
     pub(super) commits_within: Option<f64>,
+    /// Cores ingest and the uploader used together while every device was streaming (CPU
+    /// seconds per second, from `/proc`), and that window's length.
+    pub(super) daemon_cores: Option<(f64, Duration)>,
 }
 
 impl Step {
@@ -85,12 +88,13 @@ impl Step {
 pub(super) async fn realtime(
     env: &Env,
     tls: &Tls,
-    uploader: SocketAddr,
+    uploader: (SocketAddr, u32),
     chunk_seconds: u32,
     devices: usize,
     chunks: u64,
     pin_to: Option<&str>,
 ) -> anyhow::Result<Step> {
+    let (uploader, uploader_pid) = uploader;
     let (proc, quic, _http) = ingest(
         env,
         tls,
@@ -134,6 +138,26 @@ pub(super) async fn realtime(
         .context("binding the simulated devices' sockets")?;
     let t0 = Instant::now() + Duration::from_secs(1);
     let spread = Duration::from_secs(u64::from(chunk_seconds));
+    // The steady window: from the last device's start to the first device's end.
+    let cpu = {
+        let (from, to) = (
+            t0 + spread,
+            t0 + Duration::from_secs(u64::from(chunk_seconds) * chunks),
+        );
+        tokio::spawn(async move {
+            if to <= from {
+                return anyhow::Ok(None);
+            }
+            let both = || -> anyhow::Result<f64> {
+                Ok(crate::bench::cpu_seconds(pid)? + crate::bench::cpu_seconds(uploader_pid)?)
+            };
+            tokio::time::sleep_until(from.into()).await;
+            let (before, begun) = (both()?, Instant::now());
+            tokio::time::sleep_until(to.into()).await;
+            let window = begun.elapsed();
+            Ok(Some(((both()? - before) / window.as_secs_f64(), window)))
+        })
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for d in 0..devices {
         let (cert, frame, sent, acked) = (
@@ -223,6 +247,7 @@ pub(super) async fn realtime(
         }
     }
     monitor.abort();
+    step.daemon_cores = cpu.await??;
     step.latencies.sort();
     step.max_held = max_held.load(Ordering::Relaxed);
     step.ingest_peak = rss(pid)?.0;
@@ -269,6 +294,7 @@ pub(super) async fn real_time_steps(
     let spool = env.dir.join("spool-realtime");
     let up = crate::bench::uploader(env, "uploader-realtime", &spool, &store.endpoint).await?;
     let (uploader, grpc, up_http) = (up.proc, up.grpc, up.http);
+    let uploader_pid = uploader.id().context("uploader pid")?;
     let all = format!(
         "0-{}",
         std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
@@ -276,18 +302,18 @@ pub(super) async fn real_time_steps(
     if let Some(p) = pinning {
         pin(std::process::id(), p.load)?;
         pin(store.pid().context("store pid")?, p.load)?;
-        pin(uploader.id().context("uploader pid")?, p.daemons)?;
+        pin(uploader_pid, p.daemons)?;
     }
     let mut done: Vec<Step> = Vec::new();
     let ran = async {
         for &n in steps {
             let before = commit_buckets(&http_get(up_http, "/metrics").await?.1);
             let mut step =
-                realtime(env, tls, grpc, chunk_seconds, n, 2, pinning.map(|p| p.daemons)).await?;
+                realtime(env, tls, (grpc, uploader_pid), chunk_seconds, n, 2, pinning.map(|p| p.daemons)).await?;
             let after = commit_buckets(&http_get(up_http, "/metrics").await?.1);
             step.commits_within = slowest_commit_within(&before, &after);
             eprintln!(
-                "   {n} devices: {} of {} acks, p50 {:?}, p99 {:?}, max {:?}, worst send lag {:?}, {} errors, ingest peak RSS {:.0} MiB, every commit within {}",
+                "   {n} devices: {} of {} acks, p50 {:?}, p99 {:?}, max {:?}, worst send lag {:?}, {} errors, ingest peak RSS {:.0} MiB, every commit within {}, daemons {}",
                 step.latencies.len(),
                 step.expected_acks,
                 percentile(&step.latencies, 50.0),
@@ -296,7 +322,9 @@ pub(super) async fn real_time_steps(
                 step.worst_lag,
                 step.errors,
                 step.ingest_peak as f64 / MIB,
-                within(step.commits_within)
+                within(step.commits_within),
+                step.daemon_cores
+                    .map_or("-".into(), |(c, w)| format!("{c:.2} cores over {w:.0?}"))
             );
             let ok = step.sustained();
             done.push(step);
@@ -393,4 +421,39 @@ pub(super) fn row_4b(
     row.note(format!(
         "steps {tried}; {chunk_seconds} s chunks; ceiling = row 3's append+fdatasync MB/s ÷ 32 KB/s{limited}{commits}; {placed}"
     ))
+}
+
+/// Row 4c: ingest's and the uploader's CPU per 1,000 real-time 16 kHz devices, at the largest
+/// step row 4b sustained, against the floor for the same bytes (each part measured alone in
+/// this run: `floor_per_mb` CPU seconds per MB).
+pub(super) fn row_4c(done: &[Step], floor_per_mb: Option<f64>, machine: &str) -> Option<Row> {
+    let step = done
+        .iter()
+        .filter(|s| s.sustained())
+        .max_by_key(|s| s.devices)?;
+    let (cores, window) = step.daemon_cores?;
+    let per_1000 = cores * 1000.0 / step.devices as f64;
+    let what = "ingest + uploader CPU per 1,000 real-time 16 kHz devices";
+    let (mb_s, unit) = (BYTES_PER_SECOND as f64 / MB * 1000.0, "cores");
+    let each = done
+        .iter()
+        .filter_map(|s| {
+            let (c, _) = s.daemon_cores?;
+            Some(format!(
+                "{}: {:.3}",
+                s.devices,
+                c * 1000.0 / s.devices as f64
+            ))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let note = format!(
+        "{} devices, {window:.0?} with every device streaming; per 1,000 at each step: {each}; per 10,000: {:.1} cores; {machine}",
+        step.devices,
+        per_1000 * 10.0,
+    );
+    Some(match floor_per_mb {
+        Some(f) => Row::ratio_at_most("4c", &format!("{what} vs the floor (raw quinn receive + append and fdatasync + raw PutObject, the same bytes)"), unit, per_1000, f * mb_s, 1.5).note(note),
+        None => Row::figure("4c", what, unit, per_1000, "run every group for the floor", true).note(note),
+    })
 }
