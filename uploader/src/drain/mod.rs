@@ -239,7 +239,7 @@ impl Drain {
             if !self.spool.is_current(pos, record).unwrap_or(true) {
                 // A longer piece of the same chunk replaced this record; it uploads instead.
                 tracing::debug!(%key, pos, "superseded before upload; skipped");
-                let _ = self.spool.remove(pos, record).await;
+                let _ = self.remove(pos, record).await;
                 self.note_attempt(pos, None);
                 return;
             }
@@ -328,7 +328,7 @@ impl Drain {
                         .uploads
                         .get_or_create(&ResultLabel { result })
                         .inc();
-                    if let Err(e) = self.spool.remove(pos, record).await {
+                    if let Err(e) = self.remove(pos, record).await {
                         // The object is stored; a leftover record is only uploaded again.
                         tracing::error!(%key, error = %e, "deleting an uploaded chunk from the spool failed");
                     }
@@ -357,6 +357,16 @@ impl Drain {
                     }
                 }
             }
+        }
+    }
+
+    /// Takes the uploaded record at `pos` out of the spool, on the blocking pool (its index
+    /// entries and its file: `Spool::remove_now`), off the runtime's few threads.
+    async fn remove(&self, pos: u64, record: &crate::spool::Record) -> Result<(), String> {
+        let (spool, record) = (Arc::clone(&self.spool), record.clone());
+        match tokio::task::spawn_blocking(move || spool.remove_now(pos, &record)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -57,6 +57,13 @@ impl Spool {
     /// deadlocked sled 0.34): a crash within that window can bring back an index entry whose
     /// file is gone, which `reconcile` then reports as lost although the store has it.
     pub async fn remove(&self, pos: u64, record: &Record) -> Result<(), SpoolError> {
+        self.remove_now(pos, record)
+    }
+
+    /// [`Spool::remove`], blocking: the unlink of a chunk's file can take milliseconds (the
+    /// filesystem frees its blocks), so the drain runs it on the blocking pool, where it holds
+    /// up no other upload's network I/O.
+    pub fn remove_now(&self, pos: u64, record: &Record) -> Result<(), SpoolError> {
         let key = position_key(pos);
         let Some(old) = self.chunks.get(key)? else {
             return Ok(());
