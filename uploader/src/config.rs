@@ -13,6 +13,7 @@ use crate::adaptive::{Bounds, Workers};
 use crate::object::KeyTemplate;
 use crate::seal::Sealer;
 use crate::spool::WhenFull;
+use crate::transport::{PayloadSigning, StoreCa};
 
 /// The `uploader` command line: the daemon's flags, or a subcommand.
 #[derive(Debug, Clone, clap::Parser)]
@@ -139,6 +140,16 @@ pub struct Flags {
     /// S3-compatible endpoint URL; unset means AWS S3 itself.
     #[arg(long, env = "SPILLWAY_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
+    /// What SigV4 signs of each object's body: `signed` its SHA-256, `unsigned`
+    /// UNSIGNED-PAYLOAD (https:// endpoints only: TLS protects the body in flight), `auto`
+    /// unsigned exactly when the endpoint is https:// (AWS S3 is). Every body also carries a
+    /// CRC32C the store verifies.
+    #[arg(long, env = "SPILLWAY_S3_PAYLOAD_SIGNING", value_enum, default_value_t = PayloadSigning::Auto)]
+    pub s3_payload_signing: PayloadSigning,
+    /// PEM file of the CA (one or more certificates) the store's certificate must chain to,
+    /// in place of the system's roots: for an https:// --s3-endpoint with a private CA.
+    #[arg(long, env = "SPILLWAY_S3_CA_FILE")]
+    pub s3_ca_file: Option<PathBuf>,
     /// Region of the bucket.
     #[arg(long, env = "SPILLWAY_REGION", default_value = "us-east-1")]
     pub region: String,
@@ -228,6 +239,10 @@ pub struct Config {
     pub bucket: String,
     pub create_bucket: bool,
     pub s3_endpoint: Option<String>,
+    /// `--s3-payload-signing`: `unsigned` is valid only with an `https://` endpoint.
+    pub s3_payload_signing: PayloadSigning,
+    /// `--s3-ca-file`, read and checked: the store's certificate must chain to it.
+    pub s3_ca: Option<StoreCa>,
     pub region: String,
     pub key_prefix: String,
     pub key_template: KeyTemplate,
@@ -266,6 +281,20 @@ pub enum ConfigError {
     HighWatermark(f64),
     #[error("--bucket {0:?} is not a valid bucket name (3-63 characters of a-z, 0-9, '.', '-')")]
     Bucket(String),
+    #[error(transparent)]
+    UnsignedOverHttp(#[from] crate::transport::UnsignedOverHttp),
+    #[error("--s3-ca-file needs an https:// --s3-endpoint, got {0}")]
+    CaOverHttp(String),
+    #[error("reading --s3-ca-file {path}: {source}")]
+    CaRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--s3-ca-file {path} {source}")]
+    Ca {
+        path: PathBuf,
+        source: crate::transport::CaError,
+    },
     #[error("--omi-secret-file: {0}")]
     OmiSecret(#[from] crate::seal::SealError),
     #[error("--key-template: {0}")]
@@ -294,6 +323,8 @@ impl Config {
             bucket,
             create_bucket: true,
             s3_endpoint: Some(s3_endpoint),
+            s3_payload_signing: PayloadSigning::Auto,
+            s3_ca: None,
             region: "us-east-1".into(),
             key_prefix: String::new(),
             key_template: KeyTemplate::default(),
@@ -351,6 +382,13 @@ impl Config {
         if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.put_timeout) {
             return Err(ConfigError::PutTimeout);
         }
+        let endpoint = self.s3_endpoint.as_deref();
+        self.s3_payload_signing.check(endpoint)?;
+        if let Some(e) = endpoint.filter(|_| self.s3_ca.is_some())
+            && !crate::transport::is_https(Some(e))
+        {
+            return Err(ConfigError::CaOverHttp(e.to_owned()));
+        }
         let b = &self.bucket;
         let ok = (3..=63).contains(&b.len())
             && b.chars()
@@ -407,6 +445,8 @@ impl Flags {
             bucket: self.bucket,
             create_bucket: self.create_bucket,
             s3_endpoint: self.s3_endpoint,
+            s3_payload_signing: self.s3_payload_signing,
+            s3_ca: self.s3_ca_file.as_deref().map(read_ca).transpose()?,
             region: self.region,
             key_prefix: self.key_prefix,
             omi_sealer: self
@@ -427,6 +467,18 @@ impl Flags {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// Reads and checks `--s3-ca-file`.
+fn read_ca(path: &std::path::Path) -> Result<StoreCa, ConfigError> {
+    let pem = std::fs::read(path).map_err(|source| ConfigError::CaRead {
+        path: path.to_owned(),
+        source,
+    })?;
+    StoreCa::from_pem(&pem).map_err(|source| ConfigError::Ca {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn breaker_config(failures: u32, open: Duration, max_open: Duration) -> spillway_breaker::Config {

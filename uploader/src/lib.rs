@@ -16,6 +16,7 @@ pub mod put;
 pub mod seal;
 pub mod spool;
 pub mod store;
+pub mod transport;
 pub mod upload;
 
 use std::sync::Arc;

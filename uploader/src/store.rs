@@ -13,6 +13,7 @@ use aws_sdk_s3::types::ChecksumAlgorithm;
 use base64::Engine as _;
 
 use crate::config::Config;
+use crate::transport::BodySigning;
 pub use crate::upload::Upload;
 
 /// A bucket on an S3-compatible store.
@@ -20,6 +21,8 @@ pub use crate::upload::Upload;
 pub struct Store {
     client: aws_sdk_s3::Client,
     bucket: String,
+    /// What each `PutObject`'s signature covers of its body (see [`crate::transport`]).
+    signing: BodySigning,
 }
 
 /// Start-up problems with the bucket.
@@ -31,15 +34,16 @@ pub enum BucketError {
     Create { bucket: String, message: String },
 }
 
-/// Hands the SigV4 signer the body hash [`Upload::new`] computed, in place of its own pass
-/// over the body. The store checks the hash against the bytes it receives, so a wrong one
-/// fails the upload (retried); it can never get a body stored that is not the one hashed.
+/// Tells the SigV4 signer what to sign for the body, in place of its own SHA-256 pass over it:
+/// the hash [`Upload::new`] computed (`Precomputed`; the store checks it against the bytes it
+/// receives, so a wrong one fails the upload, retried, and never gets a body stored that is
+/// not the one hashed), or `UNSIGNED-PAYLOAD` over HTTPS.
 #[derive(Debug)]
-struct PrecomputedBodySha256(String);
+struct SignBodyAs(PayloadSigningOverride);
 
-impl Intercept for PrecomputedBodySha256 {
+impl Intercept for SignBodyAs {
     fn name(&self) -> &'static str {
-        "PrecomputedBodySha256"
+        "SignBodyAs"
     }
 
     fn modify_before_signing(
@@ -48,8 +52,7 @@ impl Intercept for PrecomputedBodySha256 {
         _runtime_components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        cfg.interceptor_state()
-            .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        cfg.interceptor_state().store_put(self.0.clone());
         Ok(())
     }
 }
@@ -61,8 +64,9 @@ pub struct UploadError(pub String);
 
 impl Store {
     /// Builds a client: path-style addressing, credentials from the standard AWS chain unless
-    /// the config carries static ones. The SDK makes one attempt per call; Spillway's drain
-    /// owns retries, backoff and the breaker.
+    /// the config carries static ones, HTTPS checked against `--s3-ca-file` when given (the
+    /// system's roots otherwise). The SDK makes one attempt per call; Spillway's drain owns
+    /// retries, backoff and the breaker.
     pub async fn new(config: &Config) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
@@ -87,14 +91,30 @@ impl Store {
         if let Some(endpoint) = &config.s3_endpoint {
             s3 = s3.endpoint_url(endpoint.clone());
         }
+        // On the S3 client alone: credential providers (STS, instance metadata) keep the
+        // system's roots.
+        if let Some(ca) = &config.s3_ca {
+            s3 = s3.http_client(ca.http_client());
+        }
+        let signing = config
+            .s3_payload_signing
+            .for_endpoint(config.s3_endpoint.as_deref());
+        tracing::info!(endpoint = config.s3_endpoint.as_deref().unwrap_or("AWS S3"),
+            body_signing = ?signing, private_ca = config.s3_ca.is_some(), "object store client");
         Self {
             client: aws_sdk_s3::Client::from_conf(s3.build()),
             bucket: config.bucket.clone(),
+            signing,
         }
     }
 
     pub fn client(&self) -> &aws_sdk_s3::Client {
         &self.client
+    }
+
+    /// What each upload's signature covers of its body; [`Upload::new`] hashes accordingly.
+    pub fn body_signing(&self) -> BodySigning {
+        self.signing
     }
 
     /// Checks the bucket at start. A bucket that is certainly missing is an error (or is
@@ -227,8 +247,17 @@ impl Store {
         body: &bytes::Bytes,
         condition: If,
     ) -> Result<Written, UploadError> {
-        let Some((sha256, crc)) = upload.body_digests() else {
-            return Err(UploadError("no body hash".to_owned()));
+        let Some(crc) = upload.body_crc32c() else {
+            return Err(UploadError("no body to upload".to_owned()));
+        };
+        let sign_body_as = match (self.signing, upload.body_sha256()) {
+            (BodySigning::Unsigned, _) => PayloadSigningOverride::UnsignedPayload,
+            (BodySigning::Sha256, Some(sha256)) => {
+                PayloadSigningOverride::Precomputed(sha256.to_owned())
+            }
+            (BodySigning::Sha256, None) => {
+                return Err(UploadError("no body hash to sign".to_owned()));
+            }
         };
         // The body's CRC32C, which the store verifies: for a WAV or raw body made from the
         // header's and the PCM's as ingest computed it (checked when the record was read), with
@@ -252,7 +281,7 @@ impl Store {
         };
         match request
             .customize()
-            .interceptor(PrecomputedBodySha256(sha256.to_owned()))
+            .interceptor(SignBodyAs(sign_body_as))
             .send()
             .await
         {

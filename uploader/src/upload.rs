@@ -18,6 +18,7 @@ use spillway_proto::uploader::Layout;
 
 use crate::seal::Sealer;
 use crate::spool::Spooled;
+use crate::transport::BodySigning;
 
 /// How the body is made from the PCM.
 #[derive(Debug)]
@@ -30,27 +31,33 @@ enum Form {
     Sealed(Arc<Sealer>),
 }
 
-/// A spooled chunk made ready to upload: its body, and the body's SHA-256 (which SigV4 signs)
-/// and CRC32C (which the store verifies), computed once here rather than by the SDK's signer
-/// on every attempt.
+/// A spooled chunk made ready to upload: its body, the body's CRC32C (which the store
+/// verifies, on every transport) and, only when SigV4 signs the body
+/// ([`BodySigning::Sha256`], plain HTTP), its SHA-256, computed once here rather than by the
+/// SDK's signer on every attempt. Over HTTPS the body is sent `UNSIGNED-PAYLOAD` and never
+/// hashed with SHA-256 (see [`crate::transport`]).
 ///
-/// Why: the signer hashes with the pure-Rust `sha2`, on the async runtime, once per attempt.
-/// On a CPU without SHA extensions that is about 177 MB/s (11 ms of a runtime thread per
-/// 1.92 MB chunk); aws-lc's assembly, already linked for TLS, does about 331 MB/s. `new`
-/// hashes (and seals) the whole body: call it on the blocking pool.
+/// Why precompute: the signer hashes with the pure-Rust `sha2`, on the async runtime, once per
+/// attempt. On a CPU without SHA extensions that is about 177 MB/s (11 ms of a runtime thread
+/// per 1.92 MB chunk); aws-lc's assembly, already linked for TLS, does about 331 MB/s. `new`
+/// seals and (when signing) hashes the whole body: call it on the blocking pool.
 #[derive(Debug)]
 pub struct Upload {
     pub spooled: Spooled,
     form: Form,
     /// The object's body, or why none could be made.
     body: Result<Bytes, String>,
-    /// Lowercase hex SHA-256 of the body, as `x-amz-content-sha256` carries it, and its CRC32C.
-    digests: Option<(String, u32)>,
+    /// The body's CRC32C, when there is a body.
+    crc32c: Option<u32>,
+    /// Lowercase hex SHA-256 of the body, as `x-amz-content-sha256` carries it: only for
+    /// [`BodySigning::Sha256`].
+    sha256: Option<String>,
 }
 
 impl Upload {
-    /// `sealer`: the uploader's `--omi-secret-file`, for Omi-layout chunks.
-    pub fn new(spooled: Spooled, sealer: Option<&Arc<Sealer>>) -> Self {
+    /// `sealer`: the uploader's `--omi-secret-file`, for Omi-layout chunks; `signing`: what the
+    /// store's requests sign (the SHA-256 is computed for [`BodySigning::Sha256`] only).
+    pub fn new(spooled: Spooled, sealer: Option<&Arc<Sealer>>, signing: BodySigning) -> Self {
         let record = &spooled.record;
         let (form, body) = match record.layout() {
             Layout::Wav => match &spooled.wav {
@@ -78,26 +85,29 @@ impl Upload {
                 ),
             },
         };
-        let digests = body.as_ref().ok().map(|body| {
-            let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body);
-            // WAV and raw bodies: the CRC32C ingest computed as the audio arrived (checked
-            // when the record was read), not a second pass over it.
-            let crc = match &form {
-                Form::Wav { header } => combine(
-                    crc32c(body.get(..*header).unwrap_or_default()),
-                    record.crc32c,
-                    record.pcm.len(),
-                ),
-                Form::Raw => record.crc32c,
-                Form::Sealed(_) => crc32c(body),
-            };
-            (hex::encode(sha), crc)
+        // WAV and raw bodies: the CRC32C ingest computed as the audio arrived (checked when
+        // the record was read), not a second pass over it.
+        let crc = body.as_ref().ok().map(|body| match &form {
+            Form::Wav { header } => combine(
+                crc32c(body.get(..*header).unwrap_or_default()),
+                record.crc32c,
+                record.pcm.len(),
+            ),
+            Form::Raw => record.crc32c,
+            Form::Sealed(_) => crc32c(body),
         });
+        let sha256 = match signing {
+            BodySigning::Sha256 => body.as_ref().ok().map(|body| {
+                hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body))
+            }),
+            BodySigning::Unsigned => None,
+        };
         Self {
             spooled,
             form,
             body,
-            digests,
+            crc32c: crc,
+            sha256,
         }
     }
 
@@ -106,9 +116,15 @@ impl Upload {
         self.body.as_ref().map_err(String::as_str)
     }
 
-    /// The body's SHA-256 (hex) and CRC32C.
-    pub fn body_digests(&self) -> Option<(&str, u32)> {
-        self.digests.as_ref().map(|(sha, crc)| (sha.as_str(), *crc))
+    /// The body's CRC32C; `None` when there is no body.
+    pub fn body_crc32c(&self) -> Option<u32> {
+        self.crc32c
+    }
+
+    /// The body's SHA-256 (lowercase hex); `None` when there is no body, or when it was made
+    /// for [`BodySigning::Unsigned`], which never hashes it.
+    pub fn body_sha256(&self) -> Option<&str> {
+        self.sha256.as_deref()
     }
 
     pub fn content_type(&self) -> &'static str {
@@ -182,11 +198,10 @@ mod tests {
 
     #[test]
     fn an_omi_chunk_is_raw_pcm_with_omis_v2_metadata() {
-        let up = Upload::new(omi_record(), None);
+        let up = Upload::new(omi_record(), None, BodySigning::Unsigned);
         assert_eq!(up.body().unwrap().as_ref(), &[1, 0, 2, 0, 3, 0]);
         assert_eq!(up.content_type(), "application/octet-stream");
-        let (_, crc) = up.body_digests().unwrap();
-        assert_eq!(crc, crc32c(&[1, 0, 2, 0, 3, 0]));
+        assert_eq!(up.body_crc32c(), Some(crc32c(&[1, 0, 2, 0, 3, 0])));
         let meta = up.metadata();
         assert!(meta.contains(&("v2_start", "1786961845.72725".to_owned())));
         assert!(meta.contains(&("v2_samples", "3".to_owned())));
@@ -201,21 +216,58 @@ mod tests {
             ))
             .unwrap(),
         );
-        let up = Upload::new(omi_record(), Some(&sealer));
+        let up = Upload::new(omi_record(), Some(&sealer), BodySigning::Sha256);
         let body = up.body().unwrap().clone();
         assert_ne!(body.as_ref(), &[1, 0, 2, 0, 3, 0]);
         assert_eq!(sealer.open("alice", &body).unwrap(), [1, 0, 2, 0, 3, 0]);
         // Sealed again (a retry): other bytes, the same audio.
-        let again = Upload::new(omi_record(), Some(&sealer));
+        let again = Upload::new(omi_record(), Some(&sealer), BodySigning::Sha256);
         assert_ne!(again.body().unwrap(), &body);
         assert_eq!(
             up.pcm_of(again.body().unwrap()).unwrap().as_ref(),
             &[1, 0, 2, 0, 3, 0]
         );
-        let (_, crc) = up.body_digests().unwrap();
-        assert_eq!(crc, crc32c(&body));
+        assert_eq!(up.body_crc32c(), Some(crc32c(&body)));
         let mut bob = omi_record();
         bob.record.uid = "bob".into();
-        assert_eq!(Upload::new(bob, Some(&sealer)).pcm_of(&body), None);
+        assert_eq!(
+            Upload::new(bob, Some(&sealer), BodySigning::Sha256).pcm_of(&body),
+            None
+        );
+    }
+
+    fn wav_record() -> Spooled {
+        let pcm = Bytes::from_static(&[9, 0, 8, 0, 7, 0, 6, 0]);
+        let mut wav = crate::object::wav_header(pcm.len(), 16_000).unwrap();
+        wav.extend_from_slice(&pcm);
+        Spooled {
+            record: Record {
+                uid: "alice".into(),
+                session: "walk-1".into(),
+                seq: 0,
+                sample_rate: 16_000,
+                chunk_samples: 960_000,
+                first_sample: 0,
+                crc32c: crc32c(&pcm),
+                pcm,
+                ..Default::default()
+            },
+            wav: Some(Bytes::from(wav)),
+        }
+    }
+
+    #[test]
+    fn the_sha256_is_computed_only_when_the_body_is_signed() {
+        let signed = Upload::new(wav_record(), None, BodySigning::Sha256);
+        let body = signed.body().unwrap().clone();
+        let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body);
+        assert_eq!(signed.body_sha256(), Some(hex::encode(sha).as_str()));
+        let unsigned = Upload::new(wav_record(), None, BodySigning::Unsigned);
+        assert_eq!(unsigned.body_sha256(), None, "no SHA-256 over HTTPS");
+        assert_eq!(unsigned.body().unwrap(), &body, "the same body either way");
+        // Either way the CRC32C the store verifies is the whole body's, made without a pass
+        // over the audio.
+        assert_eq!(signed.body_crc32c(), Some(crc32c(&body)));
+        assert_eq!(unsigned.body_crc32c(), Some(crc32c(&body)));
     }
 }

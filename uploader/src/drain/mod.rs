@@ -177,12 +177,13 @@ impl Drain {
                 },
             };
             let spool = Arc::clone(&self.spool);
-            // Read, checked and (when intact) hashed for signing, all on the blocking pool.
-            let sealer = self.sealer.clone();
+            // Read, checked and (when intact, and the body is signed) hashed for signing, all
+            // on the blocking pool.
+            let (sealer, signing) = (self.sealer.clone(), self.store.body_signing());
             let read = move || {
                 spool
                     .load(&queued)
-                    .map(|loaded| loaded.map(|s| Upload::new(s, sealer.as_ref())))
+                    .map(|loaded| loaded.map(|s| Upload::new(s, sealer.as_ref(), signing)))
             };
             let error = match tokio::task::spawn_blocking(read).await {
                 Ok(Ok(Loaded::Ready(upload))) => return Some(upload),
