@@ -57,6 +57,11 @@ enum Cmd {
         /// Answer every request this much later (e.g. 30ms), as a remote store would.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         latency: std::time::Duration,
+        /// Serve HTTPS, with a throwaway CA and certificate (localhost, 127.0.0.1) kept in
+        /// ROOT.tls/ (made there on first use, so a restarted store is still trusted); clients
+        /// trust ROOT.tls/ca.pem (the uploader's --s3-ca-file).
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -92,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
             root,
             listen,
             latency,
+            tls,
         } => {
             spillway_ops::init_tracing(spillway_ops::LogFormat::Text);
             let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -103,8 +109,15 @@ async fn main() -> anyhow::Result<()> {
                     stop.cancel();
                 }
             });
-            tracing::info!(%listen, root = %root.display(), ?latency, "S3 server listening");
-            spillway_kit::s3::serve_with_latency(&root, listener, stop, latency).await
+            if !tls {
+                tracing::info!(%listen, root = %root.display(), ?latency, "S3 server listening");
+                return spillway_kit::s3::serve_with_latency(&root, listener, stop, latency).await;
+            }
+            let dir = spillway_kit::s3::tls_dir(&root);
+            let (pki, files) = spillway_kit::pki::StorePki::load_or_generate(&dir)?;
+            tracing::info!(endpoint = %format!("https://{listen}"), ca = %files.ca.display(),
+                root = %root.display(), ?latency, "S3 server listening over HTTPS");
+            spillway_kit::s3::serve_tls(&root, listener, stop, latency, &pki).await
         }
     }
 }

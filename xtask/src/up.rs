@@ -84,6 +84,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         uploader_args: Vec::new(),
         ingest_args: Vec::new(),
         device_auth: args.auth == spillway_ingest::config::AuthMode::Token,
+        store_tls: false,
     })
     .await?;
     let ingests: Vec<SocketAddr> = cluster.ingests.iter().map(|i| i.quic).collect();

@@ -200,6 +200,9 @@ pub struct ClusterOptions {
     /// Devices prove their uid with a signed token (`--auth token`, a fresh key in the
     /// cluster's directory); otherwise ingest runs `--auth none`.
     pub device_auth: bool,
+    /// The store serves HTTPS (`xtask s3 --tls`, a throwaway CA kept for the cluster's life)
+    /// and every uploader trusts that CA alone (`--s3-ca-file`); otherwise plain HTTP.
+    pub store_tls: bool,
 }
 
 /// An uploader's fixed addresses and, while it runs, its process.
@@ -224,7 +227,10 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub logs: PathBuf,
     pub s3_addr: SocketAddr,
+    /// `http://` or, with [`ClusterOptions::store_tls`], `https://` and the store's CA.
     pub s3_endpoint: String,
+    pub s3_ca_file: Option<PathBuf>,
+    s3_ca: Option<spillway_uploader::transport::StoreCa>,
     pub uploaders: Vec<UploaderNode>,
     pub ingests: Vec<IngestNode>,
     pub cert_path: PathBuf,
@@ -278,15 +284,26 @@ impl Cluster {
         } else {
             None
         };
+        // Made before the store starts (it loads the same files), so the uploaders have the CA.
+        let (s3_ca_file, s3_ca) = if opts.store_tls {
+            let tls_dir = crate::s3::tls_dir(&dir.join("s3"));
+            let (pki, files) = crate::pki::StorePki::load_or_generate(&tls_dir)?;
+            (Some(files.ca), Some(pki.store_ca()?))
+        } else {
+            (None, None)
+        };
+        let scheme = if opts.store_tls { "https" } else { "http" };
         let mut cluster = Self {
             token_keys,
+            s3_ca_file,
+            s3_ca,
             pki,
             pki_files,
             logs: dir.join("logs"),
             cert_path: dir.join("ingest-cert.der"),
             dir,
             s3_addr,
-            s3_endpoint: format!("http://{s3_addr}"),
+            s3_endpoint: format!("{scheme}://{s3_addr}"),
             uploaders,
             ingests,
             cert: Vec::new(),
@@ -354,6 +371,11 @@ impl Cluster {
         }
     }
 
+    /// An S3 client for the cluster's store (trusting its CA when it serves HTTPS).
+    pub async fn s3(&self) -> aws_sdk_s3::Client {
+        crate::s3::client_with_ca(&self.s3_endpoint, self.s3_ca.as_ref()).await
+    }
+
     /// The spool directory of uploader `i`.
     pub fn spool_dir(&self, i: usize) -> PathBuf {
         self.dir.join(format!("spool-{i}"))
@@ -390,19 +412,18 @@ impl Cluster {
         let dir = &self.dir;
         let proc = match d {
             Daemon::Store => {
-                let mut p = Proc::spawn(
-                    "s3",
-                    &self.opts.bin.join("xtask"),
-                    &[
-                        "s3".into(),
-                        "--root".into(),
-                        dir.join("s3").display().to_string(),
-                        "--listen".into(),
-                        self.s3_addr.to_string(),
-                    ],
-                    &[],
-                    &self.logs,
-                )?;
+                let mut args = vec![
+                    "s3".into(),
+                    "--root".into(),
+                    dir.join("s3").display().to_string(),
+                    "--listen".into(),
+                    self.s3_addr.to_string(),
+                ];
+                if self.opts.store_tls {
+                    args.push("--tls".into());
+                }
+                let mut p =
+                    Proc::spawn("s3", &self.opts.bin.join("xtask"), &args, &[], &self.logs)?;
                 wait_tcp(self.s3_addr, &mut p).await?;
                 p
             }
@@ -433,6 +454,9 @@ impl Cluster {
                     "--max-chunk-seconds".into(),
                     self.opts.chunk_seconds.to_string(),
                 ];
+                if let Some(ca) = &self.s3_ca_file {
+                    args.extend(["--s3-ca-file".into(), ca.display().to_string()]);
+                }
                 args.extend(self.pki_files.uploader_args());
                 args.extend(self.opts.uploader_args.iter().cloned());
                 let http = node.http;

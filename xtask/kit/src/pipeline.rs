@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -48,6 +49,11 @@ pub struct Options {
     pub omi_upstream_audio: bool,
     /// `--omi-upstream-queue-bytes`.
     pub omi_upstream_queue_bytes: usize,
+    /// The store serves HTTPS with a throwaway CA ([`crate::pki::StorePki`]) and the uploader
+    /// trusts that CA alone (`--s3-ca-file`); otherwise plain HTTP.
+    pub store_tls: bool,
+    /// The uploader's `--s3-payload-signing` (`auto`: unsigned exactly over HTTPS).
+    pub s3_payload_signing: spillway_uploader::transport::PayloadSigning,
 }
 
 impl Default for Options {
@@ -78,6 +84,8 @@ impl Default for Options {
             omi_upstream: None,
             omi_upstream_audio: false,
             omi_upstream_queue_bytes: 256 * 1024,
+            store_tls: false,
+            s3_payload_signing: spillway_uploader::transport::PayloadSigning::Auto,
         }
     }
 }
@@ -85,7 +93,12 @@ impl Default for Options {
 /// A running pipeline.
 #[derive(Debug)]
 pub struct Pipeline {
+    /// `http://127.0.0.1:PORT`, or `https://` with [`Options::store_tls`].
     pub s3_endpoint: String,
+    /// With [`Options::store_tls`]: the store's CA certificate (PEM), what `--s3-ca-file` names.
+    pub s3_ca_file: Option<PathBuf>,
+    /// With [`Options::store_tls`]: that CA, as the uploader and [`Pipeline::s3`] trust it.
+    pub s3_ca: Option<spillway_uploader::transport::StoreCa>,
     pub bucket: String,
     pub ingest_quic: SocketAddr,
     pub ingest_http: SocketAddr,
@@ -99,6 +112,10 @@ pub struct Pipeline {
     pub pki: crate::pki::DevPki,
     pub spool_dir: PathBuf,
     opts: Options,
+    /// How the object puts the store received were signed.
+    pub s3_payloads: Arc<crate::s3::Payloads>,
+    /// With [`Options::store_tls`], the store's certificate (kept across [`Pipeline::start_store`]).
+    store_pki: Option<crate::pki::StorePki>,
     s3_addr: SocketAddr,
     s3_root: PathBuf,
     s3_stop: CancellationToken,
@@ -122,7 +139,7 @@ pub async fn start_s3(
     stop: CancellationToken,
 ) -> anyhow::Result<(String, JoinHandle<anyhow::Result<()>>)> {
     let (listener, addr) = tcp().await?;
-    let task = tokio::spawn(async move { crate::s3::serve(&root, listener, stop).await });
+    let task = crate::s3::spawn(root, listener, stop, None, Arc::default())?;
     Ok((format!("http://{addr}"), task))
 }
 
@@ -164,6 +181,7 @@ pub fn uploader_config(
     c.drain_timeout = opts.drain_timeout;
     c.max_puts_in_flight = opts.max_puts_in_flight;
     c.put_timeout = opts.put_timeout;
+    c.s3_payload_signing = opts.s3_payload_signing;
     if let Some(pki) = &opts.pki {
         c.link = spillway_proto::link::Link::Tls(pki.uploader_tls());
     }
@@ -191,14 +209,32 @@ impl Pipeline {
         let dir = tempfile::tempdir()?;
         let s3_stop = CancellationToken::new();
         let s3_root = dir.path().join("s3");
-        let (s3_endpoint, s3) = start_s3(s3_root.clone(), s3_stop.clone()).await?;
-        let s3_addr: SocketAddr = s3_endpoint.trim_start_matches("http://").parse()?;
+        let (store_pki, s3_ca_file, s3_ca) = if opts.store_tls {
+            let tls_dir = crate::s3::tls_dir(&s3_root);
+            let (pki, files) = crate::pki::StorePki::load_or_generate(&tls_dir)?;
+            let ca = pki.store_ca()?;
+            (Some(pki), Some(files.ca), Some(ca))
+        } else {
+            (None, None, None)
+        };
+        let (listener, s3_addr) = tcp().await?;
+        let scheme = if store_pki.is_some() { "https" } else { "http" };
+        let s3_endpoint = format!("{scheme}://{s3_addr}");
+        let s3_payloads = Arc::<crate::s3::Payloads>::default();
+        let s3 = crate::s3::spawn(
+            s3_root.clone(),
+            listener,
+            s3_stop.clone(),
+            store_pki.as_ref(),
+            Arc::clone(&s3_payloads),
+        )?;
 
         let spool_dir = dir.path().join("spool");
         let (grpc, uploader_grpc) = tcp().await?;
         let (uhttp, uploader_http) = tcp().await?;
         let uploader_stop = CancellationToken::new();
-        let uconfig = uploader_config(spool_dir.clone(), &s3_endpoint, &opts);
+        let mut uconfig = uploader_config(spool_dir.clone(), &s3_endpoint, &opts);
+        uconfig.s3_ca.clone_from(&s3_ca);
         let uploader = tokio::spawn(spillway_uploader::run(
             uconfig,
             spillway_uploader::Listeners { grpc, http: uhttp },
@@ -227,6 +263,10 @@ impl Pipeline {
 
         let p = Self {
             s3_endpoint,
+            s3_ca_file,
+            s3_ca,
+            s3_payloads,
+            store_pki,
             bucket: opts.bucket,
             ingest_quic,
             ingest_http,
@@ -314,9 +354,9 @@ impl Pipeline {
         Ok(keys.into_iter().collect())
     }
 
-    /// An S3 client for the embedded store.
+    /// An S3 client for the embedded store (trusting its CA when it serves HTTPS).
     pub async fn s3(&self) -> aws_sdk_s3::Client {
-        crate::s3::client(&self.s3_endpoint).await
+        crate::s3::client_with_ca(&self.s3_endpoint, self.s3_ca.as_ref()).await
     }
 
     /// Makes the store answer every request `503 SlowDown` (`true`) or serve again (`false`).
@@ -343,10 +383,14 @@ impl Pipeline {
     pub async fn start_store(&mut self) -> anyhow::Result<()> {
         let listener = bind_tcp_again(self.s3_addr).await?;
         self.s3_stop = CancellationToken::new();
-        let (root, stop) = (self.s3_root.clone(), self.s3_stop.clone());
-        self.s3 = Some(tokio::spawn(async move {
-            crate::s3::serve(&root, listener, stop).await
-        }));
+        // Over HTTPS, with the certificate the uploader already trusts.
+        self.s3 = Some(crate::s3::spawn(
+            self.s3_root.clone(),
+            listener,
+            self.s3_stop.clone(),
+            self.store_pki.as_ref(),
+            Arc::clone(&self.s3_payloads),
+        )?);
         Ok(())
     }
 
@@ -358,7 +402,8 @@ impl Pipeline {
         let grpc = bind_tcp_again(self.uploader_grpc).await?;
         let http = bind_tcp_again(self.uploader_http).await?;
         self.uploader_stop = CancellationToken::new();
-        let config = uploader_config(self.spool_dir.clone(), &self.s3_endpoint, &self.opts);
+        let mut config = uploader_config(self.spool_dir.clone(), &self.s3_endpoint, &self.opts);
+        config.s3_ca.clone_from(&self.s3_ca);
         self.uploader = tokio::spawn(spillway_uploader::run(
             config,
             spillway_uploader::Listeners { grpc, http },

@@ -1,6 +1,11 @@
-//! A throwaway PKI for the ingest → uploader link: one CA, a server certificate for the
-//! uploaders and a client certificate for the ingests, made with rcgen. `cargo xtask up`, chaos,
-//! the bench and the tests run the link with it, so the TLS path is the one exercised.
+//! Throwaway PKIs, made with rcgen:
+//!
+//! - [`DevPki`], the ingest → uploader link's: one CA, a server certificate for the uploaders
+//!   and a client certificate for the ingests. `cargo xtask up`, chaos, the bench and the tests
+//!   run the link with it, so the TLS path is the one exercised.
+//! - [`StorePki`], the embedded store's when it serves HTTPS (`s3::serve_tls`): a CA of its
+//!   own and a server certificate for loopback, the CA being what the uploader's
+//!   `--s3-ca-file` trusts.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +19,9 @@ use spillway_proto::link::LinkTls;
 /// Names the uploaders' certificate is valid for: loopback, and the headless Service deploy/
 /// runs them behind.
 pub const UPLOADER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "spillway-uploader"];
+
+/// Names the embedded store's certificate is valid for: how a client on this machine dials it.
+pub const STORE_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
 
 /// PEM certificate and private key.
 #[derive(Debug, Clone)]
@@ -85,21 +93,27 @@ fn leaf(
     })
 }
 
+/// A fresh self-signed CA named `common_name`: its PEM certificate, and the issuer that signs
+/// with it.
+fn ca(common_name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name = DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    Ok((ca_cert.pem(), Issuer::new(ca_params, ca_key)))
+}
+
 impl DevPki {
     /// A fresh CA ("spillway-dev-ca") and its two certificates.
     pub fn generate() -> anyhow::Result<Self> {
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name = DistinguishedName::new();
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "spillway-dev-ca");
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
+        let (ca, issuer) = ca("spillway-dev-ca")?;
         Ok(Self {
-            ca: ca_cert.pem(),
+            ca,
             uploader: leaf(
                 &UPLOADER_NAMES,
                 "spillway-uploader",
@@ -154,6 +168,89 @@ impl DevPki {
             write_file(path, text, secret)?;
         }
         Ok(files)
+    }
+}
+
+/// The embedded store's throwaway PKI: a CA ("spillway-store-ca") and the server certificate
+/// it signed for [`STORE_NAMES`].
+#[derive(Debug, Clone)]
+pub struct StorePki {
+    /// What a client must trust (the uploader's `--s3-ca-file`).
+    pub ca: String,
+    pub server: Pem,
+}
+
+/// Where [`StorePki::write`] put the files.
+#[derive(Debug, Clone)]
+pub struct StorePkiFiles {
+    /// The CA certificate: pass it as `--s3-ca-file`.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl StorePkiFiles {
+    /// The files in `dir`: `ca.pem`, `cert.pem`, `key.pem`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+}
+
+impl StorePki {
+    /// A fresh CA and a server certificate for loopback.
+    pub fn generate() -> anyhow::Result<Self> {
+        let (ca, issuer) = ca("spillway-store-ca")?;
+        Ok(Self {
+            ca,
+            server: leaf(
+                &STORE_NAMES,
+                "spillway-store",
+                ExtendedKeyUsagePurpose::ServerAuth,
+                &issuer,
+            )?,
+        })
+    }
+
+    /// Writes the files into `dir` (created; the key readable by the owner only).
+    pub fn write(&self, dir: &Path) -> anyhow::Result<StorePkiFiles> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let files = StorePkiFiles::in_dir(dir);
+        write_file(&files.ca, &self.ca, false)?;
+        write_file(&files.cert, &self.server.cert, false)?;
+        write_file(&files.key, &self.server.key, true)?;
+        Ok(files)
+    }
+
+    /// The PKI in `dir` if [`StorePki::write`] left one there, otherwise a fresh one written
+    /// there: a store restarted on the same directory keeps the certificate its clients trust.
+    pub fn load_or_generate(dir: &Path) -> anyhow::Result<(Self, StorePkiFiles)> {
+        let files = StorePkiFiles::in_dir(dir);
+        if files.ca.is_file() && files.cert.is_file() && files.key.is_file() {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let pki = Self {
+                ca: read(&files.ca)?,
+                server: Pem {
+                    cert: read(&files.cert)?,
+                    key: read(&files.key)?,
+                },
+            };
+            return Ok((pki, files));
+        }
+        let pki = Self::generate()?;
+        let files = pki.write(dir)?;
+        Ok((pki, files))
+    }
+
+    /// The CA as the uploader trusts it (`--s3-ca-file`), for clients made in this process.
+    pub fn store_ca(&self) -> anyhow::Result<spillway_uploader::transport::StoreCa> {
+        spillway_uploader::transport::StoreCa::from_pem(self.ca.as_bytes())
+            .context("the store's throwaway CA")
     }
 }
 

@@ -168,6 +168,7 @@ pub async fn attack(args: AttackArgs) -> anyhow::Result<()> {
             .map(String::from)
             .to_vec(),
             device_auth: true,
+            store_tls: false,
         };
         let row = tokio::time::timeout(
             Duration::from_secs(300),
@@ -394,7 +395,7 @@ async fn wait_honest(
 
 /// Reads every honest object back: each must hold exactly the audio sent.
 async fn audit(c: &Cluster, reports: &[ResumedReport], row: &mut Row) -> anyhow::Result<()> {
-    let s3 = spillway_kit::s3::client(&c.s3_endpoint).await;
+    let s3 = c.s3().await;
     let a = audit_all(&s3, BUCKET, reports, Duration::from_secs(5)).await?;
     row.honest_lost += a.lost;
     row.honest_duplicated += a.duplicated;

@@ -227,6 +227,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             ingest_args: s.ingest_args.clone(),
             // As deployed: devices prove their uid, and the link is mutual TLS.
             device_auth: true,
+            store_tls: false,
         };
         let row = tokio::time::timeout(
             outage + Duration::from_secs(240),
@@ -253,6 +254,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             uploader_args: Vec::new(),
             ingest_args: Vec::new(),
             device_auth: true,
+            store_tls: false,
         },
         args.devices,
         args.only.as_deref(),
@@ -656,7 +658,7 @@ where
     if recovered.is_none() {
         row.problems.push("the spool never drained".into());
     }
-    let s3 = spillway_kit::s3::client(&c.s3_endpoint).await;
+    let s3 = c.s3().await;
     let a = audit_all(&s3, BUCKET, &reports, Duration::from_secs(5)).await?;
     row.acked += a.acked;
     row.objects += a.objects;

@@ -153,7 +153,7 @@ async fn row(
         .await
         .map(|(_, body)| body)
         .unwrap_or_default();
-    let s3 = spillway_kit::s3::client(&c.s3_endpoint).await;
+    let s3 = c.s3().await;
     // Until the store holds all it is going to: nothing new for 3 s.
     let mut audits: Vec<OmiAudit> = Vec::new();
     let mut steady = Instant::now();
