@@ -100,6 +100,15 @@ async fn main() -> anyhow::Result<()> {
             tls,
         } => {
             spillway_ops::init_tracing(spillway_ops::LogFormat::Text);
+            // The certificate exists before the port opens: a client that waits for the port
+            // (the bench) then finds the CA file.
+            let pki = if tls {
+                Some(spillway_kit::pki::StorePki::load_or_generate(
+                    &spillway_kit::s3::tls_dir(&root),
+                )?)
+            } else {
+                None
+            };
             let listener = tokio::net::TcpListener::bind(listen).await?;
             let stop = tokio_util::sync::CancellationToken::new();
             tokio::spawn({
@@ -109,12 +118,10 @@ async fn main() -> anyhow::Result<()> {
                     stop.cancel();
                 }
             });
-            if !tls {
+            let Some((pki, files)) = pki else {
                 tracing::info!(%listen, root = %root.display(), ?latency, "S3 server listening");
                 return spillway_kit::s3::serve_with_latency(&root, listener, stop, latency).await;
-            }
-            let dir = spillway_kit::s3::tls_dir(&root);
-            let (pki, files) = spillway_kit::pki::StorePki::load_or_generate(&dir)?;
+            };
             tracing::info!(endpoint = %format!("https://{listen}"), ca = %files.ca.display(),
                 root = %root.display(), ?latency, "S3 server listening over HTTPS");
             spillway_kit::s3::serve_tls(&root, listener, stop, latency, &pki).await

@@ -55,6 +55,12 @@ pub struct BenchArgs {
     /// `--record` then writes a table of its own.
     #[arg(long)]
     pub insecure: bool,
+    /// The store over plain HTTP, every body signed with its SHA-256 (as before the uploader
+    /// sent `UNSIGNED-PAYLOAD` over TLS): the A/B of what the body hash costs. By default the
+    /// store serves HTTPS with a throwaway certificate, as S3 does. `--record` then writes a
+    /// table of its own.
+    #[arg(long)]
+    pub plain_store: bool,
     /// Set when `cargo xtask bench` runs itself again as the release build.
     #[arg(long, hide = true)]
     pub in_release: bool,
@@ -215,6 +221,8 @@ pub struct Env {
     pub pki_files: spillway_kit::pki::PkiFiles,
     /// `--insecure`: plaintext link, `--auth none`.
     pub insecure: bool,
+    /// `--plain-store`: the store over plain HTTP (signed bodies).
+    pub plain_store: bool,
 }
 
 impl Env {
@@ -311,6 +319,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         pki,
         pki_files,
         insecure: args.insecure,
+        plain_store: args.plain_store,
         quick: args.quick,
         bin,
         logs: dir.join("logs"),
@@ -331,6 +340,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.insecure {
         machine.push_str(", link in plaintext and --auth none (the A/B of what trust costs)");
     }
+    machine.push_str(if args.plain_store {
+        ", store over plain HTTP (bodies signed with their SHA-256)"
+    } else {
+        ", store over HTTPS (UNSIGNED-PAYLOAD, the CRC32C checked by the store)"
+    });
     let mut results = Results {
         mode: if args.quick { "quick" } else { "full" }.into(),
         machine,
@@ -367,6 +381,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         if args.insecure {
             command.push_str(" --insecure");
         }
+        if args.plain_store {
+            command.push_str(" --plain-store");
+        }
         let text = format!(
             "Produced by `{command}` on {} ({}).\n\n{table}\n",
             results.machine,
@@ -374,6 +391,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
         // A slow-disk or insecure run has a table of its own beside the default one.
         let (begin, end) = match args.disk_mb_s {
+            None if args.plain_store => (
+                "<!-- bench-plain-store:begin (written by cargo xtask bench --plain-store --record) -->"
+                    .to_owned(),
+                "<!-- bench-plain-store:end -->".to_owned(),
+            ),
             None if args.insecure => (
                 "<!-- bench-insecure:begin (written by cargo xtask bench --insecure --record) -->"
                     .to_owned(),
@@ -389,7 +411,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         };
         crate::report::write_between_markers(path, &begin, &end, &text)?;
         // The plot in the docs is the default run's.
-        if !results.sweep.is_empty() && args.disk_mb_s.is_none() && !args.insecure {
+        if !results.sweep.is_empty()
+            && args.disk_mb_s.is_none()
+            && !args.insecure
+            && !args.plain_store
+        {
             let svg = path
                 .parent()
                 .unwrap_or(Path::new("."))
@@ -497,6 +523,8 @@ fn today() -> String {
 pub struct StoreProc {
     pub endpoint: String,
     pub root: PathBuf,
+    /// The CA of an HTTPS store's throwaway certificate (PEM).
+    pub ca_file: Option<PathBuf>,
     _proc: Proc,
 }
 
@@ -520,16 +548,48 @@ impl StoreProc {
                 addr.to_string(),
                 "--latency".into(),
                 format!("{}ms", latency.as_millis()),
-            ],
+            ]
+            .into_iter()
+            .chain((!env.plain_store).then(|| "--tls".to_owned()))
+            .collect::<Vec<_>>(),
             &[],
             &env.logs,
         )?;
         wait_tcp(addr, &mut proc).await?;
+        let (scheme, ca_file) = if env.plain_store {
+            ("http", None)
+        } else {
+            (
+                "https",
+                Some(spillway_kit::s3::tls_dir(&root).join("ca.pem")),
+            )
+        };
         Ok(Self {
-            endpoint: format!("http://{addr}"),
+            endpoint: format!("{scheme}://{addr}"),
             root,
+            ca_file,
             _proc: proc,
         })
+    }
+
+    /// The uploader's flags for this store: its endpoint, and the CA of an HTTPS store.
+    pub fn uploader_args(&self) -> Vec<String> {
+        let mut args = vec!["--s3-endpoint".to_owned(), self.endpoint.clone()];
+        if let Some(ca) = &self.ca_file {
+            args.extend(["--s3-ca-file".to_owned(), ca.display().to_string()]);
+        }
+        args
+    }
+
+    /// An S3 client for this store, trusting its CA when it serves HTTPS.
+    pub async fn client(&self) -> anyhow::Result<aws_sdk_s3::Client> {
+        let ca = match &self.ca_file {
+            Some(path) => Some(spillway_uploader::transport::StoreCa::from_pem(
+                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )?),
+            None => None,
+        };
+        Ok(spillway_kit::s3::client_with_ca(&self.endpoint, ca.as_ref()).await)
     }
 
     /// Deletes every object (the bucket stays).
@@ -552,13 +612,13 @@ pub struct UploaderProc {
     pub to_ready: Duration,
 }
 
-/// Starts the uploader on `spool` (bounded at 64 GiB), storing to `endpoint`, and waits until it
-/// is ready.
+/// Starts the uploader on `spool` (bounded at 64 GiB), storing where `s3` (its store flags,
+/// [`StoreProc::uploader_args`]) says, and waits until it is ready.
 pub async fn uploader(
     env: &Env,
     name: &str,
     spool: &Path,
-    endpoint: &str,
+    s3: Vec<String>,
 ) -> anyhow::Result<UploaderProc> {
     let (grpc, http) = (free_tcp()?, free_tcp()?);
     let started = std::time::Instant::now();
@@ -572,14 +632,13 @@ pub async fn uploader(
         spool.display().to_string(),
         "--spool-max-bytes".into(),
         (64u64 << 30).to_string(),
-        "--s3-endpoint".into(),
-        endpoint.into(),
         "--bucket".into(),
         spillway_kit::cluster::BUCKET.into(),
         "--create-bucket".into(),
         "--drain-timeout".into(),
         "1s".into(),
     ]);
+    args.extend(s3);
     let mut proc = Proc::spawn(
         name,
         &env.bin.join("uploader"),

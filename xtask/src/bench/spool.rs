@@ -130,7 +130,13 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     };
     let bytes = chunks as f64 * CHUNK_BYTES as f64;
     let dead = format!("http://{}", free_tcp()?);
-    let u = uploader(env, "uploader-commit", &spool, &dead).await?;
+    let u = uploader(
+        env,
+        "uploader-commit",
+        &spool,
+        vec!["--s3-endpoint".into(), dead],
+    )
+    .await?;
     let (proc, grpc) = (u.proc, u.grpc);
     let pid = proc.id().context("uploader pid")?;
     let took = put_chunks(grpc, env.client_tls().as_ref(), chunks).await?;
@@ -197,7 +203,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
 
     eprintln!("== spool: restart with the backlog, drain");
     let store = StoreProc::start(env, "recovery", Duration::ZERO).await?;
-    let u = uploader(env, "uploader-recovery", &spool, &store.endpoint).await?;
+    let u = uploader(env, "uploader-recovery", &spool, store.uploader_args()).await?;
     let (proc, http, to_ready) = (u.proc, u.http, u.to_ready);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);

@@ -104,7 +104,7 @@ pub async fn drain(
     let status = tokio::process::Command::new(env.bin.join("uploader"))
         .arg("drain")
         .args(["--spool-dir", &spool.display().to_string()])
-        .args(["--s3-endpoint", &store.endpoint])
+        .args(store.uploader_args())
         .args(["--bucket", spillway_kit::cluster::BUCKET, "--create-bucket"])
         .args(["--workers", workers])
         .args(["--drain-timeout", "10m", "--log-format", "json"])
@@ -164,14 +164,16 @@ pub fn wav_bodies(chunks: u64) -> anyhow::Result<Vec<Bytes>> {
 }
 
 /// Sends `objects` objects, the bodies in turn, with `concurrency` `PutObject`s in flight, with
-/// the SDK's defaults; returns the wall time.
+/// the SDK's defaults, but as the uploader signs them: over HTTPS `UNSIGNED-PAYLOAD` (the SDK
+/// still sends a checksum of the body), over HTTP a signed SHA-256; returns the wall time.
 pub async fn raw_put(
-    endpoint: &str,
+    store: &StoreProc,
     bodies: &[Bytes],
     objects: usize,
     concurrency: usize,
 ) -> anyhow::Result<Duration> {
-    let s3 = spillway_kit::s3::client(endpoint).await;
+    let s3 = store.client().await?;
+    let unsigned = store.ca_file.is_some();
     let _ = s3
         .create_bucket()
         .bucket(spillway_kit::cluster::BUCKET)
@@ -186,13 +188,17 @@ pub async fn raw_put(
         tasks.spawn(async move {
             while let Some(i) = claim(&next, objects as u64) {
                 let body = &bodies[i as usize % bodies.len()];
-                s3.put_object()
+                let put = s3
+                    .put_object()
                     .bucket(spillway_kit::cluster::BUCKET)
                     .key(format!("raw/{i:06}.wav"))
-                    .body(aws_sdk_s3::primitives::ByteStream::from(body.clone()))
-                    .send()
-                    .await
-                    .context("PutObject")?;
+                    .body(aws_sdk_s3::primitives::ByteStream::from(body.clone()));
+                if unsigned {
+                    put.customize().disable_payload_signing().send().await
+                } else {
+                    put.send().await
+                }
+                .context("PutObject")?;
             }
             anyhow::Ok(())
         });
@@ -220,7 +226,7 @@ async fn point(
     // three runs of eight).
     let bodies = wav_bodies(chunks.min(256))?;
     let cpu = super::cpu_seconds(std::process::id())?;
-    let raw = raw_put(&store.endpoint, &bodies, chunks as usize, workers).await?;
+    let raw = raw_put(store, &bodies, chunks as usize, workers).await?;
     // This process's CPU while the raw loop ran: the `PutObject` client's alone.
     let cpu = super::cpu_seconds(std::process::id())? - cpu;
     drop(bodies);

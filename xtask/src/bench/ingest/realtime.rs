@@ -292,7 +292,8 @@ pub(super) async fn real_time_steps(
 ) -> anyhow::Result<Vec<Step>> {
     let store = StoreProc::start(env, "realtime", Duration::ZERO).await?;
     let spool = env.dir.join("spool-realtime");
-    let up = crate::bench::uploader(env, "uploader-realtime", &spool, &store.endpoint).await?;
+    let up =
+        crate::bench::uploader(env, "uploader-realtime", &spool, store.uploader_args()).await?;
     let (uploader, grpc, up_http) = (up.proc, up.grpc, up.http);
     let uploader_pid = uploader.id().context("uploader pid")?;
     let all = format!(
