@@ -330,6 +330,7 @@ impl Forwarder {
             .without_max_times()
             .build();
         let m = &self.inner.metrics;
+        let started = Instant::now();
         loop {
             let order = self.inner.balancer.lock().order(&affinity, Instant::now());
             let tried = order.len();
@@ -349,6 +350,7 @@ impl Forwarder {
                 };
                 match outcome {
                     Ok(response) => {
+                        m.ack_seconds.0.observe(started.elapsed().as_secs_f64());
                         let mut balancer = self.inner.balancer.lock();
                         balancer.succeeded(&url, Instant::now());
                         self.gauge(&balancer);

@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Label of a refusal: the protocol error code sent to the device.
@@ -24,6 +25,18 @@ pub struct EndLabel {
     pub reason: &'static str,
 }
 
+/// Seconds from a chunk's first `PutChunk` attempt until an uploader committed it, in buckets
+/// from 1 ms to 33 s (a commit on a fast disk up to failovers and backoff while uploaders
+/// refuse).
+#[derive(Debug, Clone)]
+pub struct AckSeconds(pub Histogram);
+
+impl Default for AckSeconds {
+    fn default() -> Self {
+        Self(Histogram::new(exponential_buckets(0.001, 2.0, 16)))
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     pub connections: Counter,
@@ -35,6 +48,7 @@ pub struct Metrics {
     pub chunks_forwarded: Counter,
     pub chunks_acked: Counter,
     pub acked_bytes: Counter,
+    pub ack_seconds: AckSeconds,
     pub forward_retries: Counter,
     pub forward_failovers: Counter,
     pub uploader_endpoints: Gauge,
@@ -109,6 +123,11 @@ impl Metrics {
             "acked_bytes",
             "PCM bytes the uploader durably committed",
             m.acked_bytes.clone(),
+        );
+        r.register(
+            "ack_seconds",
+            "Time from a chunk's first PutChunk attempt until an uploader committed it (failovers, retries and backoff included): ingest's part of a device's wait for the chunk's Ack",
+            m.ack_seconds.0.clone(),
         );
         r.register(
             "forward_retries",
