@@ -14,9 +14,11 @@
 //!    Service ingest resolves, grace periods against `--shutdown-grace` / `--drain-timeout`,
 //!    spool volume against `--spool-max-bytes`, memory limits against the formulas in
 //!    `deploy/README.md`, and the pod security settings.
-//! 4. Parses every expression in `deploy/prometheus/alerts.yaml` with `promql-parser` and checks
-//!    that every `spillway_*` metric it selects is one the
-//!    daemons register, and the rule file's structure.
+//! 4. Parses every expression in `deploy/prometheus/alerts.yaml` and every panel query of the
+//!    Grafana dashboard `deploy/grafana/spillway.json` (its variables substituted) with
+//!    `promql-parser` and checks that every `spillway_*` metric it selects is one the daemons
+//!    register; the rule file's and the dashboard's structure; and that every overlay renders
+//!    the dashboard as its ConfigMap byte for byte.
 //! 5. Checks `deploy/Dockerfile` (multi-stage, both binaries, non-root `USER`, `STOPSIGNAL
 //!    SIGTERM`, the exposed ports) and `.dockerignore`.
 
@@ -32,17 +34,21 @@ use serde_json::Value;
 
 mod alerts;
 mod daemons;
+mod dashboard;
 mod docker;
 mod flags;
 mod pods;
+mod promql;
 mod tools;
 mod yaml;
 
 use alerts::*;
 use daemons::*;
+use dashboard::*;
 use docker::*;
 use flags::*;
 use pods::*;
+use promql::*;
 use tools::*;
 use yaml::*;
 
@@ -55,6 +61,8 @@ const NONROOT: i64 = 65532;
 /// The highest sample rate a device may use (`spillway_proto::validate`).
 const MAX_SAMPLE_RATE: u128 = 48_000;
 const MIB: u128 = 1024 * 1024;
+/// The Grafana dashboard, under deploy/.
+const DASHBOARD: &str = "grafana/spillway.json";
 
 /// Arguments of `cargo xtask deploy-check`.
 #[derive(Debug, clap::Args)]
@@ -106,6 +114,7 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
     let kubectl = kubectl(&out)?;
     let mut rendered_files = Vec::new();
     let mut summaries = Vec::new();
+    let mut overlays = Vec::new();
     for dir in subdirs(&deploy.join("k8s/overlays"))? {
         let name = file_name(&dir);
         let (text, objects) = render(&kubectl, &dir)?;
@@ -120,6 +129,7 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
         rendered_files.push(file);
         let scope = format!("overlay {name}");
         check_objects(&scope, &objects, &examples, &image, &mut report);
+        overlays.push((name, objects));
     }
 
     let mut job_files = Vec::new();
@@ -138,6 +148,24 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
         &metrics,
         &mut report,
     )?;
+    let dashboard_file = deploy.join(DASHBOARD);
+    let dashboard_text = std::fs::read_to_string(&dashboard_file)
+        .with_context(|| format!("reading {}", dashboard_file.display()))?;
+    let dashboard = check_dashboard(
+        &dashboard_text,
+        &rel(&root, &dashboard_file).display().to_string(),
+        &metrics,
+        &mut report,
+    );
+    for (name, objects) in &overlays {
+        check_dashboard_configmap(
+            &format!("overlay {name}"),
+            objects,
+            &file_name(&dashboard_file),
+            &dashboard_text,
+            &mut report,
+        );
+    }
 
     let schema_note = if args.skip_schemas {
         "skipped (--skip-schemas)".to_owned()
@@ -166,6 +194,10 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
     println!(
         "  alerts: {} rules in {} groups, {} metric names checked against the {} series the daemons export",
         alerts.rules, alerts.groups, alerts.names, alerts.exported
+    );
+    println!(
+        "  dashboard: {} panels in {} rows, {} queries, {} metric names checked",
+        dashboard.panels, dashboard.rows, dashboard.queries, dashboard.names
     );
     println!("  kubernetes-validate: {schema_note}");
     println!("  rendered with: {}", kubectl.display());
@@ -301,10 +333,13 @@ mod tests {
         let target =
             std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
         let kubectl = kubectl(&target.join("deploy-check")).unwrap();
+        let mut rendered = Vec::new();
         for dir in subdirs(&overlays).unwrap() {
             let (_, objects) = render(&kubectl, &dir).unwrap();
             check_objects(&file_name(&dir), &objects, &examples, &image, &mut report);
+            rendered.push((file_name(&dir), objects));
         }
+        let overlays = rendered;
         for f in yaml_files(&root.join("deploy/k8s/jobs")).unwrap() {
             let objects = parse_objects(&f).unwrap();
             check_objects(&file_name(&f), &objects, &examples, &image, &mut report);
@@ -317,6 +352,11 @@ mod tests {
             &mut report,
         )
         .unwrap();
+        let dashboard = std::fs::read_to_string(root.join("deploy").join(DASHBOARD)).unwrap();
+        check_dashboard(&dashboard, "spillway.json", &metrics, &mut report);
+        for (name, objects) in &overlays {
+            check_dashboard_configmap(name, objects, "spillway.json", &dashboard, &mut report);
+        }
         assert!(
             report.failures.is_empty(),
             "deploy/ fails its checks:\n{}",
