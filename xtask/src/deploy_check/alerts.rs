@@ -11,6 +11,17 @@ pub(super) struct AlertsSummary {
     pub(super) rules: usize,
     pub(super) names: usize,
     pub(super) exported: usize,
+    /// Every alert rule, in file order (the runbook is checked against them).
+    pub(super) alerts: Vec<AlertRule>,
+}
+
+/// One alert rule, as the runbook check needs it.
+#[derive(Debug)]
+pub(super) struct AlertRule {
+    pub(super) name: String,
+    /// Where it is, for messages.
+    pub(super) at: String,
+    pub(super) runbook_url: Option<String>,
 }
 
 pub(super) fn check_alerts(
@@ -25,6 +36,7 @@ pub(super) fn check_alerts(
         rules: 0,
         names: 0,
         exported: metrics.len(),
+        alerts: Vec::new(),
     };
     let Some(groups) = at(&doc, &["groups"]).and_then(Value::as_array) else {
         report.fail(format!("{at_f}: no `groups` list"));
@@ -81,6 +93,11 @@ pub(super) fn check_alerts(
                 );
             }
             if let Some(alert) = str_at(r, &["alert"]) {
+                summary.alerts.push(AlertRule {
+                    name: alert.to_owned(),
+                    at: at_r.clone(),
+                    runbook_url: str_at(r, &["annotations", "runbook_url"]).map(str::to_owned),
+                });
                 report.expect(alert_names.insert(alert.to_owned()), || {
                     format!("{at_r}: alert name used twice")
                 });

@@ -17,8 +17,9 @@
 //! 4. Parses every expression in `deploy/prometheus/alerts.yaml` and every panel query of the
 //!    Grafana dashboard `deploy/grafana/spillway.json` (its variables substituted) with
 //!    `promql-parser` and checks that every `spillway_*` metric it selects is one the daemons
-//!    register; the rule file's and the dashboard's structure; and that every overlay renders
-//!    the dashboard as its ConfigMap byte for byte.
+//!    register; the rule file's and the dashboard's structure; that every overlay renders the
+//!    dashboard as its ConfigMap byte for byte; and that `deploy/RUNBOOK.md` has a section for
+//!    every alert and no other, which each alert's `runbook_url` points at.
 //! 5. Checks `deploy/Dockerfile` (multi-stage, both binaries, non-root `USER`, `STOPSIGNAL
 //!    SIGTERM`, the exposed ports) and `.dockerignore`.
 
@@ -39,6 +40,7 @@ mod docker;
 mod flags;
 mod pods;
 mod promql;
+mod runbook;
 mod tools;
 mod yaml;
 
@@ -49,6 +51,7 @@ use docker::*;
 use flags::*;
 use pods::*;
 use promql::*;
+use runbook::*;
 use tools::*;
 use yaml::*;
 
@@ -166,6 +169,14 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
             &mut report,
         );
     }
+    let runbook_file = deploy.join("RUNBOOK.md");
+    let runbook = check_runbook(
+        &std::fs::read_to_string(&runbook_file)
+            .with_context(|| format!("reading {}", runbook_file.display()))?,
+        &rel(&root, &runbook_file).display().to_string(),
+        &alerts.alerts,
+        &mut report,
+    );
 
     let schema_note = if args.skip_schemas {
         "skipped (--skip-schemas)".to_owned()
@@ -198,6 +209,12 @@ pub fn deploy_check(args: DeployCheckArgs) -> Result<()> {
     println!(
         "  dashboard: {} panels in {} rows, {} queries, {} metric names checked",
         dashboard.panels, dashboard.rows, dashboard.queries, dashboard.names
+    );
+    println!(
+        "  runbook: {} sections for {} alerts, {} runbook_url annotations pointing at them",
+        runbook.sections,
+        alerts.alerts.len(),
+        runbook.linked
     );
     println!("  kubernetes-validate: {schema_note}");
     println!("  rendered with: {}", kubectl.display());
@@ -345,7 +362,7 @@ mod tests {
             check_objects(&file_name(&f), &objects, &examples, &image, &mut report);
         }
         let metrics = exposed_metrics().unwrap();
-        check_alerts(
+        let alerts = check_alerts(
             &root.join("deploy/prometheus/alerts.yaml"),
             "alerts.yaml",
             &metrics,
@@ -357,6 +374,8 @@ mod tests {
         for (name, objects) in &overlays {
             check_dashboard_configmap(name, objects, "spillway.json", &dashboard, &mut report);
         }
+        let runbook = std::fs::read_to_string(root.join("deploy/RUNBOOK.md")).unwrap();
+        check_runbook(&runbook, "RUNBOOK.md", &alerts.alerts, &mut report);
         assert!(
             report.failures.is_empty(),
             "deploy/ fails its checks:\n{}",
