@@ -44,6 +44,10 @@ pub enum Command {
     /// PCM16LE mono, or to a WAV with --wav. Writes nothing unless every frame authenticates;
     /// exits 1 on any error.
     OmiDecrypt(OmiDecrypt),
+    /// A running uploader's state at a glance, read from its /metrics (two scrapes --interval
+    /// apart, for rates) and /readyz: readiness, the spool's fill and oldest chunk, uploads and
+    /// the store's circuit breaker, commits, refusals by reason and losses. --json for scripts.
+    Status(crate::status::StatusArgs),
 }
 
 /// Arguments of `uploader omi-decrypt`.

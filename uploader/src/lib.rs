@@ -15,6 +15,7 @@ pub mod object;
 pub mod put;
 pub mod seal;
 pub mod spool;
+pub mod status;
 pub mod store;
 pub mod transport;
 pub mod upload;

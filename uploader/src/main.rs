@@ -21,6 +21,7 @@ async fn main() -> anyhow::Result<()> {
     match args.command {
         Some(Command::Drain(flags)) => drain(flags, shutdown).await,
         Some(Command::OmiDecrypt(args)) => omi_decrypt(&args),
+        Some(Command::Status(args)) => spillway_uploader::status::run(&args).await,
         None => serve(args.flags, shutdown).await,
     }
 }

@@ -1,6 +1,7 @@
-//! The `ingest` binary's tools besides the daemon: `ingest token ...` for operators and
-//! `ingest stream` for device-gateway engineers.
+//! The `ingest` binary's tools besides the daemon: `ingest token ...` and `ingest status` for
+//! operators, `ingest stream` for device-gateway engineers.
 
+pub mod status;
 pub mod stream;
 pub mod token;
 
@@ -13,6 +14,10 @@ pub enum Command {
     /// Stream a WAV file (or raw PCM from stdin) to an ingest as a device does: resuming
     /// across reconnects, keeping audio until its receipt matches, with a device token.
     Stream(stream::StreamArgs),
+    /// A running ingest's state at a glance, read from its /metrics (two scrapes --interval
+    /// apart, for rates) and /readyz: readiness, sessions, the memory budget, acks and their
+    /// latency, the uploaders it sees, refusals by code. --json for scripts.
+    Status(status::StatusArgs),
 }
 
 impl Command {
@@ -21,6 +26,7 @@ impl Command {
         match self {
             Command::Token(t) => t.run(),
             Command::Stream(s) => stream::run(s).await,
+            Command::Status(s) => status::run(&s).await,
         }
     }
 }

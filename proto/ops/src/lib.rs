@@ -1,6 +1,12 @@
 //! The operational contract both daemons serve to SREs: `/metrics` (Prometheus text format),
 //! `/healthz` (the process is alive), `/readyz` (it can do its job now), logging set-up and
-//! termination signals. Written once so the two daemons cannot drift apart.
+//! termination signals. Written once so the two daemons cannot drift apart. And the other side
+//! of `/metrics`: reading it back for `ingest status` and `uploader status` ([`status`], over
+//! [`fetch`] and [`exposition`]).
+
+pub mod exposition;
+pub mod fetch;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
