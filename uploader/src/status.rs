@@ -77,7 +77,10 @@ pub fn summarize(s: &Samples) -> Summary {
     );
     let uploads = m("uploads_total");
     let results = s.counts_by(&uploads, "result");
-    let errors_per_second = s.rate_where(&uploads, "result", "error");
+    // No `error` series yet, but uploads: none failed.
+    let errors_per_second = s
+        .rate_where(&uploads, "result", "error")
+        .or_else(|| s.rate(&uploads).map(|_| 0.0));
     let per_second = s
         .rate(&uploads)
         .map(|all| all - errors_per_second.unwrap_or(0.0));
