@@ -132,6 +132,7 @@ pub async fn run(
     }
     let served = server
         .initial_stream_window_size(put::PUT_STREAM_WINDOW)
+        .max_frame_size(Some(put::MAX_FRAME))
         .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
         .max_concurrent_streams(streams)
         .timeout(config.put_timeout)

@@ -27,15 +27,17 @@ mod http;
 pub use http::Server;
 
 /// The HTTP/2 receive window of each `PutChunk` stream: what a caller may send ahead of the
-/// spool's writer. With the writer's queue ([`crate::spool::QUEUED_FRAMES`] frames of 16 KiB)
-/// it bounds a streamed call's memory: [`STREAMED_CALL_BYTES`]. 1 MiB is a few round trips per
-/// chunk on a LAN (the 8 MiB ingest's own windows keep were for the gathered message).
+/// spool's writer. With the writer's batches ([`crate::spool::HELD_BYTES`]) it bounds a
+/// streamed call's memory: [`STREAMED_CALL_BYTES`]. 1 MiB is a few round trips per chunk on a
+/// LAN (the 8 MiB ingest's own windows keep were for the gathered message).
 pub const PUT_STREAM_WINDOW: u32 = 1 << 20;
 
-/// The most a streamed call in flight holds: its stream's window and the writer's queue and
-/// batch (16 KiB frames).
-pub const STREAMED_CALL_BYTES: u64 =
-    PUT_STREAM_WINDOW as u64 + 2 * (crate::spool::QUEUED_FRAMES as u64 + 1) * 16 * 1024;
+/// The largest HTTP/2 frame the uploader accepts (`SETTINGS_MAX_FRAME_SIZE`): a chunk arrives in
+/// 128 KiB frames rather than HTTP/2's default 16 KiB, eight times fewer to parse and hand on.
+pub const MAX_FRAME: u32 = 128 * 1024;
+
+/// The most a streamed call in flight holds: its stream's window and the writer's batches.
+pub const STREAMED_CALL_BYTES: u64 = PUT_STREAM_WINDOW as u64 + crate::spool::HELD_BYTES as u64;
 
 pub struct Service {
     pub spool: Arc<Spool>,

@@ -182,7 +182,7 @@ use fs::Filesystem;
 use index::position_of;
 pub use read::{Loaded, Queued};
 pub use record::{Record, Spooled};
-pub use stream::{Incoming, QUEUED_FRAMES};
+pub use stream::{BATCH_BYTES, HELD_BYTES, Incoming, QUEUED_BATCHES, held_bytes};
 
 /// The spool (the design is in the module doc). Index operations are synchronous; file writes
 /// and the flush run off the async threads.

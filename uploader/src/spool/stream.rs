@@ -2,13 +2,15 @@
 //! for the `PutChunk` service's streaming path (`crate::put`): the commit of
 //! [`Spool::commit`], steps 1 to 8 alike, except that step 3 writes the file piece by piece from
 //! the request's frames instead of from one buffer holding the chunk. A put in flight holds at
-//! most [`QUEUED_FRAMES`] frames, not a chunk.
+//! most [`HELD_BYTES`], not a chunk.
 //!
-//! The receiving runs on a blocking thread: the async side hands it the PCM's frames through a
-//! bounded channel ([`Incoming::pcm`], which waits while the writer is behind, and so holds back
-//! the HTTP/2 window and the sender), and at the end says whether the request was whole and its
-//! CRC32C right ([`Incoming::finish`]). Anything else (an error, the call dropped) deletes the
-//! temporary file; nothing is committed that the caller did not confirm.
+//! The receiving runs on a blocking thread: the async side hands it the PCM's frames, gathered
+//! into batches of [`BATCH_BYTES`] (one wake-up of the writer and one vectored write per batch,
+//! not per 16 KiB frame), through a channel of [`QUEUED_BATCHES`] ([`Incoming::pcm`] waits while
+//! the writer is behind, and so holds back the HTTP/2 window and the sender), and at the end says
+//! whether the request was whole and its CRC32C right ([`Incoming::finish`]). Anything else (an
+//! error, the call dropped) deletes the temporary file; nothing is committed that the caller did
+//! not confirm.
 
 use std::sync::Arc;
 
@@ -18,13 +20,27 @@ use tokio::sync::mpsc;
 use super::record::TmpFile;
 use super::{Committed, Record, Spool, SpoolError};
 
-/// Frames a put may have queued for its writer: with HTTP/2's 16 KiB frames, 256 KiB.
-pub const QUEUED_FRAMES: usize = 16;
+/// The PCM handed to the writer at a time: frames are gathered (as views, not copied) until
+/// they reach this many bytes.
+pub const BATCH_BYTES: usize = 128 * 1024;
+
+/// Batches a put may have queued for its writer.
+pub const QUEUED_BATCHES: usize = 2;
+
+/// The most PCM a put in flight holds outside its HTTP/2 window, for frames of at most
+/// `max_frame` bytes: the batch being gathered, the queued ones and the one being written, each
+/// at most a frame past [`BATCH_BYTES`].
+pub const fn held_bytes(max_frame: usize) -> usize {
+    (QUEUED_BATCHES + 2) * (BATCH_BYTES + max_frame)
+}
+
+/// [`held_bytes`] for the frames the uploader accepts (`crate::put::MAX_FRAME`).
+pub const HELD_BYTES: usize = held_bytes(crate::put::MAX_FRAME as usize);
 
 /// What the async side sends the writer.
 #[derive(Debug)]
 enum Piece {
-    Pcm(Bytes),
+    Pcm(Vec<Bytes>),
     /// The request ended: commit when `true` (the PCM is whole and its CRC32C right), else
     /// delete the file.
     End(bool),
@@ -34,6 +50,9 @@ enum Piece {
 #[derive(Debug)]
 pub struct Incoming {
     tx: mpsc::Sender<Piece>,
+    /// Frames gathered for the next batch, and their bytes.
+    batch: Vec<Bytes>,
+    batched: usize,
     task: tokio::task::JoinHandle<Result<Option<Committed>, SpoolError>>,
     spool: Arc<Spool>,
 }
@@ -42,11 +61,13 @@ impl Spool {
     /// Starts receiving a put: `head` is the record with its PCM left empty (checked by the
     /// caller as `PutChunk` checks every put), `pcm_len` the PCM's length in bytes.
     pub fn incoming(self: &Arc<Self>, head: Record, pcm_len: usize) -> Incoming {
-        let (tx, rx) = mpsc::channel(QUEUED_FRAMES);
+        let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
         let this = Arc::clone(self);
         let task = tokio::task::spawn_blocking(move || this.receive(head, pcm_len, rx));
         Incoming {
             tx,
+            batch: Vec::new(),
+            batched: 0,
             task,
             spool: Arc::clone(self),
         }
@@ -90,7 +111,7 @@ impl Spool {
     }
 }
 
-/// Writes `fields`, then the PCM's frames as they come, to `tmp`, and syncs it once the caller
+/// Writes `fields`, then the PCM's batches as they come, to `tmp`, and syncs it once the caller
 /// confirms. `Ok(false)` when the caller gave up.
 fn fill(
     tmp: &mut TmpFile,
@@ -98,64 +119,62 @@ fn fill(
     pcm_len: usize,
     rx: &mut mpsc::Receiver<Piece>,
 ) -> std::io::Result<bool> {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(QUEUED_FRAMES + 1);
-    batch.push(fields);
+    let mut head = Some(fields);
     let mut written = 0usize;
     loop {
-        // Whatever is queued goes in one vectored write.
-        let mut end = None;
-        let mut next = rx.blocking_recv();
-        loop {
-            match next {
-                Some(Piece::Pcm(b)) => {
-                    written = written.saturating_add(b.len());
-                    batch.push(b);
+        match rx.blocking_recv() {
+            Some(Piece::Pcm(mut batch)) => {
+                written = written.saturating_add(batch.iter().map(Bytes::len).sum::<usize>());
+                if written > pcm_len {
+                    return Err(std::io::Error::other(format!(
+                        "received {written} bytes of PCM for a field of {pcm_len}"
+                    )));
                 }
-                Some(Piece::End(ok)) => end = Some(ok),
-                None => end = Some(false),
+                if let Some(fields) = head.take() {
+                    batch.insert(0, fields);
+                }
+                tmp.write_all(&batch)?;
             }
-            if end.is_some() || batch.len() > QUEUED_FRAMES {
-                break;
+            Some(Piece::End(true)) => {
+                if written != pcm_len {
+                    return Err(std::io::Error::other(format!(
+                        "confirmed after {written} bytes of PCM for a field of {pcm_len}"
+                    )));
+                }
+                if let Some(fields) = head.take() {
+                    tmp.write_all(&[fields])?;
+                }
+                tmp.sync()?;
+                return Ok(true);
             }
-            match rx.try_recv() {
-                Ok(piece) => next = Some(piece),
-                Err(_) => break,
-            }
-        }
-        if end == Some(false) {
-            return Ok(false);
-        }
-        if written > pcm_len {
-            return Err(std::io::Error::other(format!(
-                "received {written} bytes of PCM for a field of {pcm_len}"
-            )));
-        }
-        tmp.write_all(&batch)?;
-        batch.clear();
-        if end == Some(true) {
-            if written != pcm_len {
-                return Err(std::io::Error::other(format!(
-                    "confirmed after {written} bytes of PCM for a field of {pcm_len}"
-                )));
-            }
-            tmp.sync()?;
-            return Ok(true);
+            Some(Piece::End(false)) | None => return Ok(false),
         }
     }
 }
 
 impl Incoming {
-    /// Hands the writer the PCM's next bytes, waiting while it is [`QUEUED_FRAMES`] behind.
-    /// `false` once the writer has stopped early (a full spool or disk, an I/O error): its
-    /// error waits in [`Incoming::finish`].
-    pub async fn pcm(&self, bytes: Bytes) -> bool {
-        self.tx.send(Piece::Pcm(bytes)).await.is_ok()
+    /// Hands the writer the PCM's next bytes (in a batch once [`BATCH_BYTES`] are gathered),
+    /// waiting while it is [`QUEUED_BATCHES`] behind. `false` once the writer has stopped early
+    /// (a full spool or disk, an I/O error): its error waits in [`Incoming::finish`].
+    pub async fn pcm(&mut self, bytes: Bytes) -> bool {
+        self.batched += bytes.len();
+        self.batch.push(bytes);
+        if self.batched < BATCH_BYTES {
+            return true;
+        }
+        self.batched = 0;
+        let batch = std::mem::take(&mut self.batch);
+        self.tx.send(Piece::Pcm(batch)).await.is_ok()
     }
 
     /// Ends the put: commits it when `whole` (every byte of the PCM was handed over and its
     /// CRC32C checked), else deletes its file. Returns once the record is durable, as
     /// [`Spool::commit`] does; `Ok(None)` when nothing was committed.
-    pub async fn finish(self, whole: bool) -> Result<Option<Committed>, SpoolError> {
+    pub async fn finish(mut self, whole: bool) -> Result<Option<Committed>, SpoolError> {
+        if whole && !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            let _ = self.tx.send(Piece::Pcm(batch)).await;
+        }
         let _ = self.tx.send(Piece::End(whole)).await;
         drop(self.tx);
         let outcome = self

@@ -84,6 +84,79 @@ async fn put_chunks(
     Ok(started.elapsed())
 }
 
+/// Puts in flight at once in the flood (row 5f): the uploader's default `--max-puts-in-flight`.
+const FLOOD: usize = 64;
+
+/// Row 5f: `rounds` × [`FLOOD`] puts of 60 s chunks at 48 kHz (5.76 MB, the largest), all
+/// [`FLOOD`] in flight at once (8 connections, 8 calls each), to an uploader whose store is
+/// down (so its workers hold records too). Returns the uploader's peak RSS and the bytes sent.
+async fn flood(env: &Env, rounds: u64) -> anyhow::Result<(u64, f64)> {
+    let spool = env.dir.join("spool-flood");
+    let dead = format!("http://{}", free_tcp()?);
+    let u = uploader(
+        env,
+        "uploader-flood",
+        &spool,
+        vec!["--s3-endpoint".into(), dead],
+    )
+    .await?;
+    let pid = u.proc.id().context("uploader pid")?;
+    let samples: u64 = 60 * 48_000;
+    let pcm = bytes::Bytes::from(
+        (0..samples as usize * 2)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let crc = spillway_proto::checksum::crc32c(&pcm);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let total = rounds * FLOOD as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let channel = spillway_kit::pipeline::uploader_endpoint(u.grpc, env.client_tls().as_ref())?
+            .initial_stream_window_size(spillway_proto::GRPC_STREAM_WINDOW)
+            .initial_connection_window_size(spillway_proto::GRPC_CONNECTION_WINDOW)
+            .connect()
+            .await?;
+        for _ in 0..FLOOD / 8 {
+            let (mut channel, pcm, next) = (channel.clone(), pcm.clone(), Arc::clone(&next));
+            tasks.spawn(async move {
+                while let Some(seq) = claim(&next, total) {
+                    // Every chunk the same audio under its own id: the spool stores each.
+                    let request = PutChunkRequest {
+                        id: Some(ChunkId {
+                            uid: "flood".into(),
+                            session: "flood".into(),
+                            seq,
+                        }),
+                        sample_rate: 48_000,
+                        chunk_samples: samples,
+                        first_sample: seq * samples,
+                        crc32c: crc,
+                        pcm: pcm.clone(),
+                        ..Default::default()
+                    };
+                    spillway_ingest::put_chunk::put_chunk(
+                        &mut channel,
+                        &request,
+                        Duration::from_secs(120),
+                        1 << 20,
+                    )
+                    .await
+                    .with_context(|| format!("flood PutChunk {seq}"))?;
+                }
+                anyhow::Ok(())
+            });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let (peak, _) = rss(pid)?;
+    u.proc.stop().await?;
+    std::fs::remove_dir_all(&spool).ok();
+    Ok((peak, total as f64 * pcm.len() as f64))
+}
+
 /// The baseline: `chunks` chunks appended to one file by `CLIENTS` threads, each append
 /// followed by its own `fdatasync`; returns the wall time.
 fn append_fdatasync(path: &Path, chunks: u64) -> anyhow::Result<Duration> {
@@ -180,6 +253,31 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
         .note(format!("RSS at the end: {:.0} MiB", now as f64 / MIB)),
     );
     proc.stop().await?;
+
+    eprintln!("== spool: a flood of the largest puts, {FLOOD} in flight");
+    let (peak, sent) = flood(env, if env.quick { 1 } else { 4 }).await?;
+    let bound = spillway_uploader::config::memory_bound(16, FLOOD as u128, 60);
+    let gathered_bound = 2 * (16 + FLOOD as u128) * 5_760_000 + (128 << 20);
+    results.rows.push(
+        Row::figure(
+            "5f",
+            &format!(
+                "uploader peak RSS, {FLOOD} puts of 5.76 MB chunks (60 s at 48 kHz) in flight at once, store down"
+            ),
+            "MiB",
+            peak as f64 / MIB,
+            &format!(
+                "≤ {:.0} MiB (2·W·C + Q·S + G·(C + S) + 128 MiB)",
+                bound as f64 / MIB
+            ),
+            u128::from(peak) <= bound,
+        )
+        .note(format!(
+            "W = 16, Q = {FLOOD}; {:.1} GB put; the bound when each put was gathered whole, 2·(W + Q)·C + 128 MiB: {:.0} MiB",
+            sent / 1e9,
+            gathered_bound as f64 / MIB
+        )),
+    );
 
     // Where the time goes: the same commits made in this process, without gRPC.
     let direct = env.dir.join("spool-direct");
