@@ -156,6 +156,8 @@ pub struct Results {
     pub sweep: Vec<(usize, f64, f64)>,
     /// `--workers auto` in the sweep's conditions: MB/s and the limit it settled at.
     pub auto: Option<(f64, f64)>,
+    /// The limits `--workers auto` went through, in order (its trajectory on the plot).
+    pub auto_path: Vec<f64>,
     /// Raw append + fdatasync MB/s (row 3's baseline), the disk-bound ceiling's numerator.
     #[serde(skip)]
     pub disk_mb_s: Option<f64>,

@@ -141,6 +141,14 @@ fn drain_log(env: &Env) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Every limit `uploader drain --workers auto` logged, in order, after the one it starts at.
+fn auto_limits(env: &Env) -> Vec<f64> {
+    drain_log(env)
+        .iter()
+        .filter_map(|v| v.pointer("/fields/limit")?.as_f64())
+        .collect()
+}
+
 /// The limit `uploader drain --workers auto` last logged, if any.
 fn last_auto_limit(env: &Env) -> Option<f64> {
     drain_log(env)
@@ -322,6 +330,8 @@ pub async fn run(env: &Env, results: &mut Results, out: &Path) -> anyhow::Result
     let auto = bytes / took.as_secs_f64() / MB;
     let limit = last_auto_limit(env).unwrap_or(f64::NAN);
     results.auto = Some((auto, limit));
+    // Where auto went: from its start at 4, each limit it logged (rises at most once a second).
+    results.auto_path = std::iter::once(4.0).chain(auto_limits(env)).collect();
     results.rows.push(
         Row::ratio_at_least(
             "2a",
@@ -340,8 +350,14 @@ pub async fn run(env: &Env, results: &mut Results, out: &Path) -> anyhow::Result
     std::fs::remove_dir_all(&spool).ok();
 
     let svg = out.join("workers.svg");
-    super::plot::workers(&svg, ms, &results.sweep, results.auto.map(|a| a.0))
-        .with_context(|| format!("plotting {}", svg.display()))?;
+    super::plot::workers(
+        &svg,
+        ms,
+        &results.sweep,
+        results.auto.map(|a| a.0),
+        &results.auto_path,
+    )
+    .with_context(|| format!("plotting {}", svg.display()))?;
     eprintln!("   plot: {}", svg.display());
     Ok(())
 }
