@@ -22,7 +22,7 @@ use spillway_proto::uploader::uploader_server::{Uploader, UploaderServer};
 use spillway_proto::uploader::{PutChunkRequest, PutChunkResponse};
 use tokio_util::sync::CancellationToken;
 
-use super::{Env, MB, MIB, Results, Row, StoreProc, percentile, rss};
+use super::{Env, FloorCpu, MB, MIB, Results, Row, StoreProc, percentile, rss};
 use spillway_kit::cluster::{Proc, free_tcp, free_udp, ready};
 use spillway_kit::pipeline::http_get;
 
@@ -394,7 +394,7 @@ pub async fn run(env: &Env, results: &mut Results) -> anyhow::Result<()> {
     results
         .rows
         .push(row_4b("4b", &done, &steps, ceiling, chunk_seconds, None));
-    if let Some(row) = row_4c(&done, results.floor.per_mb(), &results.machine) {
+    if let Some(row) = row_4c(&done, results.floor, &results.machine) {
         results.rows.push(row);
     }
     // The same with the load generator (devices, store) on one core and the daemons on the

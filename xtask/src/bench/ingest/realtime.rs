@@ -427,7 +427,8 @@ pub(super) fn row_4b(
 /// Row 4c: ingest's and the uploader's CPU per 1,000 real-time 16 kHz devices, at the largest
 /// step row 4b sustained, against the floor for the same bytes (each part measured alone in
 /// this run: `floor_per_mb` CPU seconds per MB).
-pub(super) fn row_4c(done: &[Step], floor_per_mb: Option<f64>, machine: &str) -> Option<Row> {
+pub(super) fn row_4c(done: &[Step], floor: FloorCpu, machine: &str) -> Option<Row> {
+    let floor_per_mb = floor.per_mb();
     let step = done
         .iter()
         .filter(|s| s.sustained())
@@ -448,10 +449,14 @@ pub(super) fn row_4c(done: &[Step], floor_per_mb: Option<f64>, machine: &str) ->
         })
         .collect::<Vec<_>>()
         .join(", ");
+    let ms = |p: Option<f64>| p.map_or("-".to_owned(), |s| format!("{:.2}", s * 1e3));
     let note = format!(
-        "{} devices, {window:.0?} with every device streaming; per 1,000 at each step: {each}; per 10,000: {:.1} cores; {machine}",
+        "{} devices, {window:.0?} with every device streaming; per 1,000 at each step: {each}; per 10,000: {:.1} cores; the floor's CPU ms per MB: quinn receive {}, append+fdatasync {}, PutObject {}; {machine}",
         step.devices,
         per_1000 * 10.0,
+        ms(floor.quic),
+        ms(floor.disk),
+        ms(floor.put),
     );
     Some(match floor_per_mb {
         Some(f) => Row::ratio_at_most("4c", &format!("{what} vs the floor (raw quinn receive + append and fdatasync + raw PutObject, the same bytes)"), unit, per_1000, f * mb_s, 1.5).note(note),
