@@ -3,8 +3,7 @@
 //! the uploaders it sees, refusals by code. The fetching, parsing and rendering are
 //! `spillway_ops::status`.
 
-use std::time::Duration;
-
+pub use spillway_ops::status::StatusFlags;
 use spillway_ops::status::{self, Field, Samples, StatusError, Summary, Unit};
 
 /// Arguments of `ingest status`.
@@ -17,28 +16,15 @@ pub struct StatusArgs {
         default_value = "http://127.0.0.1:9464/metrics"
     )]
     pub metrics_url: String,
-    /// Time between the two scrapes rates are computed from (at most 60s).
-    #[arg(long, default_value = "1s", value_parser = status::parse_wait)]
-    pub interval: Duration,
-    /// Longest each request may take (at most 60s).
-    #[arg(long, default_value = "5s", value_parser = status::parse_wait)]
-    pub timeout: Duration,
-    /// Print JSON (one object) instead of text.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub flags: StatusFlags,
 }
 
 const P: &str = "spillway_ingest_";
 
 /// Scrapes the ingest and summarizes it.
 pub async fn collect(args: &StatusArgs) -> Result<Summary, StatusError> {
-    let samples = status::sample(&status::Options {
-        metrics_url: args.metrics_url.clone(),
-        interval: args.interval,
-        timeout: args.timeout,
-    })
-    .await?;
-    Ok(summarize(&samples))
+    status::collect(&args.metrics_url, &args.flags, summarize).await
 }
 
 /// What `ingest status` shows of two scrapes.
@@ -196,11 +182,6 @@ pub fn summarize(s: &Samples) -> Summary {
 
 /// `ingest status`: prints the summary.
 pub async fn run(args: &StatusArgs) -> anyhow::Result<()> {
-    let summary = collect(args).await?;
-    if args.json {
-        println!("{}", summary.to_json());
-    } else {
-        print!("{}", summary.to_text());
-    }
+    status::print(&collect(args).await?, &args.flags);
     Ok(())
 }

@@ -25,6 +25,45 @@ pub struct Options {
     pub timeout: Duration,
 }
 
+/// The flags every `status` command takes beside its daemon's `--metrics-url` (whose env and
+/// default are the daemon's own).
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusFlags {
+    /// Time between the two scrapes rates are computed from (at most 60s).
+    #[arg(long, default_value = "1s", value_parser = parse_wait)]
+    pub interval: Duration,
+    /// Longest each request may take (at most 60s).
+    #[arg(long, default_value = "5s", value_parser = parse_wait)]
+    pub timeout: Duration,
+    /// Print JSON (one object) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Scrapes `metrics_url` as `flags` say and summarizes the two scrapes with `summarize`.
+pub async fn collect(
+    metrics_url: &str,
+    flags: &StatusFlags,
+    summarize: fn(&Samples) -> Summary,
+) -> Result<Summary, StatusError> {
+    let samples = sample(&Options {
+        metrics_url: metrics_url.to_owned(),
+        interval: flags.interval,
+        timeout: flags.timeout,
+    })
+    .await?;
+    Ok(summarize(&samples))
+}
+
+/// Prints `summary` on standard output, as JSON (one object) with `--json`, else as text.
+pub fn print(summary: &Summary, flags: &StatusFlags) {
+    if flags.json {
+        println!("{}", summary.to_json());
+    } else {
+        print!("{}", summary.to_text());
+    }
+}
+
 /// The longest `--interval` and `--timeout`: a status is a glance, not a watch.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 

@@ -11,24 +11,29 @@ use serde_json::{Value, json};
 use spillway_kit::metrics::metric;
 use spillway_kit::pipeline::{Options, Pipeline};
 use spillway_kit::sim::{DeviceSpec, Progress, run_device};
+use spillway_uploader::status::StatusFlags;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn uploader_args(p: &Pipeline, interval: Duration) -> spillway_uploader::status::StatusArgs {
     spillway_uploader::status::StatusArgs {
         metrics_url: format!("http://{}/metrics", p.uploader_http),
-        interval,
-        timeout: Duration::from_secs(5),
-        json: true,
+        flags: StatusFlags {
+            interval,
+            timeout: Duration::from_secs(5),
+            json: true,
+        },
     }
 }
 
 fn ingest_args(p: &Pipeline) -> spillway_ingest::cli::status::StatusArgs {
     spillway_ingest::cli::status::StatusArgs {
         metrics_url: format!("http://{}/metrics", p.ingest_http),
-        interval: Duration::from_millis(200),
-        timeout: Duration::from_secs(5),
-        json: true,
+        flags: StatusFlags {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(5),
+            json: true,
+        },
     }
 }
 
@@ -223,9 +228,11 @@ async fn status_of_nothing_says_where_it_looked() {
     drop(listener);
     let args = spillway_uploader::status::StatusArgs {
         metrics_url: format!("http://{addr}/metrics"),
-        interval: Duration::from_millis(10),
-        timeout: Duration::from_secs(2),
-        json: false,
+        flags: StatusFlags {
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_secs(2),
+            json: false,
+        },
     };
     let e = spillway_uploader::status::collect(&args)
         .await
