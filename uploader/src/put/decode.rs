@@ -114,8 +114,6 @@ pub struct PutDecoder {
     left: u64,
     /// Every field but the PCM, as it came (keys and values).
     fields: Vec<u8>,
-    /// The field numbers seen, below 64 (bit n: field n).
-    seen: u64,
     pcm_seen: bool,
     /// How many bytes of `fields` came before the PCM.
     before_pcm: usize,
@@ -131,15 +129,9 @@ impl PutDecoder {
             small_len: 0,
             left: 0,
             fields: Vec::new(),
-            seen: 0,
             pcm_seen: false,
             before_pcm: 0,
         }
-    }
-
-    /// True once field `n` (below 64) appeared, the PCM included.
-    pub fn has_field(&self, n: u64) -> bool {
-        n < 64 && self.seen & (1 << n) != 0
     }
 
     /// The fields that came before the PCM, decoded (the PCM left empty); all of them once the
@@ -258,9 +250,6 @@ impl PutDecoder {
         let (field, wire) = (key >> 3, (key & 7) as u8);
         if field == 0 || field > (1 << 29) - 1 {
             return Err(DecodeError::FieldNumber);
-        }
-        if field < 64 {
-            self.seen |= 1 << field;
         }
         if field == PCM_FIELD {
             if wire != 2 {
@@ -453,7 +442,6 @@ mod tests {
                 last: true
             }
         );
-        assert!(d.has_field(6), "the CRC32C came before the PCM");
         assert_eq!(d.fields_before_pcm().unwrap(), head);
         assert_eq!(d.finish().unwrap(), head);
     }

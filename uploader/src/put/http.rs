@@ -158,13 +158,10 @@ impl Service {
             } => {
                 // The PCM ended the message: `fields` are the ones checked at its start.
                 if let Err(refusal) = Self::check_crc(fields.crc32c, crc.value()) {
-                    let _ = incoming.finish(false).await;
+                    let _ = incoming.abort().await;
                     return Err(self.refused(refusal));
                 }
-                let outcome = incoming
-                    .finish(true)
-                    .await
-                    .and_then(|c| c.ok_or_else(|| SpoolGaveUp.into()));
+                let outcome = incoming.commit().await;
                 self.answer(key, fields.crc32c, outcome, started)
             }
             Pcm::Gathered(buf, _permit) => {
@@ -224,26 +221,17 @@ impl Service {
         else {
             return Err(Status::internal("no streamed put to stop"));
         };
-        let outcome = incoming
-            .finish(false)
-            .await
-            .and_then(|c| c.ok_or_else(|| SpoolGaveUp.into()));
+        // The writer stops early only on an error, which `abort` returns.
+        let outcome = incoming.abort().await.and_then(|()| {
+            Err(crate::spool::SpoolError::Task(
+                "the spool's writer stopped early without an error".into(),
+            ))
+        });
         self.answer(key, 0, outcome, started)
     }
 
     /// Counts, logs and answers a request that is not one acceptable message.
     fn malformed(&self, e: &DecodeError) -> Status {
         self.refused(refuse(e.reason(), Status::new(e.code(), e.to_string())))
-    }
-}
-
-/// The spool's writer ended without an error and without committing (it cannot happen for a
-/// put the caller confirmed; reported rather than assumed).
-#[derive(Debug)]
-struct SpoolGaveUp;
-
-impl From<SpoolGaveUp> for crate::spool::SpoolError {
-    fn from(_: SpoolGaveUp) -> Self {
-        Self::Task("the spool's writer stopped without committing the put".into())
     }
 }

@@ -167,10 +167,23 @@ impl Incoming {
         self.tx.send(Piece::Pcm(batch)).await.is_ok()
     }
 
-    /// Ends the put: commits it when `whole` (every byte of the PCM was handed over and its
-    /// CRC32C checked), else deletes its file. Returns once the record is durable, as
-    /// [`Spool::commit`] does; `Ok(None)` when nothing was committed.
-    pub async fn finish(mut self, whole: bool) -> Result<Option<Committed>, SpoolError> {
+    /// Commits the put, every byte of its PCM handed over and its CRC32C checked. Returns once
+    /// the record is durable, as [`Spool::commit`] does.
+    pub async fn commit(self) -> Result<Committed, SpoolError> {
+        self.finish(true).await?.ok_or_else(|| {
+            SpoolError::Task("the spool's writer stopped without committing the put".into())
+        })
+    }
+
+    /// Gives the put up: its file is deleted. The writer's error, if it stopped on one (a full
+    /// spool or disk, an I/O error).
+    pub async fn abort(self) -> Result<(), SpoolError> {
+        self.finish(false).await.map(drop)
+    }
+
+    /// Ends the put: commits it when `whole`, else deletes its file. `Ok(None)` when nothing
+    /// was committed.
+    async fn finish(mut self, whole: bool) -> Result<Option<Committed>, SpoolError> {
         if whole && !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
             let _ = self.tx.send(Piece::Pcm(batch)).await;
