@@ -392,7 +392,13 @@ fn open_spool(
     };
     let failure = match attempt(limits.clone()) {
         Ok(Ok(spool)) => return Ok(spool),
-        Ok(Err(e @ spool::SpoolError::InUse(_))) => return Err(e.into()),
+        // Not damage: a spool someone else holds, or one of a format this build does not read,
+        // is refused as it is. Setting its index aside would "repair" a newer release's spool.
+        Ok(Err(
+            e @ (spool::SpoolError::InUse(_)
+            | spool::SpoolError::NewerFormat { .. }
+            | spool::SpoolError::UnknownFormat { .. }),
+        )) => return Err(e.into()),
         Ok(Err(e)) => e.to_string(),
         Err(_) => "sled panicked while recovering it".to_owned(),
     };
@@ -419,6 +425,71 @@ fn open_spool(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spool_with_three_records(dir: &std::path::Path) {
+        let spool = Arc::new(spool::Spool::open(dir, spool::Limits::reject(1 << 20)).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for seq in 0..3 {
+            let pcm = bytes::Bytes::from(vec![seq as u8; 64]);
+            let record = spool::Record {
+                uid: "u".into(),
+                session: "s".into(),
+                seq,
+                sample_rate: 8000,
+                chunk_samples: 32,
+                first_sample: seq * 32,
+                crc32c: crc32c::crc32c(&pcm),
+                pcm,
+                ..spool::Record::default()
+            };
+            rt.block_on(spool.commit(&record)).unwrap();
+        }
+    }
+
+    /// Every file under `dir` with its bytes.
+    fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut found = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for entry in std::fs::read_dir(d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    todo.push(path);
+                } else {
+                    found.push((path.clone(), std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// The daemon's open (also `uploader drain`'s) sets a damaged index aside, but a spool of a
+    /// newer or unknown format is not damaged: it is refused and every file stays as it was
+    /// (found by `cargo xtask chaos`'s rollback: the index of a newer spool was moved aside).
+    #[test]
+    fn a_spool_of_a_newer_or_unknown_format_is_refused_not_set_aside() {
+        for format in ["spillway-spool 99\n", "not a format line\n"] {
+            let root = tempfile::tempdir().unwrap();
+            let dir = root.path().join("spool");
+            spool_with_three_records(&dir);
+            std::fs::write(dir.join("FORMAT"), format).unwrap();
+            let before = files(&dir);
+            let metrics = metrics::Metrics::register(&mut Registry::default());
+            let refused = open_spool(&dir, spool::Limits::reject(1 << 20), &metrics);
+            let Err(e) = refused else {
+                panic!("a spool marked {format:?} opened");
+            };
+            assert!(e.to_string().contains("it was left as it is"), "{e:#}");
+            assert_eq!(metrics.spool_set_aside.get(), 0, "{format:?}");
+            assert!(
+                files(&dir) == before,
+                "{format:?}: the spool's files changed"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn an_index_sled_cannot_open_is_moved_aside_and_rebuilt_from_the_records() {
