@@ -109,6 +109,12 @@ pub struct Flags {
     /// (counted in spillway_uploader_spool_dropped_chunks_total and logged).
     #[arg(long, env = "SPILLWAY_WHEN_FULL", value_enum, default_value_t = WhenFull::Reject)]
     pub when_full: WhenFull,
+    /// The spool format this uploader writes and marks its spool with: by default the newest
+    /// it knows. During an upgrade whose release raises the format, pin the one before (the
+    /// running release's) so that release can still open every spool: rolling back needs no
+    /// drain until the pin is removed (deploy/README.md, "Upgrades and rollbacks").
+    #[arg(long, env = "SPILLWAY_SPOOL_FORMAT")]
+    pub spool_format: Option<u32>,
     /// Fraction of --spool-max-bytes above which /readyz answers 503, so a load balancer
     /// steers new work to other uploaders (0 < x <= 1).
     #[arg(long, env = "SPILLWAY_SPOOL_HIGH_WATERMARK", default_value_t = 0.9)]
@@ -228,6 +234,8 @@ pub struct Config {
     pub spool_max_bytes: u64,
     pub spool_max_chunks: u64,
     pub when_full: WhenFull,
+    /// The format the spool is marked with and written in (`--spool-format`).
+    pub spool_format: u32,
     pub spool_high_watermark: f64,
     /// Concurrent uploads when `adaptive` is `None`. With `--workers auto` it holds the maximum
     /// (the most uploads, and chunks in memory, at once) and the drain does not use it.
@@ -269,6 +277,12 @@ pub enum ConfigError {
     WorkersMax { min: usize, max: usize },
     #[error("--max-chunk-seconds must be 1..=600, got {0}")]
     MaxChunkSeconds(u32),
+    #[error(
+        "--spool-format must be {oldest}..={newest} (the spool formats this uploader writes), got {0}",
+        oldest = crate::spool::OLDEST_PIN,
+        newest = crate::spool::FORMAT
+    )]
+    SpoolFormat(u32),
     #[error("--spool-max-chunks must be at least 1")]
     SpoolMaxChunks,
     #[error("--max-puts-in-flight must be 1..=4096, got {0}")]
@@ -317,6 +331,7 @@ impl Config {
             spool_max_bytes: 1024 * 1024 * 1024,
             spool_max_chunks: crate::spool::default_max_chunks(1024 * 1024 * 1024),
             when_full: WhenFull::Reject,
+            spool_format: crate::spool::FORMAT,
             spool_high_watermark: 0.9,
             workers: 16,
             adaptive: None,
@@ -376,6 +391,9 @@ impl Config {
         }
         if !(self.spool_high_watermark > 0.0 && self.spool_high_watermark <= 1.0) {
             return Err(ConfigError::HighWatermark(self.spool_high_watermark));
+        }
+        if !(crate::spool::OLDEST_PIN..=crate::spool::FORMAT).contains(&self.spool_format) {
+            return Err(ConfigError::SpoolFormat(self.spool_format));
         }
         if self.spool_max_chunks == 0 {
             return Err(ConfigError::SpoolMaxChunks);
@@ -439,6 +457,7 @@ impl Flags {
                 .spool_max_chunks
                 .unwrap_or_else(|| crate::spool::default_max_chunks(self.spool_max_bytes)),
             when_full: self.when_full,
+            spool_format: self.spool_format.unwrap_or(crate::spool::FORMAT),
             spool_high_watermark: self.spool_high_watermark,
             workers,
             adaptive,
@@ -609,5 +628,23 @@ mod tests {
             c.validate(),
             Err(ConfigError::WorkersMax { min: 3, max: 2 })
         ));
+    }
+
+    #[test]
+    fn the_spool_format_is_the_newest_unless_pinned_to_the_one_before() {
+        use crate::spool::{FORMAT, OLDEST_PIN};
+        assert_eq!(config(&[]).unwrap().spool_format, FORMAT);
+        let pinned = config(&["--spool-format", &OLDEST_PIN.to_string()]).unwrap();
+        assert_eq!(pinned.spool_format, OLDEST_PIN);
+        for bad in [1, FORMAT + 1] {
+            let e = config(&["--spool-format", &bad.to_string()]).unwrap_err();
+            assert_eq!(
+                e,
+                format!(
+                    "--spool-format must be {OLDEST_PIN}..={FORMAT} (the spool formats this \
+                     uploader writes), got {bad}"
+                )
+            );
+        }
     }
 }

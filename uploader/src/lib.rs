@@ -56,9 +56,10 @@ pub async fn run(
     metrics
         .spool_max_bytes
         .set(i64::try_from(config.spool_max_bytes).unwrap_or(i64::MAX));
+    metrics.spool_format.set(i64::from(spool.format()));
     metrics.spool(&spool);
     tracing::info!(dir = %config.spool_dir.display(), chunks = spool.len(), bytes = spool.used_bytes(),
-        max_bytes = config.spool_max_bytes, "spool open");
+        max_bytes = config.spool_max_bytes, format = spool.format(), "spool open");
 
     let store = store::Store::new(&config).await;
     let endpoint = config.s3_endpoint.as_deref().unwrap_or("AWS S3");
@@ -186,7 +187,8 @@ async fn spool_of(
         on_drop,
     };
     let m = metrics.clone();
-    let spool = tokio::task::spawn_blocking(move || open_spool(&dir, limits, &m))
+    let writes = config.spool_format;
+    let spool = tokio::task::spawn_blocking(move || open_spool(&dir, limits, writes, &m))
         .await
         .context("opening the spool")??;
     Ok(Arc::new(spool))
@@ -383,11 +385,12 @@ async fn track_readiness(
 fn open_spool(
     dir: &std::path::Path,
     limits: spool::Limits,
+    writes: u32,
     metrics: &metrics::Metrics,
 ) -> anyhow::Result<spool::Spool> {
     let attempt = |limits: spool::Limits| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            spool::Spool::open(dir, limits)
+            spool::Spool::open_as(dir, limits, writes)
         }))
     };
     let failure = match attempt(limits.clone()) {
@@ -397,7 +400,8 @@ fn open_spool(
         Ok(Err(
             e @ (spool::SpoolError::InUse(_)
             | spool::SpoolError::NewerFormat { .. }
-            | spool::SpoolError::UnknownFormat { .. }),
+            | spool::SpoolError::UnknownFormat { .. }
+            | spool::SpoolError::UnwritableFormat { .. }),
         )) => return Err(e.into()),
         Ok(Err(e)) => e.to_string(),
         Err(_) => "sled panicked while recovering it".to_owned(),
@@ -478,7 +482,12 @@ mod tests {
             std::fs::write(dir.join("FORMAT"), format).unwrap();
             let before = files(&dir);
             let metrics = metrics::Metrics::register(&mut Registry::default());
-            let refused = open_spool(&dir, spool::Limits::reject(1 << 20), &metrics);
+            let refused = open_spool(
+                &dir,
+                spool::Limits::reject(1 << 20),
+                spool::FORMAT,
+                &metrics,
+            );
             let Err(e) = refused else {
                 panic!("a spool marked {format:?} opened");
             };
@@ -517,7 +526,13 @@ mod tests {
         std::fs::write(index.join("conf"), b"\xff\x00 not a sled config \x01").unwrap();
         std::fs::write(index.join("db"), vec![0xa5; 4096]).unwrap();
         let metrics = metrics::Metrics::register(&mut Registry::default());
-        let spool = open_spool(&dir, spool::Limits::reject(1 << 20), &metrics).unwrap();
+        let spool = open_spool(
+            &dir,
+            spool::Limits::reject(1 << 20),
+            spool::FORMAT,
+            &metrics,
+        )
+        .unwrap();
         assert_eq!(metrics.spool_set_aside.get(), 1);
         let aside = std::fs::read_dir(&dir)
             .unwrap()

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub uploads_in_flight: Gauge,
     pub upload_concurrency_limit: Gauge,
     pub breaker_state: Gauge,
+    pub spool_format: Gauge,
 }
 
 impl Metrics {
@@ -75,6 +76,7 @@ impl Metrics {
             uploads_in_flight: Gauge::default(),
             upload_concurrency_limit: Gauge::default(),
             breaker_state: Gauge::default(),
+            spool_format: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("spillway_uploader");
         r.register(
@@ -201,6 +203,11 @@ impl Metrics {
             "breaker_state",
             "Object-store circuit breaker: 0 closed, 1 half-open, 2 open",
             m.breaker_state.clone(),
+        );
+        r.register(
+            "spool_format",
+            "The spool's format (its FORMAT file) since this uploader opened it: during a rolling upgrade, which spools the release before can no longer open (above its own format)",
+            m.spool_format.clone(),
         );
         m
     }

@@ -266,6 +266,7 @@ fn spool_refusal(e: &SpoolError) -> Refusal {
         | SpoolError::Task(_)
         | SpoolError::InUse(_)
         | SpoolError::NewerFormat { .. }
-        | SpoolError::UnknownFormat { .. } => ("storage", Status::unavailable(e.to_string())),
+        | SpoolError::UnknownFormat { .. }
+        | SpoolError::UnwritableFormat { .. } => ("storage", Status::unavailable(e.to_string())),
     }
 }

@@ -121,6 +121,14 @@ pub enum SpoolError {
         supported: u32,
     },
     #[error(
+        "this uploader writes spool formats {oldest} to {newest}, not {format} (--spool-format)"
+    )]
+    UnwritableFormat {
+        format: u32,
+        oldest: u32,
+        newest: u32,
+    },
+    #[error(
         "the spool in {dir} has a FORMAT file this uploader cannot read ({text:?}); it was left as it is"
     )]
     UnknownFormat { dir: PathBuf, text: String },

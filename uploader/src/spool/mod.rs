@@ -177,7 +177,7 @@ use commit::Pending;
 pub use common::{
     Committed, Dropped, Limits, OnDrop, Reconciled, SpoolError, WhenFull, default_max_chunks,
 };
-pub use format::FORMAT;
+pub use format::{FORMAT, OLDEST_PIN};
 use fs::Filesystem;
 use index::position_of;
 pub use read::{Loaded, Queued};
@@ -206,6 +206,8 @@ pub struct Spool {
     next_pos: AtomicU64,
     /// Every operation on record files and their directories (sled's files excepted).
     fs: Arc<dyn Filesystem>,
+    /// The spool's format (its `FORMAT` file) since it was opened.
+    format: u32,
     /// The exclusive lock on `dir/lock`, held for the spool's life (declared last: released
     /// after sled has closed).
     _owner: std::fs::File,
@@ -226,6 +228,11 @@ impl Spool {
 
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::Acquire)
+    }
+
+    /// The spool's format since it was opened (what its `FORMAT` file says).
+    pub fn format(&self) -> u32 {
+        self.format
     }
 
     pub fn len(&self) -> u64 {

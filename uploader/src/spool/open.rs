@@ -16,19 +16,38 @@ impl Spool {
     /// Opens (or creates) the spool in `dir` and sizes what it already holds from the index
     /// alone, never reading the audio: start-up time does not grow with the backlog's bytes.
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, SpoolError> {
-        Self::open_with(dir, limits, Arc::new(StdFs))
+        Self::open_as(dir, limits, super::FORMAT)
+    }
+
+    /// [`Spool::open`] for an uploader that writes format `writes` (`--spool-format`): a spool
+    /// of an older format is marked `writes`, not [`super::FORMAT`], so the release before can
+    /// still open it. [`SpoolError::UnwritableFormat`] outside [`super::OLDEST_PIN`] to
+    /// [`super::FORMAT`].
+    pub fn open_as(dir: &Path, limits: Limits, writes: u32) -> Result<Self, SpoolError> {
+        Self::open_inner(dir, limits, Arc::new(StdFs), writes)
     }
 
     /// [`Spool::open`] with its record files and directories on `fs` (tests pass one that
     /// injects faults; sled's own files under `index/` never go through it).
+    #[cfg(test)]
     pub(crate) fn open_with(
         dir: &Path,
         limits: Limits,
         fs: Arc<dyn Filesystem>,
     ) -> Result<Self, SpoolError> {
+        Self::open_inner(dir, limits, fs, super::FORMAT)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        limits: Limits,
+        fs: Arc<dyn Filesystem>,
+        writes: u32,
+    ) -> Result<Self, SpoolError> {
         let started = Instant::now();
+        let writes = super::format::writable(writes)?;
         // Before anything is written: a spool of a newer format is left exactly as it is.
-        let format = super::format::check(dir)?;
+        let found = super::format::check(dir)?;
         std::fs::create_dir_all(dir)?;
         // Our own lock, taken before sled's: a second owner is told so plainly, and a spool in
         // use is never mistaken for a damaged one.
@@ -83,7 +102,7 @@ impl Spool {
         let floor = highest_record_position(fs.as_ref(), &records)?
             .max(chunks.last()?.and_then(|(k, _)| position_of(&k)))
             .map_or(0, |p| p + 1);
-        super::format::mark(dir, format)?;
+        let format = super::format::mark(dir, found, writes)?;
         tracing::debug!(count, used, floor, elapsed = ?started.elapsed(), "spool sized from its index");
         Ok(Self {
             db,
@@ -101,6 +120,7 @@ impl Spool {
             tmp_seq: AtomicU64::new(0),
             next_pos: AtomicU64::new(floor),
             fs,
+            format,
             _owner: owner,
         })
     }

@@ -132,9 +132,32 @@ pub async fn ready(addr: SocketAddr, proc: &mut Proc) -> anyhow::Result<()> {
 /// so after the tests nothing is compiled again (building only the two daemons would unify
 /// features differently and rebuild much of the AWS SDK).
 pub fn build_daemons(release: bool) -> anyhow::Result<PathBuf> {
+    cargo_build(release, &[])
+}
+
+/// Builds "the next release" for `cargo xtask chaos`'s rolling-upgrade row: the same tree with
+/// the uploader's test-only `spool-format-next` feature (spool format one newer), copied into
+/// `<profile>/next-build/`, whose directory is returned. Call [`build_daemons`] after it, so
+/// `<profile>/` holds the default build again. Only the uploader and the crates above it compile
+/// twice; cargo keeps both sets of artifacts, so a second run compiles nothing.
+pub fn build_next_daemons(release: bool) -> anyhow::Result<PathBuf> {
+    let built = cargo_build(
+        release,
+        &["--features", "spillway-uploader/spool-format-next"],
+    )?;
+    let next = built.join("next-build");
+    std::fs::create_dir_all(&next).with_context(|| format!("creating {}", next.display()))?;
+    for daemon in ["ingest", "uploader"] {
+        std::fs::copy(built.join(daemon), next.join(daemon))
+            .with_context(|| format!("copying {daemon} into {}", next.display()))?;
+    }
+    Ok(next)
+}
+
+fn cargo_build(release: bool, extra: &[&str]) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--workspace", "--bins"]);
+    cmd.args(["build", "--workspace", "--bins"]).args(extra);
     // `cargo run` gave this process the variables it sets for a package (CARGO_MANIFEST_DIR,
     // CARGO_PKG_NAME, ...). Some build scripts (ring's) watch those, so passing them on would
     // make this build and every later plain `cargo` build rebuild each other's dependencies.
@@ -209,6 +232,10 @@ pub struct ClusterOptions {
 pub struct UploaderNode {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// Where its binary is, when not [`ClusterOptions::bin`], and its own extra flags (a rolled
+    /// node: [`Cluster::roll`]).
+    bin: Option<PathBuf>,
+    args: Vec<String>,
     proc: Option<Proc>,
 }
 
@@ -218,6 +245,10 @@ pub struct IngestNode {
     pub http: SocketAddr,
     /// The Omi pusher WebSocket (`--omi-listen`, loopback, no authentication).
     pub omi: SocketAddr,
+    /// Where its binary is, when not [`ClusterOptions::bin`], and its own extra flags (a rolled
+    /// node: [`Cluster::roll`]).
+    bin: Option<PathBuf>,
+    args: Vec<String>,
     proc: Option<Proc>,
 }
 
@@ -260,6 +291,8 @@ impl Cluster {
                 Ok(UploaderNode {
                     grpc: free_tcp()?,
                     http: free_tcp()?,
+                    bin: None,
+                    args: Vec::new(),
                     proc: None,
                 })
             })
@@ -270,6 +303,8 @@ impl Cluster {
                     quic: free_udp()?,
                     http: free_tcp()?,
                     omi: free_tcp()?,
+                    bin: None,
+                    args: Vec::new(),
                     proc: None,
                 })
             })
@@ -405,6 +440,63 @@ impl Cluster {
         })
     }
 
+    /// The flags uploader `i` runs with (its credentials are [`UPLOADER_ENV`]).
+    pub fn uploader_args(&self, i: usize) -> anyhow::Result<Vec<String>> {
+        let node = self
+            .uploaders
+            .get(i)
+            .with_context(|| format!("no uploader {i}"))?;
+        let mut args = vec![
+            "--listen".into(),
+            node.grpc.to_string(),
+            "--http-listen".into(),
+            node.http.to_string(),
+            "--spool-dir".into(),
+            self.spool_dir(i).display().to_string(),
+            "--s3-endpoint".into(),
+            self.s3_endpoint.clone(),
+            "--bucket".into(),
+            BUCKET.into(),
+            "--create-bucket".into(),
+            "--workers".into(),
+            self.opts.workers.to_string(),
+            "--max-chunk-seconds".into(),
+            self.opts.chunk_seconds.to_string(),
+        ];
+        if let Some(ca) = &self.s3_ca_file {
+            args.extend(["--s3-ca-file".into(), ca.display().to_string()]);
+        }
+        args.extend(self.pki_files.uploader_args());
+        args.extend(self.opts.uploader_args.iter().cloned());
+        args.extend(node.args.iter().cloned());
+        Ok(args)
+    }
+
+    /// Runs daemon `d` from the binaries in `bin` with `args` added to its flags from its next
+    /// start on (a rolling upgrade: [`Cluster::terminate`], `roll`, [`Cluster::start_daemon`]).
+    pub fn roll(&mut self, d: Daemon, bin: &Path, args: &[&str]) -> anyhow::Result<()> {
+        let (slot, extra) = match d {
+            Daemon::Store => bail!("the store is not rolled"),
+            Daemon::Uploader(i) => {
+                let n = self
+                    .uploaders
+                    .get_mut(i)
+                    .with_context(|| format!("no uploader {i}"))?;
+                (&mut n.bin, &mut n.args)
+            }
+            Daemon::Ingest(i) => {
+                let n = self
+                    .ingests
+                    .get_mut(i)
+                    .with_context(|| format!("no ingest {i}"))?;
+                (&mut n.bin, &mut n.args)
+            }
+        };
+        *slot = Some(bin.to_owned());
+        *extra = args.iter().map(|a| (*a).to_owned()).collect();
+        Ok(())
+    }
+
     /// Starts one daemon where it ran before (same ports, same state) and waits until it is
     /// ready. An uploader is ready only once its spool is open: how long that takes is what
     /// `chaos` reports as its restart time.
@@ -432,39 +524,12 @@ impl Cluster {
                     .uploaders
                     .get(i)
                     .with_context(|| format!("no uploader {i}"))?;
-                let creds = [
-                    ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
-                    ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
-                    ("AWS_EC2_METADATA_DISABLED", "true"),
-                ];
-                let mut args = vec![
-                    "--listen".into(),
-                    node.grpc.to_string(),
-                    "--http-listen".into(),
-                    node.http.to_string(),
-                    "--spool-dir".into(),
-                    self.spool_dir(i).display().to_string(),
-                    "--s3-endpoint".into(),
-                    self.s3_endpoint.clone(),
-                    "--bucket".into(),
-                    BUCKET.into(),
-                    "--create-bucket".into(),
-                    "--workers".into(),
-                    self.opts.workers.to_string(),
-                    "--max-chunk-seconds".into(),
-                    self.opts.chunk_seconds.to_string(),
-                ];
-                if let Some(ca) = &self.s3_ca_file {
-                    args.extend(["--s3-ca-file".into(), ca.display().to_string()]);
-                }
-                args.extend(self.pki_files.uploader_args());
-                args.extend(self.opts.uploader_args.iter().cloned());
                 let http = node.http;
                 let mut p = Proc::spawn(
                     &name("uploader", i, self.uploaders.len()),
-                    &self.opts.bin.join("uploader"),
-                    &args,
-                    &creds,
+                    &node.bin.as_ref().unwrap_or(&self.opts.bin).join("uploader"),
+                    &self.uploader_args(i)?,
+                    &UPLOADER_ENV,
                     &self.logs,
                 )?;
                 ready(http, &mut p).await?;
@@ -503,10 +568,11 @@ impl Cluster {
                     ]);
                 }
                 args.extend(self.opts.ingest_args.iter().cloned());
+                args.extend(node.args.iter().cloned());
                 let http = node.http;
                 let mut p = Proc::spawn(
                     &name("ingest", i, self.ingests.len()),
-                    &self.opts.bin.join("ingest"),
+                    &node.bin.as_ref().unwrap_or(&self.opts.bin).join("ingest"),
                     &args,
                     &[],
                     &self.logs,
@@ -549,6 +615,13 @@ impl Cluster {
         stopped.into_iter().collect()
     }
 }
+
+/// The store's credentials, in every uploader's environment.
+pub const UPLOADER_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
+    ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
 
 /// A process's name (and log file): `uploader`, or `uploader-2` when there are several.
 fn name(kind: &str, i: usize, of: usize) -> String {

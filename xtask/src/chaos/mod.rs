@@ -11,12 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use spillway_kit::cluster::{BUCKET, Cluster, ClusterOptions, Daemon, build_daemons};
+use spillway_kit::cluster::{
+    BUCKET, Cluster, ClusterOptions, Daemon, build_daemons, build_next_daemons,
+};
 use spillway_kit::metrics::metric;
 use spillway_kit::pipeline::http_get;
 use spillway_kit::sim::{DeviceSpec, Progress, ResumedReport, audit_all, run_resuming_device};
 
 mod omi;
+mod upgrade;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
@@ -66,6 +69,7 @@ struct Scenario {
     name: &'static str,
     note: &'static str,
     uploaders: usize,
+    ingests: usize,
     uploader_args: Vec<String>,
     ingest_args: Vec<String>,
     run: Action,
@@ -83,6 +87,7 @@ enum Action {
     DamagedSpool { flip: bool },
     SigtermDuringLoad,
     UploaderLost,
+    RollingUpgrade,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -95,6 +100,7 @@ fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "kill -9 uploader x3",
             note: "recovery: uploader restart until ready (spool open)",
             uploader_args: vec![],
@@ -103,6 +109,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 3,
+            ingests: 1,
             name: "kill -9 1 of 3 uploaders, for the outage",
             note: "store failing so every spool holds acked chunks; the killed one is restarted after the outage and drains; recovery: kill until ingest acks again via the others",
             uploader_args: vec![],
@@ -111,6 +118,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "kill -9 ingest",
             note: "recovery: ingest restart until the first new ack",
             uploader_args: vec![],
@@ -119,6 +127,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "store stopped, restarted",
             note: "recovery: store back until the spool is empty",
             uploader_args: vec![],
@@ -127,6 +136,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "store answers 503 SlowDown",
             note: "recovery: store healthy until the spool is empty",
             uploader_args: vec![],
@@ -135,6 +145,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "spool full, --when-full reject",
             note: "store down until the spool is full; recovery: store back until drained",
             uploader_args: small_spool,
@@ -143,6 +154,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "spool full, --when-full drop-oldest",
             note: "drops are the policy, each counted; recovery: store back until drained",
             uploader_args: drop_oldest,
@@ -151,6 +163,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "flood of 200 silent connections",
             note: "recovery: until ingest closed them all (the per-source cap is lifted here: every process shares 127.0.0.1; ATTACKS.md measures the cap)",
             uploader_args: vec![],
@@ -161,6 +174,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "a device that stops reading",
             note: "it sends 5 s, then neither reads nor sends; recovery: until ingest flushed and closed it",
             uploader_args: vec![],
@@ -169,6 +183,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "spool truncated at start-up",
             note: "uploader killed with a backlog, last 200 bytes of the index's log cut: record files adopted",
             uploader_args: vec![],
@@ -177,6 +192,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "spool bit-flipped at start-up",
             note: "uploader killed with a backlog, one byte of the oldest record file flipped: that chunk quarantined",
             uploader_args: vec![],
@@ -185,16 +201,37 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             uploaders: 1,
+            ingests: 1,
             name: "SIGTERM ingest and uploader",
             note: "graceful restarts mid-load; recovery: both back until ready",
             uploader_args: vec![],
             ingest_args: vec![],
             run: Action::SigtermDuringLoad,
         },
+        Scenario {
+            uploaders: 2,
+            ingests: 2,
+            name: "upgrade mid-load: roll, roll back, finalize",
+            note: "one at a time, SIGTERM then started from a second build (spool format 3): 2 uploaders pinned to format 2, 2 ingests; 1 uploader back to the first build and forward; the pin removed (spools marked 3); recovery: all 9 restarts. Then the first build on a format-3 spool: refused, every file untouched",
+            uploader_args: vec![],
+            ingest_args: vec![],
+            run: Action::RollingUpgrade,
+        },
     ]
 }
 
 pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
+    let selected = |s: &Scenario| {
+        args.only
+            .as_deref()
+            .is_none_or(|only| s.name.contains(only))
+    };
+    // The rolling upgrade needs a second build; it leaves the default one in place after it.
+    let next = scenarios()
+        .iter()
+        .any(|s| matches!(s.run, Action::RollingUpgrade) && selected(s))
+        .then(|| build_next_daemons(args.release))
+        .transpose()?;
     let bin = build_daemons(args.release)?;
     if args.dir.exists() {
         std::fs::remove_dir_all(&args.dir)
@@ -207,11 +244,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     };
     let mut rows = Vec::new();
     for (i, s) in scenarios().into_iter().enumerate() {
-        if args
-            .only
-            .as_deref()
-            .is_some_and(|only| !s.name.contains(only))
-        {
+        if !selected(&s) {
             continue;
         }
         eprintln!("== {}", s.name);
@@ -222,7 +255,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             chunk_seconds: CHUNK_SECONDS,
             workers: 8,
             uploaders: s.uploaders,
-            ingests: 1,
+            ingests: s.ingests,
             uploader_args: s.uploader_args.clone(),
             ingest_args: s.ingest_args.clone(),
             // As deployed: devices prove their uid, and the link is mutual TLS.
@@ -231,7 +264,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         };
         let row = tokio::time::timeout(
             outage + Duration::from_secs(240),
-            scenario(&s, opts, args.devices, outage),
+            scenario(&s, opts, args.devices, outage, next.as_deref()),
         )
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("did not finish in time")));
@@ -411,9 +444,14 @@ async fn scenario(
     opts: ClusterOptions,
     n_devices: usize,
     outage: Duration,
+    next: Option<&std::path::Path>,
 ) -> anyhow::Result<Row> {
     let mut c = Cluster::start(opts).await?;
-    let seconds = 40.0;
+    // The roll takes longer than the other faults: the devices stream through all of it.
+    let seconds = match s.run {
+        Action::RollingUpgrade => 300.0,
+        _ => 40.0,
+    };
     let mut row = Row {
         scenario: s.name.to_owned(),
         note: s.note.to_owned(),
@@ -612,6 +650,15 @@ async fn scenario(
                 row.problems.push("ingest never failed over".into());
             }
             c.start_daemon(Daemon::Uploader(victim)).await?;
+        }
+        Action::RollingUpgrade => {
+            let next = next.context("the rolling upgrade needs the second build")?;
+            let t = Instant::now();
+            upgrade::roll(&mut c, next, &mut row).await?;
+            row.recovery = Some(t.elapsed());
+            after_devices(&c, load, &mut row, Instant::now(), spool_empty).await?;
+            upgrade::refused_rollback(&mut c, &mut row).await?;
+            return finish(c, row).await;
         }
         Action::SigtermDuringLoad => {
             tokio::time::sleep(Duration::from_millis(1_500)).await;
