@@ -430,11 +430,9 @@ fn open_spool(
 mod tests {
     use super::*;
 
-    fn spool_with_three_records(dir: &std::path::Path) {
+    /// A spool in `dir` holding three committed records, closed.
+    async fn spool_with_three_records(dir: &std::path::Path) {
         let spool = Arc::new(spool::Spool::open(dir, spool::Limits::reject(1 << 20)).unwrap());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
         for seq in 0..3 {
             let pcm = bytes::Bytes::from(vec![seq as u8; 64]);
             let record = spool::Record {
@@ -448,7 +446,7 @@ mod tests {
                 pcm,
                 ..spool::Record::default()
             };
-            rt.block_on(spool.commit(&record)).unwrap();
+            spool.commit(&record).await.unwrap();
         }
     }
 
@@ -473,12 +471,12 @@ mod tests {
     /// The daemon's open (also `uploader drain`'s) sets a damaged index aside, but a spool of a
     /// newer or unknown format is not damaged: it is refused and every file stays as it was
     /// (found by `cargo xtask chaos`'s rollback: the index of a newer spool was moved aside).
-    #[test]
-    fn a_spool_of_a_newer_or_unknown_format_is_refused_not_set_aside() {
+    #[tokio::test]
+    async fn a_spool_of_a_newer_or_unknown_format_is_refused_not_set_aside() {
         for format in ["spillway-spool 99\n", "not a format line\n"] {
             let root = tempfile::tempdir().unwrap();
             let dir = root.path().join("spool");
-            spool_with_three_records(&dir);
+            spool_with_three_records(&dir).await;
             std::fs::write(dir.join("FORMAT"), format).unwrap();
             let before = files(&dir);
             let metrics = metrics::Metrics::register(&mut Registry::default());
@@ -504,24 +502,7 @@ mod tests {
     async fn an_index_sled_cannot_open_is_moved_aside_and_rebuilt_from_the_records() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("spool");
-        {
-            let spool = Arc::new(spool::Spool::open(&dir, spool::Limits::reject(1 << 20)).unwrap());
-            for seq in 0..3 {
-                let pcm = bytes::Bytes::from(vec![seq as u8; 64]);
-                let record = spool::Record {
-                    uid: "u".into(),
-                    session: "s".into(),
-                    seq,
-                    sample_rate: 8000,
-                    chunk_samples: 32,
-                    first_sample: seq * 32,
-                    crc32c: crc32c::crc32c(&pcm),
-                    pcm,
-                    ..spool::Record::default()
-                };
-                spool.commit(&record).await.unwrap();
-            }
-        }
+        spool_with_three_records(&dir).await;
         let index = dir.join("index");
         std::fs::write(index.join("conf"), b"\xff\x00 not a sled config \x01").unwrap();
         std::fs::write(index.join("db"), vec![0xa5; 4096]).unwrap();
