@@ -58,6 +58,10 @@ struct Row {
     recovery: Option<Duration>,
     note: String,
     problems: Vec<String>,
+    /// What the devices went through: connections after their first, and every error ingest
+    /// sent them, by code.
+    reconnects: u32,
+    device_errors: std::collections::BTreeMap<String, usize>,
 }
 
 const CHUNK_SECONDS: u32 = 2;
@@ -657,6 +661,21 @@ async fn scenario(
             upgrade::roll(&mut c, next, &mut row).await?;
             row.recovery = Some(t.elapsed());
             after_devices(&c, load, &mut row, Instant::now(), spool_empty).await?;
+            let errors: Vec<_> = row
+                .device_errors
+                .iter()
+                .map(|(code, n)| format!("{code} x{n}"))
+                .collect();
+            row.note = format!(
+                "{}. Devices saw {} reconnection attempts and {}",
+                row.note,
+                row.reconnects,
+                if errors.is_empty() {
+                    "no error".to_owned()
+                } else {
+                    errors.join(", ")
+                }
+            );
             upgrade::refused_rollback(&mut c, &mut row).await?;
             return finish(c, row).await;
         }
@@ -690,7 +709,15 @@ where
     let mut reports = Vec::new();
     for d in load {
         match d.await.context("device task")? {
-            Ok(r) => reports.push(r),
+            Ok(r) => {
+                row.reconnects += r.report.reconnects;
+                for e in &r.report.errors {
+                    *row.device_errors
+                        .entry(e.code().as_str_name().to_owned())
+                        .or_default() += 1;
+                }
+                reports.push(r);
+            }
             Err(e) => row.problems.push(format!("device: {e:#}")),
         }
     }
@@ -746,6 +773,7 @@ mod tests {
                 recovery: Some(Duration::from_millis(1_234)),
                 note: "restarted".into(),
                 problems: vec![],
+                ..Row::default()
             },
             Row {
                 scenario: "x".into(),
