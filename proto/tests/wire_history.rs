@@ -23,49 +23,6 @@ use spillway_proto::uploader::{ChunkId, Layout, PutChunkRequest, PutChunkRespons
 
 // ---- Recording (what README.md describes; `record_fixtures` writes it) ----
 
-fn hello(commit: &str, uid: &str, session: &str, resume_from: Option<u64>) -> DynamicMessage {
-    let mut fields = vec![
-        ("uid", Value::String(uid.into())),
-        ("session", Value::String(session.into())),
-        ("sample_rate", Value::U32(SAMPLE_RATE)),
-        ("encoding", Value::EnumNumber(1)),
-        ("channels", Value::U32(1)),
-    ];
-    if let Some(r) = resume_from {
-        fields.push(("resume_from", Value::U64(r)));
-    }
-    let hello = history::message(commit, "spillway.device.v1.Hello", &fields);
-    history::message(
-        commit,
-        "spillway.device.v1.ClientMessage",
-        &[("hello", Value::Message(hello))],
-    )
-}
-
-fn audio(commit: &str, pcm: &[u8]) -> DynamicMessage {
-    let audio = history::message(
-        commit,
-        "spillway.device.v1.Audio",
-        &[("pcm", Value::Bytes(Bytes::copy_from_slice(pcm)))],
-    );
-    history::message(
-        commit,
-        "spillway.device.v1.ClientMessage",
-        &[("audio", Value::Message(audio))],
-    )
-}
-
-/// A device stream: each message length-prefixed (4 bytes, big-endian).
-fn stream(messages: &[DynamicMessage]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for m in messages {
-        let bytes = history::encode(m);
-        out.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_be_bytes());
-        out.extend_from_slice(&bytes);
-    }
-    out
-}
-
 /// A session's hello then its audio, cut into frames of these sizes.
 fn session(commit: &str, hello: DynamicMessage, audio_pcm: &[u8], sizes: &[usize]) -> Vec<u8> {
     assert_eq!(sizes.iter().sum::<usize>(), audio_pcm.len());
@@ -73,10 +30,10 @@ fn session(commit: &str, hello: DynamicMessage, audio_pcm: &[u8], sizes: &[usize
     let mut rest = audio_pcm;
     for &n in sizes {
         let (frame, tail) = rest.split_at(n);
-        messages.push(audio(commit, frame));
+        messages.push(history::client_audio(commit, frame));
         rest = tail;
     }
-    stream(&messages)
+    history::framed(&messages)
 }
 
 /// A PutChunkRequest of `commit`'s schema, without its PCM.
@@ -115,17 +72,17 @@ fn recordings() -> Vec<(&'static str, Vec<u8>)> {
     use history::{pre_omi_put, resume_stream, v1_0_put, v1_0_response, v1_0_stream};
     let v1_stream = session(
         V1_0,
-        hello(V1_0, v1_0_stream::UID, v1_0_stream::SESSION, None),
+        history::client_hello(V1_0, v1_0_stream::UID, v1_0_stream::SESSION, &[]),
         &pcm(0, v1_0_stream::SAMPLES),
         &v1_0_stream::FRAMES,
     );
     let resumed = session(
         RESUME,
-        hello(
+        history::client_hello(
             RESUME,
             resume_stream::UID,
             resume_stream::SESSION,
-            Some(resume_stream::RESUME_FROM),
+            &[("resume_from", Value::U64(resume_stream::RESUME_FROM))],
         ),
         &pcm(resume_stream::RESUME_FROM, resume_stream::SAMPLES),
         &resume_stream::FRAMES,

@@ -223,6 +223,55 @@ pub fn grpc_body(message: &[u8]) -> Vec<u8> {
     body
 }
 
+/// A device's `ClientMessage` of `commit`'s schema carrying a hello: 8 kHz s16le mono, with
+/// `extra` fields (`resume_from`, `token`) set.
+pub fn client_hello(
+    commit: &str,
+    uid: &str,
+    session: &str,
+    extra: &[(&str, Value)],
+) -> DynamicMessage {
+    let mut fields = vec![
+        ("uid", Value::String(uid.into())),
+        ("session", Value::String(session.into())),
+        ("sample_rate", Value::U32(SAMPLE_RATE)),
+        ("encoding", Value::EnumNumber(1)),
+        ("channels", Value::U32(1)),
+    ];
+    fields.extend(extra.iter().cloned());
+    let hello = message(commit, "spillway.device.v1.Hello", &fields);
+    message(
+        commit,
+        "spillway.device.v1.ClientMessage",
+        &[("hello", Value::Message(hello))],
+    )
+}
+
+/// A device's `ClientMessage` of `commit`'s schema carrying audio.
+pub fn client_audio(commit: &str, pcm: &[u8]) -> DynamicMessage {
+    let audio = message(
+        commit,
+        "spillway.device.v1.Audio",
+        &[("pcm", Value::Bytes(pcm.to_vec().into()))],
+    );
+    message(
+        commit,
+        "spillway.device.v1.ClientMessage",
+        &[("audio", Value::Message(audio))],
+    )
+}
+
+/// Messages as a device writes them to its stream: each after its length (4 bytes, big-endian).
+pub fn framed(messages: &[DynamicMessage]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        let bytes = encode(m);
+        out.extend_from_slice(&u32::try_from(bytes.len()).expect("small").to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
 /// `m` encoded (prost's order: by field number).
 pub fn encode(m: &DynamicMessage) -> Vec<u8> {
     m.encode_to_vec()
