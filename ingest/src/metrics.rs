@@ -191,7 +191,7 @@ impl Metrics {
         );
         r.register(
             "omi_closes",
-            "Omi WebSocket connections closed by ingest, by close code (1000 normal, 1001 shutdown, 1003 malformed frame, 1008 bad query, 1011 receive timeout, 1013 at a session limit)",
+            "Omi WebSocket connections closed by ingest, by close code (1000 normal, 1001 shutdown, 1003 malformed frame, 1008 bad query, 1011 receive timeout, 1013 at a session limit), or before the upgrade (401 no bearer token, upgrade_timeout not upgraded within --hello-timeout)",
             m.omi_closes.clone(),
         );
         r.register(

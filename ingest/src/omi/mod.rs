@@ -7,8 +7,8 @@
 //!
 //! A connection's life:
 //! 1. Before the upgrade: a connection slot under the caps QUIC connections share
-//!    (`listener.rs`), then the bearer token (`--omi-auth bearer`; 401 without it). Nothing is
-//!    held for a request that fails it.
+//!    (`listener.rs`), for at most `--hello-timeout` unless it is upgraded, then the bearer token
+//!    (`--omi-auth bearer`; 401 without it). Nothing is held for a request that fails it.
 //! 2. After the upgrade: the query (uid, sample rate, timeline version; 1008 when bad), then a
 //!    session slot and a slot of the uid's (1013, "try again later", at either limit), then 202
 //!    when `audio_timeline=2` was asked.
@@ -27,7 +27,7 @@ mod upstream;
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use spillway_core::omi::query::ListenParams;
@@ -83,10 +83,12 @@ pub(crate) async fn serve(
         inner: listener,
         slots: connections,
         metrics: front.shared.metrics.clone(),
+        upgrade_within: front.shared.hello_timeout,
     };
     let app = axum::Router::new()
         .route(ROUTE, axum::routing::get(upgrade))
-        .with_state(front);
+        .with_state(front)
+        .into_make_service_with_connect_info::<listener::Upgraded>();
     axum::serve(capped, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -94,6 +96,7 @@ pub(crate) async fn serve(
 
 async fn upgrade(
     State(front): State<Arc<Front>>,
+    ConnectInfo(upgraded): ConnectInfo<listener::Upgraded>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -124,5 +127,9 @@ async fn upgrade(
     let tasks = front.shared.tasks.clone();
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tasks.track_future(session::run(socket, params, query, front)))
+        .on_upgrade(move |socket| {
+            // A WebSocket now: the session's own deadlines apply, not the upgrade's.
+            upgraded.mark();
+            tasks.track_future(session::run(socket, params, query, front))
+        })
 }

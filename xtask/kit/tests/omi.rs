@@ -306,3 +306,81 @@ async fn an_open_chunk_is_committed_once_its_first_byte_is_commit_every_old() {
     .await
     .expect("within the limit");
 }
+
+/// Reads until the server closes the connection; returns how long that took.
+async fn closed_after(mut c: tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt as _;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match c.read(&mut buf).await {
+            Ok(0) | Err(_) => return started.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_not_upgraded_within_the_hello_timeout_is_closed_and_a_session_is_not() {
+    use tokio::io::AsyncWriteExt as _;
+    tokio::time::timeout(LIMIT, async {
+        let p = Pipeline::start(Options {
+            omi_token: Some(TOKEN.as_bytes().to_vec()),
+            hello_timeout: Duration::from_secs(1),
+            ..options()
+        })
+        .await
+        .unwrap();
+        let connect = || tokio::net::TcpStream::connect(p.ingest_omi);
+        // Connects and says nothing.
+        let silent = connect().await.unwrap();
+        // Trickles a request whose headers never end.
+        let mut trickle = connect().await.unwrap();
+        trickle
+            .write_all(b"GET /v1/trigger/listen?uid=alice HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        // Is refused 401 (the connection stays open for another request), then idles.
+        let mut refused = connect().await.unwrap();
+        refused
+            .write_all(b"GET /v1/trigger/listen?uid=alice HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // An honest listen, upgraded, then silent past the deadline: its session goes on.
+        let query = format!("uid=alice&sample_rate={RATE}");
+        let mut honest = Listen::connect(p.ingest_omi, &query, Some(TOKEN))
+            .await
+            .unwrap();
+        let (a, b, c) = tokio::join!(
+            closed_after(silent),
+            closed_after(trickle),
+            closed_after(refused)
+        );
+        for (what, took) in [("silent", a), ("trickling", b), ("after a 401", c)] {
+            assert!(
+                took < Duration::from_secs(3),
+                "{what}: closed after {took:?}, the deadline is 1 s"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pcm = capture(2);
+        honest.conversation("conv-late").await.unwrap();
+        send(&mut honest, &pcm, 0, 32_000).await;
+        assert_eq!(honest.close().await.unwrap(), 1000);
+        assert_eq!(
+            keys(&p, "chunks/alice/conv-late/", 1).await,
+            [key("conv-late", T0, "bin")]
+        );
+        let m = p.ingest_metrics().await.unwrap();
+        assert_eq!(
+            metric(
+                &m,
+                "spillway_ingest_omi_closes_total{code=\"upgrade_timeout\"}"
+            ),
+            3.0
+        );
+        p.stop().await.unwrap();
+    })
+    .await
+    .expect("within the limit");
+}
