@@ -1,5 +1,6 @@
 //! The attacks that try to exhaust a resource over time rather than break a check: sessions that
-//! trickle to hold memory and slots, and a spool disk filled by someone else.
+//! trickle to hold memory and slots, Omi connections that never become WebSockets, and a spool
+//! disk filled by someone else.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 use spillway_ingest::auth::Scope;
 use spillway_proto::device::{ErrorCode, server_message::Kind};
 
-use super::{attacker_device, hello, metric_of};
+use super::{ATTACKER, attacker_device, hello, metric_of};
 use spillway_kit::cluster::{Cluster, Daemon};
 
 /// Ingest's `--chunk-fill-timeout` in the attack cluster (its default: twice the 2 s chunk).
@@ -170,4 +171,65 @@ fn fill(path: &Path) -> anyhow::Result<u64> {
         written += n as u64;
     }
     Ok(written)
+}
+
+/// Ingest's `--hello-timeout` in the attack cluster.
+pub(super) const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `n` TCP connections to the Omi WebSocket listener from the attacker's address, every second
+/// one trickling a request's headers a byte every 250 ms, none ever upgraded: (attempts,
+/// connections still open a second past the hello timeout, what).
+pub(super) async fn omi_no_upgrade(c: &Cluster, n: u64) -> anyhow::Result<(u64, u64, String)> {
+    let addr = c.ingests[0].omi;
+    let mut held = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::from((ATTACKER, 0)))?;
+        let conn = socket.connect(addr).await?;
+        held.spawn(open_after(
+            conn,
+            i % 2 == 1,
+            HELLO_TIMEOUT + Duration::from_secs(1),
+        ));
+    }
+    let mut open = 0;
+    while let Some(still) = held.join_next().await {
+        open += u64::from(still?);
+    }
+    let closed = metric_of(
+        c.ingests[0].http,
+        "spillway_ingest_omi_closes_total{code=\"upgrade_timeout\"}",
+    )
+    .await;
+    Ok((
+        n,
+        open,
+        format!("connections open past the 2-s hello timeout; {closed} closed as upgrade_timeout"),
+    ))
+}
+
+/// Holds `conn` (trickling a request's headers when `trickle`) until `after`: whether the
+/// server had not closed it by then.
+async fn open_after(mut conn: tokio::net::TcpStream, trickle: bool, after: Duration) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let started = Instant::now();
+    let mut request = b"GET /v1/trigger/listen?uid=honest-0&sample_rate=8000 HTTP/1.1\r\nX-Slow: "
+        .iter()
+        .copied()
+        .chain(std::iter::repeat(b'a'));
+    let mut buf = [0u8; 256];
+    while started.elapsed() < after {
+        if trickle {
+            let byte = [request.next().unwrap_or(b'a')];
+            if conn.write_all(&byte).await.is_err() {
+                return false;
+            }
+        }
+        // A read that returns nothing or fails: the server closed it. None within 250 ms: open.
+        let read = tokio::time::timeout(Duration::from_millis(250), conn.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            return false;
+        }
+    }
+    true
 }

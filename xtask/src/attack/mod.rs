@@ -60,10 +60,11 @@ enum Attack {
     ConnectionFlood,
     PutFlood,
     Trickle,
+    OmiNoUpgrade,
     FullDisk,
 }
 
-const ROWS: [(&str, Attack); 10] = [
+const ROWS: [(&str, Attack); 11] = [
     (
         "forged uid (a valid token for another uid)",
         Attack::ForgedUid,
@@ -93,6 +94,10 @@ const ROWS: [(&str, Attack); 10] = [
     (
         "trickling sessions under a gateway token: one sample per 500 ms each",
         Attack::Trickle,
+    ),
+    (
+        "Omi connections never upgraded: 16 silent or trickling headers",
+        Attack::OmiNoUpgrade,
     ),
     (
         "the spool's disk filled by another tenant for 3 s",
@@ -565,6 +570,7 @@ async fn beside(c: &Cluster, attack: Attack, n: u64) -> anyhow::Result<(u64, u64
             ))
         }
         Attack::Trickle => exhaust::trickle(c, if n < 100 { 16 } else { 48 }).await,
+        Attack::OmiNoUpgrade => exhaust::omi_no_upgrade(c, 16).await,
         Attack::FullDisk => exhaust::full_disk(c, Duration::from_secs(3)).await,
         Attack::OverwriteOverGrpc | Attack::OverwriteAsDevice => Ok((0, 0, String::new())),
     }
