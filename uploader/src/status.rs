@@ -59,6 +59,8 @@ pub fn summarize(s: &Samples) -> Summary {
                 s.now(&m("spool_disk_free_bytes")),
                 Unit::Bytes,
             ),
+            // During a rollout: a spool above the release before's format is one it cannot open.
+            Field::number("format", "format", s.now(&m("spool_format")), Unit::Count),
         ],
     );
     let uploads = m("uploads_total");

@@ -89,6 +89,11 @@ async fn status_reports_what_a_device_sent_while_the_store_was_down_and_the_drai
         let bytes = up["spool"]["bytes"].as_f64().unwrap();
         assert!((64_000.0..66_000.0).contains(&bytes), "{bytes}");
         assert_eq!(up["spool"]["max_bytes"], json!(200_000.0));
+        assert_eq!(
+            up["spool"]["format"],
+            json!(f64::from(spillway_uploader::spool::FORMAT)),
+            "the spool's mark, for rollouts"
+        );
         assert!(up["spool"]["oldest_chunk_age_seconds"].as_f64().is_some());
         assert!(
             matches!(
@@ -186,6 +191,7 @@ async fn status_reports_what_a_device_sent_while_the_store_was_down_and_the_drai
                         "chunks",
                         "disk_free_bytes",
                         "fill_ratio",
+                        "format",
                         "max_bytes",
                         "oldest_chunk_age_seconds"
                     ]
