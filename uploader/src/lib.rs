@@ -395,15 +395,12 @@ fn open_spool(
     };
     let failure = match attempt(limits.clone()) {
         Ok(Ok(spool)) => return Ok(spool),
-        // Not damage: a spool someone else holds, or one of a format this build does not read,
-        // is refused as it is. Setting its index aside would "repair" a newer release's spool.
-        Ok(Err(
-            e @ (spool::SpoolError::InUse(_)
-            | spool::SpoolError::NewerFormat { .. }
-            | spool::SpoolError::UnknownFormat { .. }
-            | spool::SpoolError::UnwritableFormat { .. }),
-        )) => return Err(e.into()),
-        Ok(Err(e)) => e.to_string(),
+        // Only sled's own errors say the index is damaged. Anything else (a spool another
+        // process holds, one of a format this build does not read, a directory it cannot
+        // write) is refused as it is: setting the index aside would "repair" a healthy spool,
+        // or a newer release's.
+        Ok(Err(spool::SpoolError::Storage(e))) => e.to_string(),
+        Ok(Err(e)) => return Err(e.into()),
         Err(_) => "sled panicked while recovering it".to_owned(),
     };
     let stamp = std::time::SystemTime::now()
