@@ -392,7 +392,7 @@ impl Config {
         if !(self.spool_high_watermark > 0.0 && self.spool_high_watermark <= 1.0) {
             return Err(ConfigError::HighWatermark(self.spool_high_watermark));
         }
-        if !(crate::spool::OLDEST_PIN..=crate::spool::FORMAT).contains(&self.spool_format) {
+        if crate::spool::writable(self.spool_format).is_err() {
             return Err(ConfigError::SpoolFormat(self.spool_format));
         }
         if self.spool_max_chunks == 0 {

@@ -83,8 +83,8 @@ pub(super) fn mark(dir: &Path, found: u32, writes: u32) -> Result<u32, SpoolErro
     Ok(writes)
 }
 
-/// Refuses to write a format this code cannot write.
-pub(super) fn writable(writes: u32) -> Result<u32, SpoolError> {
+/// Refuses to write a format this code cannot write (`--spool-format` is checked with it too).
+pub fn writable(writes: u32) -> Result<u32, SpoolError> {
     if (OLDEST_PIN..=FORMAT).contains(&writes) {
         Ok(writes)
     } else {

@@ -177,7 +177,7 @@ use commit::Pending;
 pub use common::{
     Committed, Dropped, Limits, OnDrop, Reconciled, SpoolError, WhenFull, default_max_chunks,
 };
-pub use format::{FORMAT, OLDEST_PIN};
+pub use format::{FORMAT, OLDEST_PIN, writable};
 use fs::Filesystem;
 use index::position_of;
 pub use read::{Loaded, Queued};
