@@ -104,6 +104,25 @@ async fn expect_format(c: &Cluster, i: usize, format: u32, row: &mut Row) {
     }
 }
 
+/// What the devices went through, for the row's note: "Devices saw N reconnection attempts and
+/// SHUTTING_DOWN xK" (the errors by code).
+pub(super) fn devices_saw(row: &Row) -> String {
+    let errors: Vec<_> = row
+        .device_errors
+        .iter()
+        .map(|(code, n)| format!("{code} x{n}"))
+        .collect();
+    format!(
+        "Devices saw {} reconnection attempts and {}",
+        row.reconnects,
+        if errors.is_empty() {
+            "no error".to_owned()
+        } else {
+            errors.join(", ")
+        }
+    )
+}
+
 /// Step 4: stops uploader 0 (on the second build, its spool drained and marked format 3) and
 /// starts the first build's uploader on the same spool with the same flags: it must exit with the
 /// newer-format error and leave every file of the spool byte for byte as it was. Uploader 0 is
